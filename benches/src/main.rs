@@ -1,0 +1,3 @@
+//! Load harness (in progress).
+
+fn main() {}

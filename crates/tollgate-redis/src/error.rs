@@ -1,0 +1,130 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything that can go wrong between a tollgate layer and Redis.
+///
+/// The error is cheap to clone (a coalesced batch hands the same failure to
+/// every caller in it). Layers never surface it to HTTP clients: each one maps
+/// it to its documented fallback.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The connection URL could not be parsed. The URL is shown with its
+    /// password removed.
+    #[error("invalid Redis URL `{url}`")]
+    InvalidUrl {
+        /// The URL, password redacted.
+        url: String,
+        /// What fred reported.
+        #[source]
+        source: fred::error::Error,
+    },
+    /// A configuration value is unusable; `field` names it.
+    #[error("invalid Redis configuration: {field}: {reason}")]
+    Config {
+        /// The offending field.
+        field: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// Redis refused the credentials (wrong password, unknown or disabled
+    /// ACL user). Retrying will not help.
+    #[error("Redis rejected the credentials")]
+    Auth {
+        /// What Redis said.
+        #[source]
+        source: fred::error::Error,
+    },
+    /// The TLS handshake or configuration failed.
+    #[error("TLS setup failed: {reason}")]
+    Tls {
+        /// Why.
+        reason: String,
+    },
+    /// The circuit breaker is open: Redis is considered unreachable and no
+    /// command was sent. Layers answer from their fallback.
+    #[error("Redis is unavailable (circuit breaker open)")]
+    Unavailable,
+    /// Too many operations are already queued for Redis; the caller should
+    /// answer from its fallback.
+    #[error("too many Redis operations queued")]
+    Overloaded,
+    /// The command did not complete within the handle's deadline.
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis (or the connection to it) returned an error.
+    #[error("Redis command failed")]
+    Redis(#[source] fred::error::Error),
+    /// A script failed inside Redis.
+    #[error("Redis script `{name}` failed")]
+    Script {
+        /// The script's name in the registry.
+        name: &'static str,
+        /// What Redis said.
+        #[source]
+        source: fred::error::Error,
+    },
+    /// Redis answered with a value the caller did not expect.
+    #[error("unexpected reply from Redis: {0}")]
+    Protocol(Arc<str>),
+}
+
+impl Error {
+    /// Whether this error says Redis is unreachable or unresponsive (and so
+    /// counts against the circuit breaker), as opposed to Redis answering
+    /// with an error of its own (a bad script argument, a wrong type).
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Error::Unavailable | Error::Timeout(_) => true,
+            Error::Redis(e) | Error::Script { source: e, .. } => is_outage_error(e),
+            _ => false,
+        }
+    }
+}
+
+impl From<fred::error::Error> for Error {
+    fn from(e: fred::error::Error) -> Self {
+        Error::Redis(e)
+    }
+}
+
+/// Connection-level fred errors; everything else is Redis answering.
+pub(crate) fn is_outage_error(e: &fred::error::Error) -> bool {
+    use fred::error::ErrorKind as K;
+    match e.kind() {
+        K::IO | K::Canceled | K::Timeout | K::Backpressure | K::Routing | K::Tls => true,
+        K::Cluster => true,
+        // Redis replies while loading a dataset or during failover.
+        _ => {
+            let d = e.details();
+            d.starts_with("LOADING") || d.starts_with("CLUSTERDOWN") || d.starts_with("TRYAGAIN")
+        }
+    }
+}
+
+/// Removes the password from a Redis URL so it can be logged.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact_url("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact_url("rediss://secret@h"), "rediss://***@h");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact_url("nonsense"), "nonsense");
+    }
+}

@@ -1,0 +1,485 @@
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use fred::clients::{Client, Pool};
+use fred::interfaces::{ClientLike, EventInterface};
+use fred::types::config::{ConnectionConfig, PerformanceConfig};
+use fred::types::{FromValue, MultipleKeys, MultipleValues};
+use tokio::task::JoinHandle;
+
+use crate::breaker::{BreakerState, CircuitBreaker};
+use crate::config::{RedisConfig, Topology};
+use crate::error::{Error, is_outage_error};
+use crate::health::{HealthReport, HealthStatus, LayerHealth, LayerMode};
+use crate::keys::KeySpace;
+use crate::script::Script;
+
+/// The one Redis client every layer shares: a fred pool, a key namespace,
+/// a per-command deadline and a circuit breaker. Cheap to clone.
+///
+/// Every command a layer sends goes through [`run`](Self::run) (or a helper
+/// built on it), which refuses at once while the breaker is open, cuts the
+/// command off at the deadline, and feeds the breaker.
+#[derive(Clone)]
+pub struct RedisHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    namespace: String,
+    topology: Topology,
+    deadline: Duration,
+    probe_interval: Duration,
+    breaker: CircuitBreaker,
+    prober: AtomicBool,
+    scripts_reloaded: AtomicU64,
+    layers: Mutex<Vec<&'static str>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.get_mut() {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
+        }
+        // Stop fred's reconnect loops; nothing can use this pool any more.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let pool = self.pool.clone();
+            rt.spawn(async move {
+                let _ = pool.quit().await;
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisHandle")
+            .field("namespace", &self.inner.namespace)
+            .field("topology", &self.inner.topology)
+            .field("deadline", &self.inner.deadline)
+            .field("breaker", &self.inner.breaker.state())
+            .finish()
+    }
+}
+
+impl RedisHandle {
+    /// Connects the pool.
+    ///
+    /// Returns an error only for what retrying cannot fix: a bad URL or
+    /// configuration, rejected credentials, a broken TLS setup. When Redis
+    /// is merely unreachable the handle is returned **degraded** (breaker
+    /// open): layers serve from their fallbacks and the handle recovers by
+    /// itself when Redis appears.
+    pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let (fred_cfg, topology) = config.fred_config()?;
+        let perf = PerformanceConfig {
+            // fred drops what we stopped waiting for, so its queue cannot
+            // grow without bound while Redis is frozen.
+            default_command_timeout: config.deadline.max(Duration::from_millis(1)),
+            ..PerformanceConfig::default()
+        };
+        let conn = ConnectionConfig {
+            connection_timeout: config.connect_timeout,
+            internal_command_timeout: config.connect_timeout,
+            max_command_attempts: 2,
+            max_command_buffer_len: 100_000,
+            ..ConnectionConfig::default()
+        };
+        let pool = fred::types::Builder::from_config(fred_cfg)
+            .set_performance_config(perf)
+            .set_connection_config(conn)
+            .set_policy(config.reconnect())
+            .build_pool(config.pool_size)
+            .map_err(|e| Error::Config {
+                field: "url",
+                reason: e.details().to_owned(),
+            })?;
+
+        let breaker = CircuitBreaker::new(config.namespace.clone(), config.failure_threshold);
+        let mut errors: Vec<_> = pool.clients().iter().map(|c| c.error_rx()).collect();
+        let _connection_task = pool.connect();
+
+        let started = Instant::now();
+        let degraded = loop {
+            if pool.clients().iter().all(|c| c.is_connected()) {
+                break None;
+            }
+            let mut unreachable = false;
+            for rx in &mut errors {
+                while let Ok((e, _)) = rx.try_recv() {
+                    if let Some(fatal) = fatal_startup_error(&e) {
+                        let _ = pool.quit().await;
+                        return Err(fatal);
+                    }
+                    unreachable |= is_outage_error(&e);
+                }
+            }
+            if unreachable {
+                // Refused or unreachable: start degraded right away.
+                break Some("Redis is unreachable");
+            }
+            if started.elapsed() >= config.startup_timeout {
+                break Some("Redis did not answer within the startup timeout");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+
+        let handle = RedisHandle {
+            inner: Arc::new(Inner {
+                pool,
+                namespace: config.namespace.clone(),
+                topology,
+                deadline: config.deadline,
+                probe_interval: config.probe_interval,
+                breaker,
+                prober: AtomicBool::new(false),
+                scripts_reloaded: AtomicU64::new(0),
+                layers: Mutex::new(Vec::new()),
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        handle.watch_connections();
+        if let Some(reason) = degraded {
+            tracing::warn!(namespace = %handle.inner.namespace, reason, "starting degraded: Redis is unreachable, layers use their in-process fallbacks until it answers");
+            handle.inner.breaker.trip(reason);
+            handle.start_prober();
+        }
+        Ok(handle)
+    }
+
+    /// The fred pool, for commands tollgate has no helper for. Commands sent
+    /// on it directly bypass the deadline and the breaker: wrap them in
+    /// [`run`](Self::run).
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// The next client of the pool.
+    pub fn client(&self) -> &Client {
+        self.inner.pool.next()
+    }
+
+    /// The namespace every key starts with.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// Key builder for one layer: `{namespace}:{layer}:...`.
+    pub fn keys(&self, layer: &str) -> KeySpace {
+        KeySpace::new(&self.inner.namespace, layer)
+    }
+
+    /// The per-command deadline.
+    pub fn deadline(&self) -> Duration {
+        self.inner.deadline
+    }
+
+    /// Standalone, cluster or sentinel.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Whether keys must be grouped by slot (Redis Cluster).
+    pub fn is_cluster(&self) -> bool {
+        self.inner.topology == Topology::Cluster
+    }
+
+    /// The shared circuit breaker.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.inner.breaker
+    }
+
+    /// Whether commands are currently sent to Redis (breaker closed). Layers
+    /// check this to pick their store without paying for a refused call.
+    #[inline]
+    pub fn is_available(&self) -> bool {
+        self.inner.breaker.allows()
+    }
+
+    /// How many times a script was missing from Redis's cache and was
+    /// reloaded (after a restart or failover).
+    pub fn scripts_reloaded(&self) -> u64 {
+        self.inner.scripts_reloaded.load(Ordering::Relaxed)
+    }
+
+    /// Declares that a layer uses this handle, so that [`health`](Self::health)
+    /// reports its mode.
+    pub fn register_layer(&self, name: &'static str) {
+        if let Ok(mut l) = self.inner.layers.lock()
+            && !l.contains(&name)
+        {
+            l.push(name);
+        }
+    }
+
+    /// Runs `fut` under the handle's rules: refused with
+    /// [`Error::Unavailable`] while the breaker is open, cut off with
+    /// [`Error::Timeout`] at the deadline, outcome fed to the breaker.
+    pub async fn run<T, F>(&self, fut: F) -> Result<T, Error>
+    where
+        F: Future<Output = Result<T, Error>>,
+    {
+        if !self.inner.breaker.allows() {
+            return Err(Error::Unavailable);
+        }
+        self.guarded(fut).await
+    }
+
+    /// [`run`](Self::run) for a closure over one pooled fred client (a
+    /// cheap clone).
+    ///
+    /// ```no_run
+    /// # async fn f(handle: tollgate_redis::RedisHandle) -> Result<(), tollgate_redis::Error> {
+    /// use fred::interfaces::KeysInterface;
+    /// let n: i64 = handle.call(|c| async move { c.incr("counter").await }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, fred::error::Error>>,
+    {
+        if !self.inner.breaker.allows() {
+            return Err(Error::Unavailable);
+        }
+        let client = self.inner.pool.next().clone();
+        self.guarded(async move { f(client).await.map_err(Error::Redis) })
+            .await
+    }
+
+    /// Runs a script with EVALSHA (EVAL on `NOSCRIPT`), under the deadline
+    /// and the breaker. All `keys` must share one hash slot.
+    pub async fn eval<R, K, V>(&self, script: &Script, keys: K, args: V) -> Result<R, Error>
+    where
+        R: FromValue,
+        K: Into<MultipleKeys>,
+        V: TryInto<MultipleValues>,
+        V::Error: Into<fred::error::Error>,
+    {
+        if !self.inner.breaker.allows() {
+            return Err(Error::Unavailable);
+        }
+        let conn = crate::coalesce::BatchConn::new(self.client(), self.reload_counter());
+        self.guarded(conn.eval(script, keys, args)).await
+    }
+
+    pub(crate) fn reload_counter(&self) -> &AtomicU64 {
+        &self.inner.scripts_reloaded
+    }
+
+    async fn guarded<T, F>(&self, fut: F) -> Result<T, Error>
+    where
+        F: Future<Output = Result<T, Error>>,
+    {
+        match tokio::time::timeout(self.inner.deadline, fut).await {
+            Ok(Ok(v)) => {
+                self.inner.breaker.record_success();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                // fred's own command timeout fires with ours: report one kind.
+                let e = match e {
+                    Error::Redis(f) if *f.kind() == fred::error::ErrorKind::Timeout => {
+                        Error::Timeout(self.inner.deadline)
+                    }
+                    e => e,
+                };
+                self.observe(&e);
+                Err(e)
+            }
+            Err(_) => {
+                let e = Error::Timeout(self.inner.deadline);
+                self.observe(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Feeds an error to the breaker (outage errors only) and starts the
+    /// prober when it opens. Used by callers that send commands themselves.
+    pub fn observe(&self, e: &Error) {
+        if matches!(e, Error::Unavailable) {
+            return;
+        }
+        if e.is_outage() {
+            if self
+                .inner
+                .breaker
+                .record_failure(matches!(e, Error::Timeout(_)))
+            {
+                self.start_prober();
+            }
+        } else {
+            // Redis answered, with an error of its own: it is up.
+            self.inner.breaker.record_success();
+        }
+    }
+
+    /// Opens the breaker on a dropped connection, without waiting for
+    /// requests to time out one by one.
+    fn watch_connections(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut tasks = Vec::new();
+        for client in self.inner.pool.clients() {
+            let mut rx = client.error_rx();
+            let weak = weak.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let (e, _server) = match rx.recv().await {
+                        Ok(v) => v,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    };
+                    let Some(inner) = weak.upgrade() else { return };
+                    if matches!(e.kind(), fred::error::ErrorKind::IO) {
+                        let handle = RedisHandle { inner };
+                        if handle.inner.breaker.trip("connection to Redis lost") {
+                            handle.start_prober();
+                        }
+                    }
+                }
+            }));
+        }
+        if let Ok(mut t) = self.inner.tasks.lock() {
+            t.extend(tasks);
+        }
+    }
+
+    fn start_prober(&self) {
+        if self.inner.prober.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let interval = self.inner.probe_interval;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.breaker.state() == BreakerState::Closed {
+                    inner.prober.store(false, Ordering::Release);
+                    return;
+                }
+                inner.breaker.begin_probe();
+                let timeout = (inner.deadline * 2).max(Duration::from_millis(100));
+                if probe(&inner.pool, timeout).await {
+                    inner.breaker.close();
+                    inner.prober.store(false, Ordering::Release);
+                    // A close racing a new failure may have re-opened it.
+                    if inner.breaker.state() != BreakerState::Closed {
+                        RedisHandle { inner }.start_prober();
+                    }
+                    return;
+                }
+                inner.breaker.probe_failed();
+            }
+        });
+        if let Ok(mut t) = self.inner.tasks.lock() {
+            t.retain(|t| !t.is_finished());
+            t.push(task);
+        }
+    }
+
+    /// Connection state, latency, server version and memory, breaker state
+    /// and counters, and each registered layer's mode. Sends PING and INFO
+    /// even while the breaker is open (each bounded by the deadline).
+    pub async fn health(&self) -> HealthReport {
+        let client = self.inner.pool.next();
+        let deadline = self.inner.deadline.max(Duration::from_millis(100));
+        let started = Instant::now();
+        let ping = tokio::time::timeout(deadline, client.ping::<String>(None)).await;
+        let latency = started.elapsed();
+        let connected = matches!(ping, Ok(Ok(_)));
+        let (mut version, mut memory) = (None, None);
+        if connected
+            && let Ok(Ok(info)) = tokio::time::timeout(deadline, client.info::<String>(None)).await
+        {
+            for line in info.lines() {
+                if let Some(v) = line.strip_prefix("redis_version:") {
+                    version = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("used_memory:") {
+                    memory = v.trim().parse().ok();
+                }
+            }
+        }
+        let breaker = self.inner.breaker.state();
+        let mode = if breaker == BreakerState::Closed {
+            LayerMode::Redis
+        } else {
+            LayerMode::Fallback
+        };
+        let layers = self
+            .inner
+            .layers
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .map(|name| LayerHealth {
+                        name: (*name).to_owned(),
+                        mode,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        HealthReport {
+            status: if connected && breaker == BreakerState::Closed {
+                HealthStatus::Healthy
+            } else {
+                HealthStatus::Degraded
+            },
+            connected,
+            latency_ms: connected.then_some(latency.as_secs_f64() * 1e3),
+            server_version: version,
+            used_memory_bytes: memory,
+            topology: Some(self.inner.topology.clone()),
+            namespace: self.inner.namespace.clone(),
+            breaker: Some(breaker),
+            breaker_opened: self.inner.breaker.times_opened(),
+            errors: self.inner.breaker.errors(),
+            timeouts: self.inner.breaker.timeouts(),
+            scripts_reloaded: self.scripts_reloaded(),
+            layers,
+        }
+    }
+}
+
+async fn probe(pool: &Pool, timeout: Duration) -> bool {
+    for client in pool.clients() {
+        match tokio::time::timeout(timeout, client.ping::<String>(None)).await {
+            Ok(Ok(_)) => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Errors at start-up that retrying cannot fix.
+fn fatal_startup_error(e: &fred::error::Error) -> Option<Error> {
+    use fred::error::ErrorKind as K;
+    let d = e.details();
+    match e.kind() {
+        K::Auth => Some(Error::Auth { source: e.clone() }),
+        _ if d.contains("WRONGPASS") || d.contains("NOAUTH") || d.contains("NOPERM") => {
+            Some(Error::Auth { source: e.clone() })
+        }
+        K::Tls => Some(Error::Tls {
+            reason: d.to_owned(),
+        }),
+        // rustls failures surface as IO errors: a certificate nobody trusts
+        // will not become trusted by retrying.
+        _ if d.contains("certificate") || d.contains("InvalidCertificate") => Some(Error::Tls {
+            reason: d.to_owned(),
+        }),
+        K::Config | K::Url => Some(Error::Config {
+            field: "url",
+            reason: d.to_owned(),
+        }),
+        _ => None,
+    }
+}

@@ -1,0 +1,193 @@
+//! `health()` and a Tower service that serves it as JSON.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use serde::Serialize;
+
+use crate::breaker::BreakerState;
+use crate::config::Topology;
+use crate::handle::RedisHandle;
+
+/// Overall verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    /// Redis answers and the breaker is closed.
+    Healthy,
+    /// Redis does not answer or the breaker is open: layers use fallbacks.
+    Degraded,
+    /// No Redis was configured: every layer runs on its in-process store by
+    /// choice. Not an error.
+    InProcess,
+}
+
+/// Where a layer keeps its state right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerMode {
+    /// In Redis, shared by every instance.
+    Redis,
+    /// In the layer's in-process fallback because Redis is unavailable.
+    Fallback,
+    /// In process by configuration (no Redis configured).
+    Memory,
+}
+
+/// One layer's line in the report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LayerHealth {
+    /// The layer (`ratelimit`, `session`, ...).
+    pub name: String,
+    /// Its store right now.
+    pub mode: LayerMode,
+}
+
+/// What [`RedisHandle::health`] returns, serialised as the JSON body of
+/// [`HealthService`].
+#[derive(Clone, Debug, Serialize)]
+pub struct HealthReport {
+    /// Overall verdict.
+    pub status: HealthStatus,
+    /// Whether a PING was answered within the deadline.
+    pub connected: bool,
+    /// PING round trip.
+    pub latency_ms: Option<f64>,
+    /// `redis_version` from INFO.
+    pub server_version: Option<String>,
+    /// `used_memory` from INFO.
+    pub used_memory_bytes: Option<u64>,
+    /// Standalone, cluster or sentinel.
+    pub topology: Option<Topology>,
+    /// Key namespace.
+    pub namespace: String,
+    /// Circuit breaker state.
+    pub breaker: Option<BreakerState>,
+    /// Times the breaker has opened since start.
+    pub breaker_opened: u64,
+    /// Outage errors since start.
+    pub errors: u64,
+    /// Timeouts since start.
+    pub timeouts: u64,
+    /// Scripts reloaded after NOSCRIPT since start.
+    pub scripts_reloaded: u64,
+    /// Each registered layer and its mode.
+    pub layers: Vec<LayerHealth>,
+}
+
+impl HealthReport {
+    /// The report of a service that runs without Redis by configuration.
+    pub fn in_process(layers: &[&str]) -> Self {
+        HealthReport {
+            status: HealthStatus::InProcess,
+            connected: false,
+            latency_ms: None,
+            server_version: None,
+            used_memory_bytes: None,
+            topology: None,
+            namespace: String::new(),
+            breaker: None,
+            breaker_opened: 0,
+            errors: 0,
+            timeouts: 0,
+            scripts_reloaded: 0,
+            layers: layers
+                .iter()
+                .map(|l| LayerHealth {
+                    name: (*l).to_owned(),
+                    mode: LayerMode::Memory,
+                })
+                .collect(),
+        }
+    }
+
+    /// 503 when degraded, 200 otherwise.
+    pub fn http_status(&self) -> StatusCode {
+        match self.status {
+            HealthStatus::Degraded => StatusCode::SERVICE_UNAVAILABLE,
+            HealthStatus::Healthy | HealthStatus::InProcess => StatusCode::OK,
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let status = self.http_status();
+        let body = serde_json::to_vec(&self).unwrap_or_else(|_| b"{}".to_vec());
+        let mut res = Response::new(Full::new(Bytes::from(body)));
+        *res.status_mut() = status;
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        res.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+        res
+    }
+}
+
+/// A Tower service answering any request with the handle's health as JSON:
+/// 200 when healthy (or in process by configuration), 503 when degraded.
+/// Mount it at `GET /health/redis`.
+///
+/// ```
+/// use tollgate_redis::HealthService;
+/// use tower::ServiceExt;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // Without Redis the layers are reported in process, with 200.
+/// let svc = HealthService::in_process(&["ratelimit"]);
+/// let res = svc.oneshot(http::Request::new(())).await.unwrap();
+/// assert_eq!(res.status(), 200);
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct HealthService {
+    handle: Option<RedisHandle>,
+    layers: Vec<&'static str>,
+}
+
+impl HealthService {
+    /// Reports on `handle`.
+    pub fn new(handle: RedisHandle) -> Self {
+        HealthService {
+            handle: Some(handle),
+            layers: Vec::new(),
+        }
+    }
+
+    /// Reports an in-process deployment with these layers.
+    pub fn in_process(layers: &[&'static str]) -> Self {
+        HealthService {
+            handle: None,
+            layers: layers.to_vec(),
+        }
+    }
+}
+
+impl<B> tower::Service<Request<B>> for HealthService {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<B>) -> Self::Future {
+        let handle = self.handle.clone();
+        let layers = self.layers.clone();
+        Box::pin(async move {
+            let report = match handle {
+                Some(h) => h.health().await,
+                None => HealthReport::in_process(&layers),
+            };
+            Ok(report.into_response())
+        })
+    }
+}

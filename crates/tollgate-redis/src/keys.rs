@@ -1,0 +1,123 @@
+//! Key naming: `{namespace}:{layer}:...`, with one hash tag per identity so
+//! that every key a script touches for one identity lives in one cluster slot.
+
+use std::fmt::Write as _;
+
+/// Builds the Redis keys of one layer under the handle's namespace.
+///
+/// ```
+/// use tollgate_redis::KeySpace;
+///
+/// let keys = KeySpace::new("myapp", "ratelimit");
+/// assert_eq!(keys.key(&["admin"]), "myapp:ratelimit:admin");
+/// // The identity becomes the hash tag; braces inside it cannot break out.
+/// assert_eq!(keys.tagged("ip:1.2.3.4", &["burst"]), "myapp:ratelimit:{ip:1.2.3.4}:burst");
+/// assert_eq!(keys.tagged("a}b", &[]), "myapp:ratelimit:{a%7Db}");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySpace {
+    prefix: String,
+}
+
+impl KeySpace {
+    /// Keys of `layer` under `namespace`.
+    pub fn new(namespace: &str, layer: &str) -> Self {
+        let mut prefix = String::with_capacity(namespace.len() + layer.len() + 2);
+        push_escaped(&mut prefix, namespace);
+        prefix.push(':');
+        push_escaped(&mut prefix, layer);
+        KeySpace { prefix }
+    }
+
+    /// `{namespace}:{layer}`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A key without a hash tag: `ns:layer:part:part`. Use it for keys that
+    /// are touched alone.
+    pub fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        for p in parts {
+            k.push(':');
+            push_escaped(&mut k, p);
+        }
+        k
+    }
+
+    /// A key whose hash tag is `identity`: `ns:layer:{identity}:part...`.
+    /// Every key built with the same identity hashes to the same cluster slot.
+    pub fn tagged(&self, identity: &str, parts: &[&str]) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + identity.len() + 16);
+        self.write_tagged(&mut k, identity, parts);
+        k
+    }
+
+    /// [`tagged`](Self::tagged) into a reused buffer (cleared first), for hot
+    /// paths that build many keys.
+    pub fn write_tagged(&self, out: &mut String, identity: &str, parts: &[&str]) {
+        out.clear();
+        out.push_str(&self.prefix);
+        out.push_str(":{");
+        push_escaped(out, identity);
+        out.push('}');
+        for p in parts {
+            out.push(':');
+            push_escaped(out, p);
+        }
+    }
+}
+
+/// The cluster hash slot (0..16384) of a key, honouring hash tags.
+pub fn slot(key: &str) -> u16 {
+    fred::util::redis_keyslot(key.as_bytes())
+}
+
+/// Braces would change which part of the key Redis hashes, and `%` is the
+/// escape character itself; everything else is kept as is so keys stay
+/// readable in `redis-cli`.
+fn push_escaped(out: &mut String, s: &str) {
+    if !s.contains(['{', '}', '%']) {
+        out.push_str(s);
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '{' | '}' | '%' => {
+                let _ = write!(out, "%{:02X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tagged_keys_share_a_slot() {
+        let ks = KeySpace::new("ns", "rl");
+        let a = ks.tagged("user:42", &["burst"]);
+        let b = ks.tagged("user:42", &["sustained"]);
+        assert_eq!(slot(&a), slot(&b));
+        assert_eq!(slot(&a), slot("{user:42}"));
+    }
+
+    #[test]
+    fn escaping_prevents_tag_injection() {
+        let ks = KeySpace::new("ns", "rl");
+        let k = ks.tagged("x}{evil", &["p"]);
+        assert_eq!(k, "ns:rl:{x%7D%7Bevil}:p");
+        assert_eq!(slot(&k), slot("{x%7D%7Bevil}"));
+        assert_eq!(ks.key(&["100%"]), "ns:rl:100%25");
+    }
+
+    #[test]
+    fn write_tagged_reuses_buffer() {
+        let ks = KeySpace::new("ns", "rl");
+        let mut buf = String::from("garbage");
+        ks.write_tagged(&mut buf, "id", &["a", "b"]);
+        assert_eq!(buf, "ns:rl:{id}:a:b");
+    }
+}

@@ -1,0 +1,48 @@
+//! The shared Redis handle behind every tollgate layer.
+//!
+//! One [`RedisHandle`] (a fred pool) serves every layer of a service. It
+//! gives each command a deadline, keeps one [`CircuitBreaker`] that sends
+//! every layer to its in-process fallback at once when Redis stops
+//! answering, runs Lua [`Script`]s with EVALSHA (reloading them after a
+//! restart), batches concurrent operations into single round trips with a
+//! [`Coalescer`], builds cluster-safe keys with [`KeySpace`], and reports
+//! its [`health`](RedisHandle::health) (served as JSON by
+//! [`HealthService`]).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tollgate_redis::{RedisConfig, RedisHandle};
+//!
+//! # async fn demo() -> Result<(), tollgate_redis::Error> {
+//! let handle = RedisHandle::connect(
+//!     RedisConfig::from_url("redis://127.0.0.1:6379")
+//!         .namespace("shop")
+//!         .deadline(Duration::from_millis(50)),
+//! )
+//! .await?;
+//! // Starting with Redis down is not an error: the handle starts degraded.
+//! println!("breaker: {}", handle.breaker().state());
+//! # Ok(()) }
+//! ```
+#![warn(clippy::unwrap_used)]
+
+mod breaker;
+mod coalesce;
+mod config;
+mod error;
+mod handle;
+mod health;
+mod keys;
+mod script;
+
+pub use breaker::{BreakerState, CircuitBreaker};
+pub use coalesce::{BatchConn, BatchOp, CoalesceConfig, Coalescer};
+pub use config::{RedisConfig, Topology};
+pub use error::Error;
+pub use handle::RedisHandle;
+pub use health::{HealthReport, HealthService, HealthStatus, LayerHealth, LayerMode};
+pub use keys::{KeySpace, slot};
+pub use script::Script;
+
+/// The fred crate this handle is built on, for callers that need its types.
+pub use fred;

@@ -1,0 +1,104 @@
+//! A TCP proxy that adds latency to every reply, for "slow Redis" tests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Forwards a loopback port to a Redis server, delaying each chunk the
+/// server sends back by the current delay. Dropping it closes the listener
+/// and every proxied connection.
+#[derive(Debug)]
+pub struct LatencyProxy {
+    port: u16,
+    delay_us: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl LatencyProxy {
+    /// Starts proxying to `127.0.0.1:target_port` with `delay` (needs a
+    /// Tokio runtime).
+    pub async fn start(target_port: u16, delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let delay_us = Arc::new(AtomicU64::new(micros(delay)));
+        let d = delay_us.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let d = d.clone();
+                conns.retain(|c: &JoinHandle<()>| !c.is_finished());
+                conns.push(tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)).await {
+                        pipe(client, server, d).await;
+                    }
+                }));
+            }
+            for c in conns {
+                c.abort();
+            }
+        });
+        LatencyProxy {
+            port,
+            delay_us,
+            task,
+        }
+    }
+
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PROXY_PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Changes the added latency for replies sent from now on.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_us.store(micros(delay), Ordering::Relaxed);
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+async fn pipe(client: TcpStream, server: TcpStream, delay_us: Arc<AtomicU64>) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = cr.read(&mut buf).await {
+            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = sr.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        let d = delay_us.load(Ordering::Relaxed);
+        if d > 0 {
+            tokio::time::sleep(Duration::from_micros(d)).await;
+        }
+        if cw.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    up.abort();
+}

@@ -1,0 +1,82 @@
+//! Certificates for TLS servers, generated per server with rcgen.
+
+use std::path::Path;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+/// A CA and a server certificate for `localhost` / `127.0.0.1`.
+#[derive(Clone, Debug)]
+pub struct TlsMaterial {
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl TlsMaterial {
+    /// Generates a fresh CA and a server certificate signed by it.
+    pub fn generate() -> Self {
+        let ca_key = KeyPair::generate().expect("generate the CA key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "tollgate test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key).expect("self-sign the CA");
+        let issuer = Issuer::new(ca, ca_key);
+
+        let key = KeyPair::generate().expect("generate the server key");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("server params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let cert = params
+            .signed_by(&key, &issuer)
+            .expect("sign the server cert");
+        TlsMaterial {
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    pub(crate) fn write(&self, dir: &Path) {
+        for (name, body) in [
+            ("ca.crt", &self.ca_pem),
+            ("server.crt", &self.cert_pem),
+            ("server.key", &self.key_pem),
+        ] {
+            std::fs::write(dir.join(name), body).expect("write TLS material");
+        }
+    }
+
+    pub(crate) fn server_args(&self, dir: &Path, port: u16) -> Vec<String> {
+        let p = |n: &str| dir.join(n).display().to_string();
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            p("server.crt"),
+            "--tls-key-file".into(),
+            p("server.key"),
+            "--tls-ca-cert-file".into(),
+            p("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--user".into(),
+            "default".into(),
+            "off".into(),
+            "--user".into(),
+            super::TLS_USER.into(),
+            "on".into(),
+            format!(">{}", super::TLS_PASSWORD),
+            "~*".into(),
+            "&*".into(),
+            "+@all".into(),
+        ]
+    }
+}

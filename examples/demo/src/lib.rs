@@ -1,0 +1,163 @@
+//! The tollgate showcase service, as a library so tests can run it in
+//! process. The binary (`src/main.rs`) only parses arguments, installs the
+//! Prometheus recorder and serves.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tollgate::redis::{HealthService, RedisConfig, RedisHandle};
+
+/// Layers the demo wires; reported by `/health/redis`.
+pub const LAYERS: &[&str] = &[];
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A command-line argument or environment variable is unusable.
+    #[error("{0}")]
+    Usage(String),
+    /// Redis was configured but cannot be used (bad URL, wrong password).
+    /// An unreachable Redis is not an error: the demo starts degraded.
+    #[error("REDIS_URL is unusable: {0}")]
+    Redis(#[from] tollgate::redis::Error),
+    /// Serving failed.
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where to listen and which Redis to use.
+#[derive(Clone, Debug)]
+pub struct DemoConfig {
+    /// Listen address (default 127.0.0.1:3000).
+    pub addr: SocketAddr,
+    /// `REDIS_URL`; `None` runs everything in process.
+    pub redis_url: Option<String>,
+}
+
+impl DemoConfig {
+    /// Reads `TOLLGATE_ADDR`, `REDIS_URL` and `--addr HOST:PORT` (the flag
+    /// wins over the variable).
+    pub fn from_env_and_args(args: impl IntoIterator<Item = String>) -> Result<Self, DemoError> {
+        let mut addr = std::env::var("TOLLGATE_ADDR").ok();
+        let mut args = args.into_iter();
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--addr" => {
+                    addr = Some(
+                        args.next()
+                            .ok_or_else(|| DemoError::Usage("--addr needs HOST:PORT".into()))?,
+                    );
+                }
+                s if s.starts_with("--addr=") => addr = Some(s["--addr=".len()..].to_owned()),
+                other => return Err(DemoError::Usage(format!("unknown argument `{other}`"))),
+            }
+        }
+        let addr = match addr {
+            Some(a) => a
+                .parse()
+                .map_err(|e| DemoError::Usage(format!("bad listen address `{a}`: {e}")))?,
+            None => SocketAddr::from(([127, 0, 0, 1], 3000)),
+        };
+        let redis_url = std::env::var("REDIS_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty());
+        Ok(DemoConfig { addr, redis_url })
+    }
+}
+
+/// Installs the global Prometheus recorder (once per process) and returns
+/// its handle for `/metrics`.
+pub fn install_metrics() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                // Another recorder was installed first (an embedding app):
+                // serve an empty registry rather than fail.
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+        })
+        .clone()
+}
+
+/// The assembled service.
+pub struct App {
+    router: Router,
+    redis: Option<RedisHandle>,
+}
+
+impl App {
+    /// Connects to Redis when configured (an unreachable Redis starts the
+    /// demo degraded, it recovers by itself) and builds the routes.
+    pub async fn build(config: &DemoConfig, metrics: PrometheusHandle) -> Result<Self, DemoError> {
+        let redis = match &config.redis_url {
+            Some(url) => {
+                let h = RedisHandle::connect(RedisConfig::from_url(url.clone()).namespace("demo"))
+                    .await?;
+                for l in LAYERS {
+                    h.register_layer(l);
+                }
+                Some(h)
+            }
+            None => None,
+        };
+        let health = match &redis {
+            Some(h) => HealthService::new(h.clone()),
+            None => HealthService::in_process(LAYERS),
+        };
+        let router = Router::new()
+            .route("/", get(index))
+            .route_service("/health/redis", health)
+            .route(
+                "/metrics",
+                get(move || {
+                    let m = metrics.clone();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4",
+                            )],
+                            m.render(),
+                        )
+                    }
+                }),
+            );
+        Ok(App { router, redis })
+    }
+
+    /// The routes, for in-process tests.
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// The Redis handle, when configured.
+    pub fn redis(&self) -> Option<&RedisHandle> {
+        self.redis.as_ref()
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DemoError> {
+        axum::serve(
+            listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await?;
+        Ok(())
+    }
+}
+
+async fn index() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "service": "tollgate demo",
+        "routes": ["GET /health/redis", "GET /metrics"],
+    }))
+}

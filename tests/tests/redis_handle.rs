@@ -1,0 +1,497 @@
+//! The shared handle against real Redis: every topology, faults, scripts,
+//! coalescing and health.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tollgate_redis::fred::interfaces::KeysInterface;
+use tollgate_redis::{
+    BatchConn, BatchOp, BreakerState, CoalesceConfig, Coalescer, Error, HealthService, RedisConfig,
+    RedisHandle, Script,
+};
+use tollgate_testkit::{LatencyProxy, RedisCluster, RedisServer};
+use tower::ServiceExt;
+
+const DEADLINE: Duration = Duration::from_millis(50);
+/// Scheduling noise allowed on a shared 2-core machine on top of a deadline.
+const SLACK: Duration = Duration::from_millis(250);
+
+static INCR_BY: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        "incr_by",
+        "-- KEYS[1]: counter; ARGV[1]: increment. Returns the new value.\n\
+         return redis.call('INCRBY', KEYS[1], ARGV[1])",
+    )
+});
+
+async fn connect(url: String) -> RedisHandle {
+    RedisHandle::connect(
+        RedisConfig::from_url(url)
+            .deadline(DEADLINE)
+            .probe_interval(Duration::from_millis(50)),
+    )
+    .await
+    .expect("connect")
+}
+
+async fn wait_for_state(h: &RedisHandle, want: BreakerState, within: Duration) -> Duration {
+    let started = Instant::now();
+    while h.breaker().state() != want {
+        assert!(
+            started.elapsed() < within,
+            "breaker still {} after {within:?}, wanted {want}",
+            h.breaker().state()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    started.elapsed()
+}
+
+/// Runs a test body against a standalone server and a 3-primary cluster.
+macro_rules! topology_tests {
+    ($($name:ident),* $(,)?) => {
+        mod standalone {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let server = tollgate_testkit::RedisServer::start();
+                super::$name(super::connect(server.url()).await).await;
+            })*
+        }
+        mod cluster {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let cluster = tollgate_testkit::RedisCluster::start();
+                super::$name(super::connect(cluster.url()).await).await;
+            })*
+        }
+    };
+}
+
+topology_tests!(
+    round_trips_and_scripts,
+    keys_of_one_identity_share_a_slot,
+    coalesces_with_own_answers,
+    reports_health
+);
+
+async fn round_trips_and_scripts(h: RedisHandle) {
+    assert_eq!(h.breaker().state(), BreakerState::Closed);
+    let key = h.keys("test").tagged("user:1", &["n"]);
+    let _: () = h
+        .call({
+            let key = key.clone();
+            |c| async move { c.set(key, 41, None, None, false).await }
+        })
+        .await
+        .expect("SET");
+    let n: i64 = h
+        .eval(&INCR_BY, vec![key.clone()], vec![1])
+        .await
+        .expect("script");
+    assert_eq!(n, 42);
+    let err = h
+        .eval::<i64, _, _>(&INCR_BY, vec![key], vec!["not a number"])
+        .await
+        .expect_err("INCRBY with a string fails inside Redis");
+    assert!(
+        matches!(
+            err,
+            Error::Script {
+                name: "incr_by",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_outage());
+    assert_eq!(
+        h.breaker().state(),
+        BreakerState::Closed,
+        "a script error is not an outage"
+    );
+}
+
+async fn keys_of_one_identity_share_a_slot(h: RedisHandle) {
+    // A script touching two keys of one identity must work on a cluster.
+    let ks = h.keys("test");
+    let a = ks.tagged("tenant:{7}", &["a"]);
+    let b = ks.tagged("tenant:{7}", &["b"]);
+    static TWO: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+        Script::new(
+            "two",
+            "-- KEYS[1], KEYS[2]: counters. Returns the sum after incrementing both.\n\
+             return redis.call('INCR', KEYS[1]) + redis.call('INCR', KEYS[2])",
+        )
+    });
+    let n: i64 = h
+        .eval(&TWO, vec![a, b], Vec::<String>::new())
+        .await
+        .expect("cross-key script in one slot");
+    assert_eq!(n, 2);
+}
+
+struct IncrOp {
+    keys: tollgate_redis::KeySpace,
+}
+
+impl BatchOp for IncrOp {
+    type Item = (String, i64);
+    type Output = i64;
+
+    fn slot(&self, item: &Self::Item) -> u16 {
+        tollgate_redis::slot(&item.0)
+    }
+
+    async fn execute(
+        &self,
+        conn: BatchConn<'_>,
+        items: Vec<Self::Item>,
+    ) -> Result<Vec<i64>, Error> {
+        let _ = &self.keys;
+        let pipeline = conn.client().pipeline();
+        for (k, by) in &items {
+            let _: () = pipeline.incr_by(k.as_str(), *by).await?;
+        }
+        let out: Vec<i64> = pipeline.all().await?;
+        Ok(out)
+    }
+}
+
+async fn coalesces_with_own_answers(h: RedisHandle) {
+    let ks = h.keys("coalesce");
+    let co = Coalescer::new(
+        h.clone(),
+        IncrOp { keys: ks.clone() },
+        CoalesceConfig::default(),
+    );
+    // 400 concurrent increments over 8 keys: every caller gets the value its
+    // own increment produced, so the answers per key are exactly 1..=50.
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let co = co.clone();
+        let key = ks.tagged(&format!("k{}", i % 8), &[]);
+        tasks.push(tokio::spawn(async move {
+            (key.clone(), co.submit((key, 1)).await)
+        }));
+    }
+    let mut per_key: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    for t in tasks {
+        let (key, r) = t.await.expect("task");
+        per_key.entry(key).or_default().push(r.expect("submit"));
+    }
+    assert_eq!(per_key.len(), 8);
+    for (key, mut v) in per_key {
+        v.sort_unstable();
+        assert_eq!(v, (1..=50).collect::<Vec<_>>(), "answers for {key}");
+    }
+}
+
+async fn reports_health(h: RedisHandle) {
+    h.register_layer("ratelimit");
+    let report = h.health().await;
+    assert!(report.connected);
+    assert!(
+        report
+            .server_version
+            .as_deref()
+            .is_some_and(|v| !v.is_empty())
+    );
+    assert!(report.used_memory_bytes.unwrap_or(0) > 0);
+    let res = HealthService::new(h.clone())
+        .oneshot(http::Request::new(()))
+        .await
+        .expect("infallible");
+    assert_eq!(res.status(), 200);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(json["status"], "healthy");
+    assert_eq!(json["breaker"], "closed");
+    assert_eq!(json["layers"][0]["name"], "ratelimit");
+    assert_eq!(json["layers"][0]["mode"], "redis");
+}
+
+/// Traffic from `n` tasks; returns the slowest call seen and a stop flag.
+fn traffic(
+    h: &RedisHandle,
+    n: usize,
+) -> (
+    Arc<AtomicU64>,
+    Arc<AtomicBool>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let slowest = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = (0..n)
+        .map(|i| {
+            let (h, slowest, stop) = (h.clone(), slowest.clone(), stop.clone());
+            tokio::spawn(async move {
+                let key = format!("traffic:{i}");
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let k = key.clone();
+                    let _ = h.call(|c| async move { c.incr::<i64, _>(k).await }).await;
+                    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    slowest.fetch_max(us, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        })
+        .collect();
+    (slowest, stop, tasks)
+}
+
+async fn stop_traffic(stop: Arc<AtomicBool>, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("traffic task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_opens_the_breaker_within_a_deadline_and_restart_closes_it() {
+    let mut server = RedisServer::start();
+    let h = connect(server.url()).await;
+    let _: i64 = h
+        .eval(&INCR_BY, vec!["k"], vec![1])
+        .await
+        .expect("load the script");
+    let (slowest, stop, tasks) = traffic(&h, 16);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slowest.store(0, Ordering::Relaxed);
+
+    server.kill();
+    let opened_after = wait_for_state(&h, BreakerState::Open, Duration::from_secs(5)).await;
+    assert!(
+        opened_after <= DEADLINE + SLACK,
+        "breaker opened after {opened_after:?}"
+    );
+    // During the outage every call is refused at once.
+    let started = Instant::now();
+    assert!(matches!(
+        h.call(|c| async move { c.get::<Option<i64>, _>("k").await })
+            .await,
+        Err(Error::Unavailable)
+    ));
+    assert!(started.elapsed() < Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let worst = Duration::from_micros(slowest.load(Ordering::Relaxed));
+    assert!(
+        worst <= DEADLINE + SLACK,
+        "a call took {worst:?} during the outage"
+    );
+
+    server.restart();
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
+    stop_traffic(stop, tasks).await;
+    // The restarted server has an empty script cache: EVALSHA gets NOSCRIPT
+    // and the handle reloads the script in the same call.
+    let before = h.scripts_reloaded();
+    let n: i64 = h
+        .eval(&INCR_BY, vec!["k"], vec![5])
+        .await
+        .expect("script after restart");
+    assert_eq!(n, 5, "the restarted server starts empty");
+    assert_eq!(h.scripts_reloaded(), before + 1);
+    let n: i64 = h
+        .eval(&INCR_BY, vec!["k"], vec![1])
+        .await
+        .expect("cached again");
+    assert_eq!(n, 6);
+    assert_eq!(h.scripts_reloaded(), before + 1, "loaded once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_opens_the_breaker_within_a_deadline_and_resume_closes_it() {
+    let mut server = RedisServer::start();
+    let h = connect(server.url()).await;
+    let (slowest, stop, tasks) = traffic(&h, 16);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slowest.store(0, Ordering::Relaxed);
+
+    // SIGSTOP: no reset, no error from fred; only our deadline notices.
+    server.pause();
+    let opened_after = wait_for_state(&h, BreakerState::Open, Duration::from_secs(5)).await;
+    assert!(
+        opened_after <= DEADLINE + SLACK,
+        "breaker opened after {opened_after:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let worst = Duration::from_micros(slowest.load(Ordering::Relaxed));
+    assert!(
+        worst <= DEADLINE + SLACK,
+        "a call took {worst:?} while Redis was frozen"
+    );
+    let health = h.health().await;
+    assert!(!health.connected);
+    assert_eq!(health.http_status(), 503);
+
+    server.resume();
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
+    stop_traffic(stop, tasks).await;
+    let n: i64 = h
+        .call(|c| async move { c.incr("after-resume").await })
+        .await
+        .expect("works again");
+    assert_eq!(n, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_cluster_primary_opens_and_restart_closes() {
+    let mut cluster = RedisCluster::start();
+    let h = connect(cluster.url()).await;
+    let (slowest, stop, tasks) = traffic(&h, 16);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slowest.store(0, Ordering::Relaxed);
+    cluster.node_mut(1).kill();
+    wait_for_state(&h, BreakerState::Open, DEADLINE + SLACK).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let worst = Duration::from_micros(slowest.load(Ordering::Relaxed));
+    assert!(
+        worst <= DEADLINE + SLACK,
+        "a call took {worst:?} during the outage"
+    );
+    cluster.restart_node(1);
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(15)).await;
+    stop_traffic(stop, tasks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_is_cut_off_at_the_deadline() {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+    let h = connect(proxy.url()).await;
+    let _: i64 = h
+        .call(|c| async move { c.incr("slow").await })
+        .await
+        .expect("fast");
+    proxy.set_delay(Duration::from_millis(400));
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = h
+            .call(|c| async move { c.incr::<i64, _>("slow").await })
+            .await;
+        assert!(
+            matches!(r, Err(Error::Timeout(_)) | Err(Error::Unavailable)),
+            "{r:?}"
+        );
+        assert!(
+            started.elapsed() <= DEADLINE + SLACK,
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    assert_ne!(
+        h.breaker().state(),
+        BreakerState::Closed,
+        "three timeouts open the breaker"
+    );
+    proxy.set_delay(Duration::ZERO);
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_while_redis_is_down_is_degraded_then_recovers() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.kill();
+    let started = Instant::now();
+    let h = connect(url).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a refused connection returns at once"
+    );
+    assert_ne!(h.breaker().state(), BreakerState::Closed);
+    let res = HealthService::new(h.clone())
+        .oneshot(http::Request::new(()))
+        .await
+        .expect("infallible");
+    assert_eq!(res.status(), 503);
+    assert!(matches!(
+        h.call(|c| async move { c.incr::<i64, _>("x").await }).await,
+        Err(Error::Unavailable)
+    ));
+    server.restart();
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
+    let n: i64 = h
+        .call(|c| async move { c.incr("x").await })
+        .await
+        .expect("recovered");
+    assert_eq!(n, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_an_acl_user_connects() {
+    let server = RedisServer::start_tls();
+    let ca = server.ca_pem().expect("CA");
+    let h = RedisHandle::connect(RedisConfig::from_url(server.url()).tls_root_ca_pem(ca.clone()))
+        .await
+        .expect("TLS + ACL connect");
+    let n: i64 = h
+        .call(|c| async move { c.incr("tls").await })
+        .await
+        .expect("INCR over TLS");
+    assert_eq!(n, 1);
+    assert!(h.health().await.connected);
+
+    // The wrong password on the same server is a clear error, quickly.
+    let wrong = server
+        .url()
+        .replace(tollgate_testkit::TLS_PASSWORD, "wrong");
+    let started = Instant::now();
+    let err = RedisHandle::connect(RedisConfig::from_url(wrong).tls_root_ca_pem(ca))
+        .await
+        .expect_err("wrong password");
+    assert!(matches!(err, Error::Auth { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // A server certificate nobody trusts is a TLS error, not a hang.
+    let err = RedisHandle::connect(RedisConfig::from_url(server.url()))
+        .await
+        .expect_err("untrusted certificate");
+    assert!(matches!(err, Error::Tls { .. }), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_a_clear_error() {
+    let server = RedisServer::start_with_args(&["--requirepass", "right"]);
+    let url = format!("redis://:wrong@127.0.0.1:{}", server.port());
+    let started = Instant::now();
+    let err = RedisHandle::connect(RedisConfig::from_url(url))
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, Error::Auth { .. }), "{err:?}");
+    assert!(
+        !err.to_string().contains("wrong"),
+        "no password in the message: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let ok = format!("redis://:right@127.0.0.1:{}", server.port());
+    RedisHandle::connect(RedisConfig::from_url(ok))
+        .await
+        .expect("right password");
+}
+
+#[tokio::test]
+async fn a_bad_url_is_a_clear_error() {
+    for url in [
+        "http://127.0.0.1:6379",
+        "redis//nope",
+        "",
+        "redis://:pw@host:notaport",
+    ] {
+        let started = Instant::now();
+        let err = RedisHandle::connect(RedisConfig::from_url(url))
+            .await
+            .expect_err(url);
+        assert!(
+            matches!(err, Error::Config { .. } | Error::InvalidUrl { .. }),
+            "{url}: {err:?}"
+        );
+        assert!(!err.to_string().contains(":pw@"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+}
