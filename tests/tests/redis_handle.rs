@@ -132,7 +132,7 @@ async fn keys_of_one_identity_share_a_slot(h: RedisHandle) {
 }
 
 struct IncrOp {
-    keys: tollgate_redis::KeySpace,
+    batches: Arc<AtomicU64>,
 }
 
 impl BatchOp for IncrOp {
@@ -148,7 +148,7 @@ impl BatchOp for IncrOp {
         conn: BatchConn<'_>,
         items: Vec<Self::Item>,
     ) -> Result<Vec<i64>, Error> {
-        let _ = &self.keys;
+        self.batches.fetch_add(1, Ordering::Relaxed);
         let pipeline = conn.client().pipeline();
         for (k, by) in &items {
             let _: () = pipeline.incr_by(k.as_str(), *by).await?;
@@ -160,11 +160,11 @@ impl BatchOp for IncrOp {
 
 async fn coalesces_with_own_answers(h: RedisHandle) {
     let ks = h.keys("coalesce");
-    let co = Coalescer::new(
-        h.clone(),
-        IncrOp { keys: ks.clone() },
-        CoalesceConfig::default(),
-    );
+    let batches = Arc::new(AtomicU64::new(0));
+    let op = IncrOp {
+        batches: batches.clone(),
+    };
+    let co = Coalescer::new(h.clone(), op, CoalesceConfig::default());
     // 400 concurrent increments over 8 keys: every caller gets the value its
     // own increment produced, so the answers per key are exactly 1..=50.
     let mut tasks = Vec::new();
@@ -181,6 +181,8 @@ async fn coalesces_with_own_answers(h: RedisHandle) {
         per_key.entry(key).or_default().push(r.expect("submit"));
     }
     assert_eq!(per_key.len(), 8);
+    let batches = batches.load(Ordering::Relaxed);
+    assert!(batches < 400, "400 concurrent operations took {batches} round trips");
     for (key, mut v) in per_key {
         v.sort_unstable();
         assert_eq!(v, (1..=50).collect::<Vec<_>>(), "answers for {key}");

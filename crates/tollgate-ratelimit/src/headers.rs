@@ -1,0 +1,253 @@
+//! Response headers and the ready-made denial responses.
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use http::{HeaderMap, Response, StatusCode};
+use sha2::{Digest, Sha256};
+
+use crate::decision::{Decision, Report, RequestVerdict};
+
+/// `X-RateLimit-Limit`.
+pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// `X-RateLimit-Remaining`.
+pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// `X-RateLimit-Reset` (seconds until the quota is whole again).
+pub static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+/// `X-RateLimit-Policy` (the name of the reported policy).
+pub static X_RATELIMIT_POLICY: HeaderName = HeaderName::from_static("x-ratelimit-policy");
+/// IETF `RateLimit-Policy`.
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// IETF `RateLimit`.
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Which header sets a response carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HeaderOptions {
+    pub legacy: bool,
+    pub ietf: bool,
+}
+
+fn num(n: u64) -> HeaderValue {
+    HeaderValue::from(n)
+}
+
+/// Adds the rate-limit headers of `report` (most constraining policy).
+pub(crate) fn apply(report: &Report, identity: &str, opts: HeaderOptions, h: &mut HeaderMap) {
+    let Some(d) = report.most_constraining() else {
+        return;
+    };
+    if opts.legacy {
+        h.insert(X_RATELIMIT_LIMIT.clone(), num(d.limit));
+        h.insert(X_RATELIMIT_REMAINING.clone(), num(d.remaining));
+        h.insert(X_RATELIMIT_RESET.clone(), num(d.reset));
+        if let Ok(v) = HeaderValue::from_str(&d.policy) {
+            h.insert(X_RATELIMIT_POLICY.clone(), v);
+        }
+    }
+    if let Some(r) = d.retry_after
+        && report.verdict == RequestVerdict::Deny
+    {
+        h.insert(RETRY_AFTER, num(r));
+    }
+    if opts.ietf {
+        let pk = partition_key(identity);
+        let policies = report
+            .decisions
+            .iter()
+            .map(|d| {
+                format!(
+                    "{};q={};w={};pk={pk}",
+                    sf_string(&d.policy),
+                    d.limit,
+                    d.window.as_secs().max(1)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Ok(v) = HeaderValue::from_str(&policies) {
+            h.insert(RATELIMIT_POLICY.clone(), v);
+        }
+        let field = format!(
+            "{};r={};t={};pk={pk}",
+            sf_string(&d.policy),
+            d.remaining,
+            d.reset
+        );
+        if let Ok(v) = HeaderValue::from_str(&field) {
+            h.insert(RATELIMIT.clone(), v);
+        }
+    }
+}
+
+/// A structured-field string: quoted, `"` and `\` escaped, non-ASCII
+/// replaced (policy names are ASCII in practice).
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('_'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The `pk` parameter: a structured-field byte sequence holding the first
+/// 12 bytes of SHA-256 of the key, never the key itself.
+pub(crate) fn partition_key(identity: &str) -> String {
+    let d = Sha256::digest(identity.as_bytes());
+    format!(":{}:", base64(&d[..12]))
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// gRPC status codes used here.
+pub(crate) mod grpc {
+    pub(crate) const INVALID_ARGUMENT: u16 = 3;
+    pub(crate) const RESOURCE_EXHAUSTED: u16 = 8;
+    pub(crate) const UNAVAILABLE: u16 = 14;
+}
+
+/// A problem (RFC 9457) or, for gRPC, a trailers-only error response.
+pub(crate) fn problem<B: From<Bytes>>(
+    status: StatusCode,
+    grpc_code: u16,
+    title: &str,
+    detail: &str,
+    extra: Option<(&str, serde_json::Value)>,
+    is_grpc: bool,
+) -> Response<B> {
+    if is_grpc {
+        let mut res = Response::new(B::from(Bytes::new()));
+        let h = res.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(grpc_code));
+        // grpc-message is percent-encoded; our messages are plain ASCII.
+        let msg: String = detail
+            .chars()
+            .map(|c| {
+                if (' '..='~').contains(&c) && c != '%' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&msg) {
+            h.insert("grpc-message", v);
+        }
+        return res;
+    }
+    let mut body = serde_json::json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    if let (Some((k, v)), Some(obj)) = (extra, body.as_object_mut()) {
+        obj.insert(k.to_owned(), v);
+    }
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let mut res = Response::new(B::from(Bytes::from(bytes)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
+}
+
+/// The response to a refused request.
+pub(crate) fn refusal<B: From<Bytes>>(
+    report: &Report,
+    identity: &str,
+    opts: HeaderOptions,
+    is_grpc: bool,
+    exceeds_status: StatusCode,
+) -> Response<B> {
+    let d: Option<&Decision> = report.most_constraining();
+    let policy = d.map(|d| d.policy.to_string()).unwrap_or_default();
+    let mut res = match report.verdict {
+        RequestVerdict::Unavailable => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            grpc::UNAVAILABLE,
+            "Service Unavailable",
+            "the rate limiter cannot reach its store and this route fails closed",
+            None,
+            is_grpc,
+        ),
+        RequestVerdict::ExceedsCapacity => problem(
+            exceeds_status,
+            grpc::RESOURCE_EXHAUSTED,
+            "Request Cost Exceeds Capacity",
+            &format!("this request costs more than policy `{policy}` can ever allow"),
+            Some(("policy", serde_json::Value::String(policy.clone()))),
+            is_grpc,
+        ),
+        _ => {
+            let retry = d.and_then(|d| d.retry_after).unwrap_or(1);
+            problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                grpc::RESOURCE_EXHAUSTED,
+                "Too Many Requests",
+                &format!("rate limit `{policy}` exceeded; retry after {retry} s"),
+                Some(("retry_after", serde_json::Value::from(retry))),
+                is_grpc,
+            )
+        }
+    };
+    if report.verdict != RequestVerdict::Unavailable {
+        apply(report, identity, opts, res.headers_mut());
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn partition_key_hides_the_key() {
+        let pk = partition_key("ip:1.2.3.4");
+        assert!(
+            pk.starts_with(':') && pk.ends_with(':') && pk.len() == 18,
+            "{pk}"
+        );
+        assert!(!pk.contains("1.2.3.4"));
+        assert_eq!(sf_string("a\"b"), "\"a\\\"b\"");
+    }
+}

@@ -1,0 +1,808 @@
+//! The shared state behind every clone of the layer: table, stores, key
+//! extractor, deny cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use tollgate_redis::{CoalesceConfig, Coalescer, KeySpace, RedisHandle};
+
+use crate::decision::{Decision, Outcome, Report, RequestVerdict, Source};
+use crate::error::Error;
+use crate::headers::HeaderOptions;
+use crate::key::{KeyExtractor, PeerIp, RequestView};
+use crate::policy::{FailureMode, PolicyTable};
+use crate::quota::{Status, Verdict};
+use crate::route::{RouteId, is_grpc, matched_path};
+use crate::store::PolicyCheck;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::{DecideOp, Item};
+
+/// The caller's plan tier, set as a request extension by an earlier layer
+/// (authentication). Policies pick their quota by it
+/// ([`Policy::with_plan`](crate::Policy::with_plan)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan(pub String);
+
+/// What one request costs, set as a request extension; overrides the
+/// route's cost (0 only peeks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cost(pub u32);
+
+/// What happens to a request whose key cannot be extracted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MissingKey {
+    /// Refuse it with this status and a problem body (default 400).
+    Reject(StatusCode),
+    /// Let it through, unlimited.
+    Allow,
+    /// Limit every such request under this one shared key.
+    Shared(String),
+}
+
+impl Default for MissingKey {
+    fn default() -> Self {
+        MissingKey::Reject(StatusCode::BAD_REQUEST)
+    }
+}
+
+/// Builds a [`RateLimiter`].
+#[must_use]
+pub struct RateLimiterBuilder {
+    table: PolicyTable,
+    redis: Option<RedisHandle>,
+    extractor: Arc<dyn KeyExtractor>,
+    missing: MissingKey,
+    shadow: bool,
+    headers: HeaderOptions,
+    deny_cache: usize,
+    divisor: u32,
+    housekeeping: Duration,
+    coalesce: CoalesceConfig,
+    exceeds_status: StatusCode,
+    test_now: Option<u64>,
+    lease: u32,
+}
+
+impl std::fmt::Debug for RateLimiterBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiterBuilder")
+            .field("table", &self.table)
+            .field("redis", &self.redis)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimiterBuilder {
+    /// Decides in Redis through `handle` (without it every decision is in
+    /// process).
+    pub fn redis(mut self, handle: RedisHandle) -> Self {
+        self.redis = Some(handle);
+        self
+    }
+
+    /// Who a request is (default: [`PeerIp`]).
+    pub fn key(mut self, ex: impl KeyExtractor) -> Self {
+        self.extractor = Arc::new(ex);
+        self
+    }
+
+    /// What to do without a key (default: 400).
+    pub fn missing_key(mut self, m: MissingKey) -> Self {
+        self.missing = m;
+        self
+    }
+
+    /// Global shadow mode: every policy decides and counts, none denies.
+    pub fn shadow(mut self, on: bool) -> Self {
+        self.shadow = on;
+        self
+    }
+
+    /// Adds the IETF `RateLimit-Policy` / `RateLimit` fields
+    /// (draft-ietf-httpapi-ratelimit-headers-10 syntax).
+    pub fn ietf_headers(mut self, on: bool) -> Self {
+        self.headers.ietf = on;
+        self
+    }
+
+    /// Whether to send the `X-RateLimit-*` headers (default true).
+    pub fn legacy_headers(mut self, on: bool) -> Self {
+        self.headers.legacy = on;
+        self
+    }
+
+    /// Remembers up to `capacity` denied identities until their retry
+    /// time and answers them without asking Redis (0 disables; default
+    /// 10,000). It only ever denies, and only while Redis itself said the
+    /// request cannot conform.
+    pub fn deny_cache(mut self, capacity: usize) -> Self {
+        self.deny_cache = capacity;
+        self
+    }
+
+    /// Divides every quota by `n` in the in-process fallback, for `n`
+    /// instances sharing the limit while Redis is down (default 1).
+    pub fn fallback_divisor(mut self, n: u32) -> Self {
+        self.divisor = n.max(1);
+        self
+    }
+
+    /// How often the fallback forgets idle keys (default 60 s).
+    pub fn housekeeping_interval(mut self, d: Duration) -> Self {
+        self.housekeeping = d;
+        self
+    }
+
+    /// Tuning of the Redis batcher.
+    pub fn coalesce(mut self, c: CoalesceConfig) -> Self {
+        self.coalesce = c;
+        self
+    }
+
+    /// The status for a request whose cost exceeds a policy's capacity
+    /// (default 400: retrying cannot help, so no `Retry-After`).
+    pub fn exceeds_capacity_status(mut self, s: StatusCode) -> Self {
+        self.exceeds_status = s;
+        self
+    }
+
+    /// Lease mode: for requests whose policies are all GCRA, take `chunk`
+    /// tokens from Redis at a time and spend them locally (0, the default,
+    /// is exact mode). Redis traffic drops by about `chunk`×.
+    ///
+    /// Bound: tokens are debited in Redis before they are spent, so over a
+    /// long run no more than the quota is admitted; but a lease is spent
+    /// for up to `chunk × T` after it was taken, so at any instant at most
+    /// `chunk × instances` requests beyond the burst may be admitted.
+    /// Conversely tokens held by an instance are not available to others:
+    /// under a cold concurrent burst one instance may take several chunks
+    /// (one per concurrent request) and the others get fewer. When a lease
+    /// cannot be had, the request is decided exactly.
+    pub fn lease(mut self, chunk: u32) -> Self {
+        self.lease = chunk;
+        self
+    }
+
+    /// A synthetic Redis clock in microseconds, for tests only.
+    #[doc(hidden)]
+    pub fn synthetic_clock(mut self, now_us: u64) -> Self {
+        self.test_now = Some(now_us);
+        self
+    }
+
+    /// Builds the limiter. With Redis it starts a batching task, so call it
+    /// inside a Tokio runtime.
+    pub fn build(self) -> RateLimiter {
+        let redis = self.redis.map(|handle| {
+            handle.register_layer("ratelimit");
+            let coalescer = Coalescer::new(
+                handle.clone(),
+                DecideOp { now: self.test_now },
+                self.coalesce,
+            );
+            RedisBackend {
+                keys: handle.keys("ratelimit"),
+                handle,
+                coalescer,
+            }
+        });
+        RateLimiter {
+            inner: Arc::new(Inner {
+                table: self.table,
+                redis,
+                memory: MemoryStore::new(self.divisor, self.housekeeping),
+                extractor: self.extractor,
+                missing: self.missing,
+                shadow: self.shadow,
+                headers: self.headers,
+                deny_cache: DenyCache::new(self.deny_cache),
+                exceeds_status: self.exceeds_status,
+                lease: self.lease,
+                leases: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+struct RedisBackend {
+    handle: RedisHandle,
+    keys: KeySpace,
+    coalescer: Coalescer<DecideOp>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) table: PolicyTable,
+    redis: Option<RedisBackend>,
+    memory: Arc<MemoryStore>,
+    extractor: Arc<dyn KeyExtractor>,
+    missing: MissingKey,
+    shadow: bool,
+    pub(crate) headers: HeaderOptions,
+    deny_cache: DenyCache,
+    pub(crate) exceeds_status: StatusCode,
+    lease: u32,
+    leases: Mutex<HashMap<String, Lease>>,
+}
+
+/// Tokens taken from Redis, spent locally until `until`.
+struct Lease {
+    tokens: u64,
+    until: Instant,
+    report: Report,
+}
+
+/// The rate limiter shared by every clone of the layer: the policy table,
+/// the Redis store with its in-process fallback, the key extractor. Cheap
+/// to clone; also the handle for admin operations.
+#[derive(Clone)]
+pub struct RateLimiter {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("table", &self.inner.table)
+            .field("redis", &self.inner.redis.as_ref().map(|r| &r.handle))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the synchronous part of a check found.
+pub(crate) enum Prepared {
+    /// No policy applies.
+    Pass,
+    /// No key: refuse with this status.
+    NoKey(StatusCode),
+    /// Decide these.
+    Check(Pending),
+}
+
+/// An owned, ready-to-decide request.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub route: Arc<str>,
+    pub identity: String,
+    pub checks: Vec<PolicyCheck>,
+    pub grpc: bool,
+}
+
+impl RateLimiter {
+    /// A builder over `table`.
+    pub fn builder(table: PolicyTable) -> RateLimiterBuilder {
+        RateLimiterBuilder {
+            table,
+            redis: None,
+            extractor: Arc::new(PeerIp::new()),
+            missing: MissingKey::default(),
+            shadow: false,
+            headers: HeaderOptions {
+                legacy: true,
+                ietf: false,
+            },
+            deny_cache: 10_000,
+            divisor: 1,
+            housekeeping: Duration::from_secs(60),
+            coalesce: CoalesceConfig::default(),
+            exceeds_status: StatusCode::BAD_REQUEST,
+            test_now: None,
+            lease: 0,
+        }
+    }
+
+    /// The policy table.
+    pub fn table(&self) -> &PolicyTable {
+        &self.inner.table
+    }
+
+    /// Finds the route, the policies, the identity and the cost.
+    pub(crate) fn prepare(&self, view: &RequestView<'_>) -> Prepared {
+        let inner = &self.inner;
+        let id = RouteId {
+            template: matched_path(view.extensions),
+            path: view.uri.path(),
+            method: view.method,
+        };
+        let Some(resolved) = inner.table.resolve(&id) else {
+            return Prepared::Pass;
+        };
+        let plan = view.extensions.get::<Plan>().map(|p| p.0.as_str());
+        let cost = view.extensions.get::<Cost>().map_or(resolved.cost, |c| c.0);
+        let checks: Vec<PolicyCheck> = resolved
+            .policies
+            .iter()
+            .filter_map(|&index| {
+                let p = inner.table.policy_at(index);
+                let quota = p.quota_for(plan)?;
+                Some(PolicyCheck {
+                    index,
+                    quota,
+                    algorithm: p.algorithm,
+                    cost,
+                    shadow: p.shadow || inner.shadow,
+                })
+            })
+            .collect();
+        if checks.is_empty() {
+            return Prepared::Pass;
+        }
+        let identity = match inner.extractor.key(view) {
+            Some(k) => k,
+            None => match &inner.missing {
+                MissingKey::Reject(s) => return Prepared::NoKey(*s),
+                MissingKey::Allow => return Prepared::Pass,
+                MissingKey::Shared(k) => k.clone(),
+            },
+        };
+        Prepared::Check(Pending {
+            route: resolved.route,
+            identity,
+            checks,
+            grpc: is_grpc(view.headers),
+        })
+    }
+
+    /// Checks a request without serving it: the report of what the layer
+    /// would do (and the quota it consumed). `None` when no policy applies.
+    pub async fn check<B>(&self, req: &http::Request<B>) -> Option<Report> {
+        match self.prepare(&RequestView::of(req)) {
+            Prepared::Check(p) => Some(self.decide(&p).await),
+            _ => None,
+        }
+    }
+
+    /// Decides a prepared request.
+    pub(crate) async fn decide(&self, p: &Pending) -> Report {
+        let started = Instant::now();
+        let inner = &self.inner;
+        if let Some(hit) = inner.deny_cache.get(&p.identity, &p.checks, started) {
+            metrics::counter!("tollgate_ratelimit_deny_cache_hits_total", "route" => p.route.to_string())
+                .increment(1);
+            self.record(p, &hit, started, "deny_cache");
+            return hit;
+        }
+        let (report, store) = match &inner.redis {
+            None => (self.decide_memory(p, Source::Memory), "memory"),
+            Some(r) => match self.decide_redis(r, p).await {
+                Ok(report) => (report, "redis"),
+                Err(e) => {
+                    tracing::debug!(error = %e, route = %p.route, "rate limit: Redis unavailable, using fallback");
+                    (self.decide_degraded(p), "fallback")
+                }
+            },
+        };
+        if store == "redis" && report.verdict == RequestVerdict::Deny {
+            inner
+                .deny_cache
+                .insert(&p.identity, &p.checks, &report, started);
+        }
+        self.record(p, &report, started, store);
+        report
+    }
+
+    fn record(&self, p: &Pending, report: &Report, started: Instant, store: &'static str) {
+        for d in &report.decisions {
+            let outcome = match d.outcome {
+                Outcome::Allowed => "allowed",
+                Outcome::Denied => "denied",
+                Outcome::ShadowDenied => "shadow_denied",
+                Outcome::ExceedsCapacity => "exceeds_capacity",
+            };
+            metrics::counter!(
+                "tollgate_ratelimit_decisions_total",
+                "policy" => d.policy.to_string(),
+                "route" => p.route.to_string(),
+                "outcome" => outcome,
+            )
+            .increment(1);
+            if matches!(d.source, Source::Memory | Source::FailOpen) && store == "fallback" {
+                metrics::counter!(
+                    "tollgate_ratelimit_fallback_total",
+                    "policy" => d.policy.to_string(),
+                    "route" => p.route.to_string(),
+                )
+                .increment(1);
+            }
+            if d.outcome == Outcome::ShadowDenied {
+                tracing::info!(policy = %d.policy, route = %p.route, "rate limit would deny (shadow mode)");
+            }
+        }
+        metrics::histogram!("tollgate_ratelimit_decision_seconds", "store" => store)
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    fn redis_item(&self, r: &RedisBackend, p: &Pending) -> Item {
+        let keys: Vec<String> = p
+            .checks
+            .iter()
+            .map(|c| {
+                r.keys
+                    .tagged(&p.identity, &[self.inner.table.policy_at(c.index).name()])
+            })
+            .collect();
+        let slot = keys.first().map_or(0, |k| tollgate_redis::slot(k));
+        Item {
+            keys,
+            checks: p.checks.clone(),
+            slot,
+        }
+    }
+
+    async fn decide_redis(
+        &self,
+        r: &RedisBackend,
+        p: &Pending,
+    ) -> Result<Report, tollgate_redis::Error> {
+        if !r.handle.is_available() {
+            return Err(tollgate_redis::Error::Unavailable);
+        }
+        let chunk = self.lease_chunk(p);
+        if chunk > 0 {
+            let lease_key = DenyCache::entry_key(&p.identity, &p.checks);
+            let cost = u64::from(p.checks[0].cost);
+            if let Some(report) = self.spend_lease(&lease_key, cost) {
+                return Ok(report);
+            }
+            let mut leased = Pending {
+                route: p.route.clone(),
+                identity: p.identity.clone(),
+                checks: p.checks.clone(),
+                grpc: p.grpc,
+            };
+            for c in &mut leased.checks {
+                c.cost = chunk;
+            }
+            let verdicts = r.coalescer.submit(self.redis_item(r, &leased)).await?;
+            let report = self.report(&leased, &verdicts, Source::Redis);
+            if report.allowed() {
+                let life = p
+                    .checks
+                    .iter()
+                    .map(|c| c.quota.t_us().saturating_mul(u64::from(chunk)))
+                    .min()
+                    .unwrap_or(0);
+                let until = Instant::now() + Duration::from_micros(life);
+                let left = u64::from(chunk) - cost;
+                if let Ok(mut m) = self.inner.leases.lock() {
+                    if m.len() >= 100_000 {
+                        let now = Instant::now();
+                        m.retain(|_, l| l.until > now);
+                    }
+                    // Concurrent leases pool their tokens rather than
+                    // stranding each other's.
+                    match m.get_mut(&lease_key) {
+                        Some(l) if l.until > Instant::now() => {
+                            l.tokens += left;
+                            l.until = l.until.min(until);
+                        }
+                        _ => {
+                            m.insert(
+                                lease_key,
+                                Lease {
+                                    tokens: left,
+                                    until,
+                                    report: report.clone(),
+                                },
+                            );
+                        }
+                    }
+                }
+                return Ok(self.lease_report(report, u64::from(chunk) - cost, Source::Redis));
+            }
+            // No lease to be had: a concurrent one may have filled the
+            // pool; otherwise decide this request exactly.
+            if let Some(report) = self.spend_lease(&lease_key, cost) {
+                return Ok(report);
+            }
+            let verdicts = r.coalescer.submit(self.redis_item(r, p)).await?;
+            let report = self.report(p, &verdicts, Source::Redis);
+            if !report.allowed()
+                && let Some(leased) = self.spend_lease(&lease_key, cost)
+            {
+                return Ok(leased);
+            }
+            return Ok(report);
+        }
+        let verdicts = r.coalescer.submit(self.redis_item(r, p)).await?;
+        Ok(self.report(p, &verdicts, Source::Redis))
+    }
+
+    /// The chunk to lease for `p`, 0 when lease mode does not apply.
+    fn lease_chunk(&self, p: &Pending) -> u32 {
+        let chunk = self.inner.lease;
+        if chunk == 0
+            || p.checks
+                .iter()
+                .any(|c| c.algorithm != crate::Algorithm::Gcra)
+        {
+            return 0;
+        }
+        let cost = p.checks[0].cost;
+        let min_burst = p.checks.iter().map(|c| c.quota.burst()).min().unwrap_or(0);
+        let chunk = chunk.min(min_burst);
+        if cost == 0 || chunk <= cost { 0 } else { chunk }
+    }
+
+    fn spend_lease(&self, key: &str, cost: u64) -> Option<Report> {
+        let mut m = self.inner.leases.lock().ok()?;
+        let l = m.get_mut(key)?;
+        if l.until <= Instant::now() || l.tokens < cost {
+            m.remove(key);
+            return None;
+        }
+        l.tokens -= cost;
+        let (report, left) = (l.report.clone(), l.tokens);
+        Some(self.lease_report(report, left, Source::Lease))
+    }
+
+    /// A lease's report: what Redis had left, plus what this instance
+    /// still holds.
+    fn lease_report(&self, mut report: Report, left: u64, source: Source) -> Report {
+        for d in &mut report.decisions {
+            d.remaining = (d.remaining + left).min(d.limit);
+            d.source = source;
+        }
+        report
+    }
+
+    fn decide_memory(&self, p: &Pending, source: Source) -> Report {
+        let verdicts = self.inner.memory.decide(&p.identity, &p.checks);
+        self.report(p, &verdicts, source)
+    }
+
+    /// Redis is down: each policy follows its failure mode.
+    fn decide_degraded(&self, p: &Pending) -> Report {
+        let table = &self.inner.table;
+        let closed = p
+            .checks
+            .iter()
+            .any(|c| table.policy_at(c.index).failure == FailureMode::FailClosed && !c.shadow);
+        let fallback: Vec<PolicyCheck> = p
+            .checks
+            .iter()
+            .filter(|c| table.policy_at(c.index).failure == FailureMode::Fallback)
+            .cloned()
+            .collect();
+        let mut verdicts = self.inner.memory.decide(&p.identity, &fallback).into_iter();
+        let decisions: Vec<Decision> = p
+            .checks
+            .iter()
+            .map(|c| {
+                let policy = table.policy_at(c.index);
+                match policy.failure {
+                    FailureMode::Fallback => match verdicts.next() {
+                        Some(v) => Decision::from_verdict(
+                            &policy.name,
+                            &c.quota,
+                            c.algorithm,
+                            v,
+                            Source::Memory,
+                        ),
+                        None => Decision::fail_open(&policy.name, &c.quota, c.algorithm),
+                    },
+                    _ => Decision::fail_open(&policy.name, &c.quota, c.algorithm),
+                }
+            })
+            .collect();
+        let mut report = Report {
+            route: p.route.clone(),
+            verdict: verdict_of(&decisions),
+            decisions,
+        };
+        if closed {
+            report.verdict = RequestVerdict::Unavailable;
+        }
+        report
+    }
+
+    fn report(&self, p: &Pending, verdicts: &[Verdict], source: Source) -> Report {
+        let decisions: Vec<Decision> = p
+            .checks
+            .iter()
+            .zip(verdicts)
+            .map(|(c, v)| {
+                let policy = self.inner.table.policy_at(c.index);
+                let mut v = *v;
+                if c.shadow && v.status != Status::Allowed {
+                    v.status = Status::ShadowDenied;
+                }
+                Decision::from_verdict(&policy.name, &c.quota, c.algorithm, v, source)
+            })
+            .collect();
+        Report {
+            route: p.route.clone(),
+            verdict: verdict_of(&decisions),
+            decisions,
+        }
+    }
+
+    fn admin_pending(&self, policy: &str, key: &str, cost: u32) -> Result<Pending, Error> {
+        let index = (0..self.inner.table.len())
+            .find(|&i| self.inner.table.policy_at(i).name() == policy)
+            .ok_or_else(|| Error::UnknownPolicy(policy.to_owned()))?;
+        let p = self.inner.table.policy_at(index);
+        Ok(Pending {
+            route: Arc::from("admin"),
+            identity: key.to_owned(),
+            checks: vec![PolicyCheck {
+                index,
+                quota: p.quota,
+                algorithm: p.algorithm,
+                cost,
+                shadow: false,
+            }],
+            grpc: false,
+        })
+    }
+
+    /// The state of `policy` for the identity `key` (as the key extractor
+    /// produces it, e.g. `ip:1.2.3.4`), consuming nothing. Uses the
+    /// policy's default quota. In the fallback, GCRA peeks report the full
+    /// capacity (governor cannot peek).
+    pub async fn peek(&self, policy: &str, key: &str) -> Result<Decision, Error> {
+        let p = self.admin_pending(policy, key, 0)?;
+        let report = match &self.inner.redis {
+            Some(r) => {
+                let item = self.redis_item(r, &p);
+                let (keys, args) = crate::store::redis::encode(std::slice::from_ref(&item), None);
+                let reply: Vec<i64> = r
+                    .handle
+                    .eval(&crate::store::redis::SCRIPT, keys, args)
+                    .await?;
+                let v = crate::store::redis::decode(std::slice::from_ref(&item), &reply)?;
+                self.report(
+                    &p,
+                    v.first().map_or(&[][..], |v| v.as_slice()),
+                    Source::Redis,
+                )
+            }
+            None => self.decide_memory(&p, Source::Memory),
+        };
+        report
+            .decisions
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::UnknownPolicy(policy.to_owned()))
+    }
+
+    /// Forgets the state of `policy` for the identity `key`: the next
+    /// request starts with a full quota. Clears the local deny cache entry
+    /// and the in-process fallback too.
+    pub async fn reset(&self, policy: &str, key: &str) -> Result<(), Error> {
+        let p = self.admin_pending(policy, key, 0)?;
+        let index = p.checks[0].index;
+        self.inner.deny_cache.forget(key);
+        self.inner.memory.reset(index, key);
+        if let Some(r) = &self.inner.redis {
+            let k = r.keys.tagged(key, &[policy]);
+            r.handle
+                .call(|c| async move {
+                    use tollgate_redis::fred::interfaces::KeysInterface;
+                    c.del::<i64, _>(k).await
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn verdict_of(decisions: &[Decision]) -> RequestVerdict {
+    if decisions
+        .iter()
+        .any(|d| d.outcome == Outcome::ExceedsCapacity)
+    {
+        RequestVerdict::ExceedsCapacity
+    } else if decisions.iter().any(|d| d.outcome == Outcome::Denied) {
+        RequestVerdict::Deny
+    } else {
+        RequestVerdict::Allow
+    }
+}
+
+/// Identities Redis denied, until the time Redis gave: answered locally.
+struct DenyCache {
+    capacity: usize,
+    map: Mutex<HashMap<String, CachedDenial>>,
+}
+
+struct CachedDenial {
+    policies: Vec<usize>,
+    cost: u32,
+    until: Instant,
+    report: Report,
+}
+
+impl DenyCache {
+    fn new(capacity: usize) -> Self {
+        DenyCache {
+            capacity,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn entry_key(identity: &str, checks: &[PolicyCheck]) -> String {
+        let mut k = String::with_capacity(identity.len() + 8);
+        k.push_str(identity);
+        for c in checks {
+            k.push('|');
+            k.push_str(&c.index.to_string());
+        }
+        k
+    }
+
+    fn get(&self, identity: &str, checks: &[PolicyCheck], now: Instant) -> Option<Report> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let cost = checks.first().map_or(0, |c| c.cost);
+        if cost == 0 {
+            return None;
+        }
+        let key = Self::entry_key(identity, checks);
+        let mut map = self.map.lock().ok()?;
+        let e = map.get(&key)?;
+        if e.until <= now {
+            map.remove(&key);
+            return None;
+        }
+        // A cheaper request may conform earlier than the cached one.
+        if cost < e.cost || e.policies.len() != checks.len() {
+            return None;
+        }
+        let left = u64::try_from((e.until - now).as_micros()).unwrap_or(u64::MAX);
+        let mut report = e.report.clone();
+        for d in &mut report.decisions {
+            d.source = Source::DenyCache;
+            if d.outcome == Outcome::Denied {
+                d.retry_us = left.min(d.retry_us);
+                d.retry_after = Some(crate::quota::ceil_secs(d.retry_us).max(1));
+            }
+        }
+        Some(report)
+    }
+
+    /// `started` is when the request began, which is no later than the
+    /// moment Redis decided: the entry never outlives Redis's own answer.
+    fn insert(&self, identity: &str, checks: &[PolicyCheck], report: &Report, started: Instant) {
+        if self.capacity == 0 {
+            return;
+        }
+        let Some(retry) = report
+            .decisions
+            .iter()
+            .filter(|d| d.outcome == Outcome::Denied)
+            .map(|d| d.retry_us)
+            // Every denying policy must conform first.
+            .max()
+        else {
+            return;
+        };
+        let until = started + Duration::from_micros(retry);
+        let Ok(mut map) = self.map.lock() else { return };
+        if map.len() >= self.capacity {
+            let now = Instant::now();
+            map.retain(|_, e| e.until > now);
+            if map.len() >= self.capacity {
+                return;
+            }
+        }
+        map.insert(
+            Self::entry_key(identity, checks),
+            CachedDenial {
+                policies: checks.iter().map(|c| c.index).collect(),
+                cost: checks.first().map_or(1, |c| c.cost),
+                until,
+                report: report.clone(),
+            },
+        );
+    }
+
+    fn forget(&self, identity: &str) {
+        if let Ok(mut map) = self.map.lock() {
+            let prefix = format!("{identity}|");
+            map.retain(|k, _| !k.starts_with(&prefix));
+        }
+    }
+}

@@ -1,0 +1,93 @@
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use tower::Service;
+
+use crate::future::ResponseFuture;
+use crate::headers;
+use crate::key::RequestView;
+use crate::limiter::{Prepared, RateLimiter};
+
+/// The rate-limiting service: decides each request against the policies of
+/// its route, answers 429 (or gRPC `RESOURCE_EXHAUSTED`) when over a limit,
+/// and adds the rate-limit headers to every response of a limited route.
+/// A limit is a response, never an `Err`: the inner service's error type is
+/// kept.
+#[derive(Debug)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: RateLimiter,
+}
+
+impl<S: Clone> Clone for RateLimit<S> {
+    fn clone(&self) -> Self {
+        RateLimit {
+            inner: self.inner.clone(),
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, limiter: RateLimiter) -> Self {
+        RateLimit { inner, limiter }
+    }
+
+    /// The limiter.
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: From<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // The readied service goes into the future; `self` keeps a fresh
+        // clone that will be polled ready before its own call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        match self.limiter.prepare(&RequestView::of(&req)) {
+            Prepared::Pass => ResponseFuture::calling(inner.call(req), None),
+            Prepared::NoKey(status) => {
+                let grpc = crate::route::is_grpc(req.headers());
+                let code = if status == http::StatusCode::TOO_MANY_REQUESTS {
+                    headers::grpc::RESOURCE_EXHAUSTED
+                } else {
+                    headers::grpc::INVALID_ARGUMENT
+                };
+                ResponseFuture::ready(headers::problem(
+                    status,
+                    code,
+                    status
+                        .canonical_reason()
+                        .unwrap_or("Rate Limit Key Missing"),
+                    "the request carries no key to rate-limit it by",
+                    None,
+                    grpc,
+                ))
+            }
+            Prepared::Check(pending) => {
+                ResponseFuture::deciding(self.limiter.clone(), pending, req, inner)
+            }
+        }
+    }
+}

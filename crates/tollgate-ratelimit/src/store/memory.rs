@@ -1,0 +1,305 @@
+//! The in-process store: `governor` keyed limiters for GCRA (one per policy
+//! and quota), a small map for the window algorithms. Used while Redis is
+//! unavailable and when no Redis is configured.
+//!
+//! Decisions here are per instance. A request with several policies is
+//! all-or-nothing for the window policies and the first GCRA policy; when a
+//! later GCRA policy denies, the GCRA policies before it have already been
+//! charged (governor has no refund). That errs on the strict side.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use governor::RateLimiter;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+
+use super::PolicyCheck;
+use crate::quota::{Algorithm, Quota, Status, Verdict, WindowState, window};
+
+type Gov =
+    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+
+/// The in-process store. Housekeeping runs by itself while it lives.
+pub(crate) struct MemoryStore {
+    divisor: u32,
+    gcra: Mutex<HashMap<(usize, Quota), Arc<Gov>>>,
+    windows: Mutex<HashMap<(usize, String), (WindowState, u64)>>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("divisor", &self.divisor)
+            .finish()
+    }
+}
+
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl MemoryStore {
+    /// A store whose quotas are divided by `divisor` (instances sharing the
+    /// limit while Redis is down), with housekeeping every `every`.
+    pub(crate) fn new(divisor: u32, every: Duration) -> Arc<Self> {
+        let store = Arc::new(MemoryStore {
+            divisor: divisor.max(1),
+            gcra: Mutex::new(HashMap::new()),
+            windows: Mutex::new(HashMap::new()),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak: Weak<MemoryStore> = Arc::downgrade(&store);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(store) = weak.upgrade() else { return };
+                    store.housekeep();
+                }
+            });
+        }
+        store
+    }
+
+    /// Forgets keys that are back to a full quota and frees memory.
+    pub(crate) fn housekeep(&self) {
+        let govs: Vec<Arc<Gov>> = match self.gcra.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return,
+        };
+        for g in govs {
+            g.retain_recent();
+            g.shrink_to_fit();
+        }
+        let now = wall_us();
+        if let Ok(mut w) = self.windows.lock() {
+            // A state two windows old is indistinguishable from none.
+            w.retain(|_, (s, period)| s.window.saturating_add(2) > now / (*period).max(1));
+            w.shrink_to_fit();
+        }
+    }
+
+    /// How many GCRA keys are held (tests).
+    #[cfg(test)]
+    pub(crate) fn gcra_keys(&self) -> usize {
+        self.gcra
+            .lock()
+            .map(|m| m.values().map(|g| g.len()).sum())
+            .unwrap_or(0)
+    }
+
+    fn limiter(&self, index: usize, quota: Quota) -> Arc<Gov> {
+        let mut m = match self.gcra.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.entry((index, quota))
+            .or_insert_with(|| {
+                Arc::new(
+                    RateLimiter::keyed(quota.to_governor(self.divisor))
+                        .with_middleware::<StateInformationMiddleware>(),
+                )
+            })
+            .clone()
+    }
+
+    fn divided(&self, q: &Quota) -> (u64, u64) {
+        let d = u64::from(self.divisor);
+        ((u64::from(q.limit()) / d).max(1), q.period_us())
+    }
+
+    /// Decides one request against all its policies.
+    pub(crate) fn decide(&self, identity: &str, checks: &[PolicyCheck]) -> Vec<Verdict> {
+        let now = wall_us();
+        let mut out: Vec<Option<Verdict>> = vec![None; checks.len()];
+        let mut writes = Vec::new();
+        let mut denied = false;
+        let mut windows = match self.windows.lock() {
+            Ok(w) => w,
+            Err(p) => p.into_inner(),
+        };
+        // Window policies first: they can be checked without writing.
+        for (i, c) in checks.iter().enumerate() {
+            if c.algorithm == Algorithm::Gcra {
+                continue;
+            }
+            let (limit, period) = self.divided(&c.quota);
+            let key = (c.index, identity.to_owned());
+            let state = windows.get(&key).map(|(s, _)| *s);
+            let (mut v, next) = window(
+                c.algorithm == Algorithm::SlidingWindow,
+                limit,
+                period,
+                state,
+                now,
+                c.cost,
+            );
+            if v.status != Status::Allowed {
+                if c.shadow {
+                    v.status = Status::ShadowDenied;
+                } else {
+                    denied = true;
+                }
+            } else if let Some(n) = next {
+                writes.push((key, (n, period)));
+            }
+            out[i] = Some(v);
+        }
+        for (i, c) in checks.iter().enumerate() {
+            if c.algorithm != Algorithm::Gcra {
+                continue;
+            }
+            let v = if denied {
+                // Not charged: report the quota as it stands.
+                self.gcra_peek(c)
+            } else {
+                let mut v = self.gcra_check(identity, c);
+                if v.status != Status::Allowed {
+                    if c.shadow {
+                        v.status = Status::ShadowDenied;
+                    } else {
+                        denied = true;
+                    }
+                }
+                v
+            };
+            out[i] = Some(v);
+        }
+        if !denied {
+            for (k, s) in writes {
+                windows.insert(k, s);
+            }
+        }
+        drop(windows);
+        out.into_iter()
+            .map(|v| {
+                v.unwrap_or(Verdict {
+                    status: Status::Allowed,
+                    remaining: 0,
+                    reset_us: 0,
+                    retry_us: 0,
+                })
+            })
+            .collect()
+    }
+
+    fn gcra_peek(&self, c: &PolicyCheck) -> Verdict {
+        // governor cannot peek; report the full capacity.
+        let burst = (c.quota.burst() / self.divisor).max(1);
+        Verdict {
+            status: Status::Allowed,
+            remaining: u64::from(burst),
+            reset_us: 0,
+            retry_us: 0,
+        }
+    }
+
+    fn gcra_check(&self, identity: &str, c: &PolicyCheck) -> Verdict {
+        let Some(n) = NonZeroU32::new(c.cost) else {
+            return self.gcra_peek(c);
+        };
+        let gov = self.limiter(c.index, c.quota);
+        let q = c.quota.to_governor(self.divisor);
+        let t = u64::try_from(q.replenish_interval().as_micros()).unwrap_or(u64::MAX);
+        let burst = u64::from(q.burst_size().get());
+        let key = identity.to_owned();
+        match gov.check_key_n(&key, n) {
+            Ok(Ok(snap)) => {
+                let rem = u64::from(snap.remaining_burst_capacity());
+                Verdict {
+                    status: Status::Allowed,
+                    remaining: rem,
+                    reset_us: burst.saturating_sub(rem).saturating_mul(t),
+                    retry_us: 0,
+                }
+            }
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(gov.clock().now());
+                let retry = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX).max(1);
+                let tau = t.saturating_mul(burst - 1);
+                let extra = t.saturating_mul(u64::from(c.cost - 1));
+                Verdict {
+                    status: Status::Denied,
+                    remaining: 0,
+                    reset_us: (retry + tau).saturating_sub(extra),
+                    retry_us: retry,
+                }
+            }
+            Err(_) => Verdict {
+                status: Status::ExceedsCapacity,
+                remaining: 0,
+                reset_us: 0,
+                retry_us: 0,
+            },
+        }
+    }
+
+    /// Forgets one identity's state for one policy (admin reset).
+    pub(crate) fn reset(&self, index: usize, identity: &str) {
+        if let Ok(mut w) = self.windows.lock() {
+            w.remove(&(index, identity.to_owned()));
+        }
+        // governor cannot forget one key: drop the policy's limiters, which
+        // resets every identity of that policy in this process.
+        if let Ok(mut m) = self.gcra.lock() {
+            m.retain(|(i, _), _| *i != index);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(index: usize, quota: Quota, algorithm: Algorithm) -> PolicyCheck {
+        PolicyCheck {
+            index,
+            quota,
+            algorithm,
+            cost: 1,
+            shadow: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn governor_fallback_limits_and_is_all_or_nothing_for_windows() {
+        let store = MemoryStore::new(1, Duration::from_secs(60));
+        let checks = [
+            check(0, Quota::per_hour(10), Algorithm::Gcra),
+            check(1, Quota::per_hour(2), Algorithm::FixedWindow),
+        ];
+        for _ in 0..2 {
+            let v = store.decide("a", &checks);
+            assert!(v.iter().all(|v| v.status == Status::Allowed), "{v:?}");
+        }
+        let v = store.decide("a", &checks);
+        assert_eq!(v[1].status, Status::Denied);
+        // The window denial came first: governor was not charged.
+        assert_eq!(v[0].remaining, 10);
+        let v = store.decide("b", &checks[..1]);
+        assert_eq!(v[0].remaining, 9);
+        assert_eq!(store.gcra_keys(), 2);
+        store.housekeep();
+    }
+
+    #[tokio::test]
+    async fn divisor_shares_the_quota() {
+        let store = MemoryStore::new(2, Duration::from_secs(60));
+        let c = [check(0, Quota::per_hour(10), Algorithm::Gcra)];
+        let allowed = (0..10)
+            .filter(|_| store.decide("k", &c)[0].status == Status::Allowed)
+            .count();
+        assert_eq!(allowed, 5);
+        let d = store.decide("k", &c);
+        assert_eq!(d[0].status, Status::Denied);
+        assert!(d[0].retry_us > 0);
+    }
+}

@@ -1,0 +1,340 @@
+//! RateLimitLayer against real Redis: standalone and cluster.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::future::join_all;
+use tollgate_ratelimit::{
+    Algorithm, Cost, Outcome, Plan, Policy, PolicyTable, Quota, RateLimiter, Source,
+};
+use tollgate_redis::fred::interfaces::KeysInterface;
+
+redis_tests!(
+    exact_across_three_instances,
+    all_or_nothing,
+    golden_headers,
+    grpc_resource_exhausted,
+    ipv6_prefix_shares_a_bucket,
+    admin_peek_and_reset,
+    plans_and_shadow,
+    windows_in_redis,
+    lease_mode_stays_within_bound,
+);
+
+fn table(policies: Vec<Policy>, default: &[&str]) -> PolicyTable {
+    let mut b = PolicyTable::builder();
+    for p in policies {
+        b = b.policy(p);
+    }
+    b.default_policies(default).build().unwrap()
+}
+
+/// Three instances (each its own handle and layer) sharing one Redis, 64
+/// concurrent requests each, burst 100: exactly 100 admitted.
+async fn exact_across_three_instances(url: String) {
+    let mut svcs = Vec::new();
+    for _ in 0..3 {
+        let h = connect(&url).await;
+        let t = table(vec![Policy::new("burst", Quota::per_hour(100))], &["burst"]);
+        svcs.push(service(
+            RateLimiter::builder(t).redis(h).deny_cache(0).build(),
+        ));
+    }
+    let futs = svcs.iter().flat_map(|s| {
+        (0..64).map(move |_| {
+            let s = s.clone();
+            async move {
+                send(&s, req("/x", "198.51.100.1:1"))
+                    .await
+                    .status()
+                    .as_u16()
+            }
+        })
+    });
+    let statuses = join_all(futs).await;
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!((ok, limited), (100, 92), "{statuses:?}");
+}
+
+/// The second policy denies: the first policy's key is left untouched.
+async fn all_or_nothing(url: String) {
+    let h = connect(&url).await;
+    let t = table(
+        vec![
+            Policy::new("wide", Quota::per_hour(10)),
+            Policy::new("narrow", Quota::per_hour(1)),
+        ],
+        &["wide", "narrow"],
+    );
+    let limiter = RateLimiter::builder(t)
+        .redis(h.clone())
+        .deny_cache(0)
+        .build();
+    let svc = service(limiter.clone());
+    assert_eq!(send(&svc, req("/", "192.0.2.1:1")).await.status(), 200);
+    let key = h.keys("ratelimit").tagged("ip:192.0.2.1", &["wide"]);
+    let before: Option<String> = h
+        .call({
+            let key = key.clone();
+            |c| async move { c.get(key).await }
+        })
+        .await
+        .unwrap();
+    assert!(before.is_some());
+    for _ in 0..3 {
+        let res = send(&svc, req("/", "192.0.2.1:1")).await;
+        assert_eq!(res.status(), 429);
+        assert_eq!(header(&res, "x-ratelimit-policy"), Some("narrow"));
+    }
+    let after: Option<String> = h.call(|c| async move { c.get(key).await }).await.unwrap();
+    assert_eq!(before, after, "a denied request consumed nothing");
+    let wide = limiter.peek("wide", "ip:192.0.2.1").await.unwrap();
+    assert_eq!(wide.remaining, 9);
+    assert_eq!(wide.source, Source::Redis);
+}
+
+async fn golden_headers(url: String) {
+    let h = connect(&url).await;
+    let t = table(vec![Policy::new("api", Quota::per_minute(2))], &["api"]);
+    let svc = service(RateLimiter::builder(t).redis(h).ietf_headers(true).build());
+    let res = send(&svc, req("/a", "203.0.113.5:9")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some("2"));
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("1"));
+    assert_eq!(header(&res, "x-ratelimit-reset"), Some("30"));
+    assert_eq!(header(&res, "retry-after"), None);
+    let pk = header(&res, "ratelimit")
+        .unwrap()
+        .rsplit_once("pk=")
+        .unwrap()
+        .1
+        .to_owned();
+    assert!(pk.starts_with(':') && pk.ends_with(':') && !pk.contains("203.0.113.5"));
+    assert_eq!(
+        header(&res, "ratelimit-policy"),
+        Some(format!("\"api\";q=2;w=60;pk={pk}").as_str())
+    );
+    assert_eq!(
+        header(&res, "ratelimit"),
+        Some(format!("\"api\";r=1;t=30;pk={pk}").as_str())
+    );
+    let res = send(&svc, req("/a", "203.0.113.5:9")).await;
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("0"));
+    assert_eq!(header(&res, "x-ratelimit-reset"), Some("60"));
+    let res = send(&svc, req("/a", "203.0.113.5:9")).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "retry-after"), Some("30"));
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some("2"));
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("0"));
+    assert_eq!(header(&res, "x-ratelimit-reset"), Some("60"));
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(
+        header(&res, "ratelimit"),
+        Some(format!("\"api\";r=0;t=60;pk={pk}").as_str())
+    );
+    let json: serde_json::Value = serde_json::from_str(&body(res).await).unwrap();
+    assert_eq!(json["status"], 429);
+    assert_eq!(json["title"], "Too Many Requests");
+    assert_eq!(json["retry_after"], 30);
+    // Another client has its own quota.
+    let res = send(&svc, req("/a", "203.0.113.6:9")).await;
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("1"));
+}
+
+async fn grpc_resource_exhausted(url: String) {
+    let h = connect(&url).await;
+    let t = PolicyTable::builder()
+        .policy(Policy::new("rpc", Quota::per_minute(1)))
+        .route("/shop.Cart/*", ["rpc"])
+        .build()
+        .unwrap();
+    let svc = service(RateLimiter::builder(t).redis(h).build());
+    let grpc = || {
+        let mut r = req("/shop.Cart/AddItem", "203.0.113.7:1");
+        r.headers_mut()
+            .insert("content-type", "application/grpc+proto".parse().unwrap());
+        r
+    };
+    assert_eq!(send(&svc, grpc()).await.status(), 200);
+    let res = send(&svc, grpc()).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "grpc-status"), Some("8"));
+    assert_eq!(header(&res, "content-type"), Some("application/grpc"));
+    assert_eq!(header(&res, "retry-after"), Some("60"));
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("0"));
+    // Paths outside the table are not limited and get no headers.
+    let res = send(&svc, req("/other", "203.0.113.7:1")).await;
+    assert_eq!(header(&res, "x-ratelimit-limit"), None);
+}
+
+async fn ipv6_prefix_shares_a_bucket(url: String) {
+    let h = connect(&url).await;
+    let t = table(vec![Policy::new("api", Quota::per_hour(5))], &["api"]);
+    let svc = service(RateLimiter::builder(t).redis(h).build());
+    let a = send(&svc, req("/", "[2001:db8:0:1200::1]:1")).await;
+    let b = send(&svc, req("/", "[2001:db8:0:12ff:abcd::9]:1")).await;
+    let c = send(&svc, req("/", "[2001:db8:0:1300::1]:1")).await;
+    assert_eq!(header(&a, "x-ratelimit-remaining"), Some("4"));
+    assert_eq!(header(&b, "x-ratelimit-remaining"), Some("3"), "same /56");
+    assert_eq!(
+        header(&c, "x-ratelimit-remaining"),
+        Some("4"),
+        "another /56"
+    );
+    let d = send(&svc, req("/", "[::ffff:192.0.2.9]:1")).await;
+    let e = send(&svc, req("/", "192.0.2.9:2")).await;
+    assert_eq!(header(&d, "x-ratelimit-remaining"), Some("4"));
+    assert_eq!(
+        header(&e, "x-ratelimit-remaining"),
+        Some("3"),
+        "mapped IPv4 is IPv4"
+    );
+}
+
+async fn admin_peek_and_reset(url: String) {
+    let h = connect(&url).await;
+    let t = table(vec![Policy::new("api", Quota::per_hour(3))], &["api"]);
+    let limiter = RateLimiter::builder(t).redis(h).build();
+    let svc = service(limiter.clone());
+    for _ in 0..4 {
+        send(&svc, req("/", "192.0.2.1:1")).await;
+    }
+    let d = limiter.peek("api", "ip:192.0.2.1").await.unwrap();
+    assert_eq!((d.remaining, d.limit), (0, 3));
+    let d2 = limiter.peek("api", "ip:192.0.2.1").await.unwrap();
+    assert_eq!(d2.remaining, 0, "peeking consumes nothing");
+    assert!(limiter.peek("nope", "x").await.is_err());
+    limiter.reset("api", "ip:192.0.2.1").await.unwrap();
+    assert_eq!(
+        limiter.peek("api", "ip:192.0.2.1").await.unwrap().remaining,
+        3
+    );
+    let res = send(&svc, req("/", "192.0.2.1:1")).await;
+    assert_eq!(res.status(), 200, "reset also clears the deny cache");
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("2"));
+}
+
+async fn plans_and_shadow(url: String) {
+    let h = connect(&url).await;
+    let t = table(
+        vec![
+            Policy::new("api", Quota::per_hour(1))
+                .with_plan("pro", Quota::per_hour(3))
+                .with_unlimited_plan("internal"),
+            Policy::new("watch", Quota::per_hour(1)).shadow(true),
+        ],
+        &["api", "watch"],
+    );
+    let limiter = RateLimiter::builder(t).redis(h).build();
+    let svc = service(limiter.clone());
+    let with_plan = |plan: &str, ip: &str| {
+        let mut r = req("/", ip);
+        r.extensions_mut().insert(Plan(plan.to_owned()));
+        r
+    };
+    for i in 0..3 {
+        let res = send(&svc, with_plan("pro", "192.0.2.10:1")).await;
+        assert_eq!(res.status(), 200, "pro request {i}");
+    }
+    assert_eq!(
+        send(&svc, with_plan("pro", "192.0.2.10:1")).await.status(),
+        429
+    );
+    assert_eq!(
+        send(&svc, with_plan("free", "192.0.2.11:1")).await.status(),
+        200
+    );
+    assert_eq!(
+        send(&svc, with_plan("free", "192.0.2.11:1")).await.status(),
+        429
+    );
+    // Shadow-only report: the shadow policy would deny but does not.
+    let r = limiter
+        .check(&with_plan("internal", "192.0.2.12:1"))
+        .await
+        .unwrap();
+    assert!(r.allowed());
+    let r = limiter
+        .check(&with_plan("internal", "192.0.2.12:1"))
+        .await
+        .unwrap();
+    assert!(r.allowed());
+    assert_eq!(r.decisions.len(), 1, "internal is unlimited on `api`");
+    assert_eq!(r.decisions[0].outcome, Outcome::ShadowDenied);
+    // Cost: 0 peeks, more than the burst is its own outcome.
+    let mut peek = req("/", "192.0.2.13:1");
+    peek.extensions_mut().insert(Cost(0));
+    assert_eq!(send(&svc, peek).await.status(), 200);
+    let mut big = req("/", "192.0.2.13:1");
+    big.extensions_mut().insert(Cost(2));
+    let res = send(&svc, big).await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(header(&res, "retry-after"), None);
+    assert_eq!(
+        send(&svc, req("/", "192.0.2.13:1")).await.status(),
+        200,
+        "nothing was consumed"
+    );
+}
+
+async fn windows_in_redis(url: String) {
+    let h = connect(&url).await;
+    let t = table(
+        vec![
+            Policy::new("fixed", Quota::per_hour(2)).with_algorithm(Algorithm::FixedWindow),
+            Policy::new("sliding", Quota::per_hour(3)).with_algorithm(Algorithm::SlidingWindow),
+        ],
+        &["fixed", "sliding"],
+    );
+    let svc = service(RateLimiter::builder(t).redis(h).build());
+    let a = send(&svc, req("/", "192.0.2.20:1")).await;
+    assert_eq!(header(&a, "x-ratelimit-remaining"), Some("1"));
+    assert_eq!(header(&a, "x-ratelimit-policy"), Some("fixed"));
+    send(&svc, req("/", "192.0.2.20:1")).await;
+    let c = send(&svc, req("/", "192.0.2.20:1")).await;
+    assert_eq!(c.status(), 429);
+    let retry: u64 = header(&c, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=3600).contains(&retry));
+    let _ = Duration::ZERO;
+}
+
+/// Lease mode: 3 instances × 64 concurrent, burst 100, chunk 10. Tokens are
+/// debited in Redis before they are spent: never more than the burst here
+/// (no refill within the test). Under a cold concurrent burst an instance
+/// may hoard tokens others then miss (the price of lease mode).
+async fn lease_mode_stays_within_bound(url: String) {
+    let mut svcs = Vec::new();
+    for _ in 0..3 {
+        let h = connect(&url).await;
+        let t = table(vec![Policy::new("burst", Quota::per_hour(100))], &["burst"]);
+        svcs.push(service(
+            RateLimiter::builder(t)
+                .redis(h)
+                .deny_cache(0)
+                .lease(10)
+                .build(),
+        ));
+    }
+    let futs = svcs.iter().flat_map(|s| {
+        (0..64).map(move |_| {
+            let s = s.clone();
+            async move {
+                send(&s, req("/x", "198.51.100.1:1"))
+                    .await
+                    .status()
+                    .as_u16()
+            }
+        })
+    });
+    let statuses = join_all(futs).await;
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(ok <= 100, "admitted {ok}");
+    assert!(ok >= 50, "admitted only {ok}");
+    assert!(statuses.iter().all(|&s| s == 200 || s == 429));
+}

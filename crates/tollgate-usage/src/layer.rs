@@ -1,0 +1,197 @@
+use std::sync::Arc;
+
+use http::StatusCode;
+use http::request::Parts;
+
+use crate::plan::Plans;
+use crate::tracker::UsageTracker;
+
+type TenantFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+type PlanFn = dyn Fn(&str, &Parts) -> Option<String> + Send + Sync;
+
+/// Where the tenant of a request comes from.
+#[derive(Clone)]
+pub struct TenantSource {
+    f: Arc<TenantFn>,
+}
+
+impl std::fmt::Debug for TenantSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TenantSource")
+    }
+}
+
+impl TenantSource {
+    /// The value of a header (an API key, say). Empty or non-UTF-8 values
+    /// count as absent.
+    pub fn header(name: &'static str) -> Self {
+        Self::from_fn(move |p| {
+            p.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.len() <= 256)
+                .map(str::to_owned)
+        })
+    }
+
+    /// A request extension set by an auth layer, turned into the tenant id.
+    pub fn extension<T, F>(f: F) -> Self
+    where
+        T: Send + Sync + 'static,
+        F: Fn(&T) -> String + Send + Sync + 'static,
+    {
+        Self::from_fn(move |p| p.extensions.get::<T>().map(&f))
+    }
+
+    /// Any function of the request head.
+    pub fn from_fn<F>(f: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        TenantSource { f: Arc::new(f) }
+    }
+
+    pub(crate) fn tenant(&self, parts: &Parts) -> Option<String> {
+        (self.f)(parts)
+    }
+}
+
+/// Tower layer counting every request per tenant (denials and cache hits
+/// included, so it belongs outermost), exposing a [`Usage`](crate::Usage)
+/// handle to handlers, and enforcing plan quotas.
+///
+/// ```
+/// use tollgate_usage::{Plans, TenantSource, UsageConfig, UsageLayer, UsageTracker};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let tracker = UsageTracker::in_memory(UsageConfig::new());
+/// let layer = UsageLayer::new(tracker.clone(), TenantSource::header("x-api-key"))
+///     .plans(Plans::example(), |key, _| Some(if key.starts_with("free_") { "free" } else { "starter" }.into()));
+/// # let _ = layer;
+/// tracker.record("acme", "email_sent", 2);
+/// tracker.flush().await.unwrap();
+/// assert_eq!(tracker.usage("acme", None).await.unwrap()["email_sent"], 2);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct UsageLayer {
+    pub(crate) cfg: Arc<LayerConfig>,
+}
+
+pub(crate) struct LayerConfig {
+    pub(crate) tracker: UsageTracker,
+    pub(crate) tenant: TenantSource,
+    pub(crate) anonymous: Option<String>,
+    pub(crate) plans: Option<(Plans, Arc<PlanFn>)>,
+    pub(crate) per_route: bool,
+    pub(crate) per_status_class: bool,
+    pub(crate) quota_status: StatusCode,
+    pub(crate) fail_closed: bool,
+}
+
+impl std::fmt::Debug for UsageLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageLayer")
+            .field("anonymous", &self.cfg.anonymous)
+            .field("per_route", &self.cfg.per_route)
+            .field("per_status_class", &self.cfg.per_status_class)
+            .finish()
+    }
+}
+
+impl UsageLayer {
+    /// Counts requests on `tracker`, per tenant from `tenant`. Requests
+    /// without a tenant are not counted unless
+    /// [`anonymous`](Self::anonymous) names a bucket.
+    pub fn new(tracker: UsageTracker, tenant: TenantSource) -> Self {
+        UsageLayer {
+            cfg: Arc::new(LayerConfig {
+                tracker,
+                tenant,
+                anonymous: None,
+                plans: None,
+                per_route: false,
+                per_status_class: false,
+                quota_status: StatusCode::TOO_MANY_REQUESTS,
+                fail_closed: false,
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut LayerConfig)) -> Self {
+        if let Some(cfg) = Arc::get_mut(&mut self.cfg) {
+            f(cfg);
+        } else {
+            let old = &*self.cfg;
+            let mut cfg = LayerConfig {
+                tracker: old.tracker.clone(),
+                tenant: old.tenant.clone(),
+                anonymous: old.anonymous.clone(),
+                plans: old.plans.clone(),
+                per_route: old.per_route,
+                per_status_class: old.per_status_class,
+                quota_status: old.quota_status,
+                fail_closed: old.fail_closed,
+            };
+            f(&mut cfg);
+            self.cfg = Arc::new(cfg);
+        }
+        self
+    }
+
+    /// Counts requests without a tenant under this bucket.
+    #[must_use]
+    pub fn anonymous(self, bucket: impl Into<String>) -> Self {
+        let b = bucket.into();
+        self.edit(|c| c.anonymous = Some(b))
+    }
+
+    /// Plans and how to find a tenant's plan (`None`: no plan, no limits).
+    /// The plan's `api_request` limit is announced in `X-Quota-*` headers
+    /// and, for hard plans, enforced.
+    #[must_use]
+    pub fn plans<F>(self, plans: Plans, plan_of: F) -> Self
+    where
+        F: Fn(&str, &Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.edit(|c| c.plans = Some((plans, Arc::new(plan_of))))
+    }
+
+    /// Also counts `api_request:route:{template}` per route template
+    /// (axum's `MatchedPath`; never the raw path).
+    #[must_use]
+    pub fn per_route(self, on: bool) -> Self {
+        self.edit(|c| c.per_route = on)
+    }
+
+    /// Also counts `api_request:status:{1xx..5xx}`.
+    #[must_use]
+    pub fn per_status_class(self, on: bool) -> Self {
+        self.edit(|c| c.per_status_class = on)
+    }
+
+    /// Status of a request refused by a hard quota: 429 (default) or 402.
+    #[must_use]
+    pub fn quota_status(self, status: StatusCode) -> Self {
+        self.edit(|c| c.quota_status = status)
+    }
+
+    /// When a hard quota cannot be checked (Redis unavailable): refuse with
+    /// 503 instead of letting the request through (default: through, and
+    /// counted).
+    #[must_use]
+    pub fn fail_closed(self, on: bool) -> Self {
+        self.edit(|c| c.fail_closed = on)
+    }
+}
+
+impl<S> tower::Layer<S> for UsageLayer {
+    type Service = crate::service::UsageTracking<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        crate::service::UsageTracking {
+            inner,
+            cfg: self.cfg.clone(),
+        }
+    }
+}

@@ -1,0 +1,238 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+
+use crate::layer::LayerConfig;
+use crate::plan::Enforcement;
+use crate::tracker::{QuotaOutcome, UsageTracker, WriteMode};
+use crate::{API_REQUEST, RATE_LIMITED};
+
+/// The per-request handle handlers use to record custom metrics, found in
+/// the request extensions (`axum::Extension<Usage>`).
+#[derive(Clone, Debug)]
+pub struct Usage {
+    tracker: UsageTracker,
+    tenant: Arc<str>,
+}
+
+impl Usage {
+    /// A handle for `tenant` on `tracker` (the layer builds these).
+    pub fn new(tracker: UsageTracker, tenant: impl Into<Arc<str>>) -> Self {
+        Usage {
+            tracker,
+            tenant: tenant.into(),
+        }
+    }
+
+    /// The request's tenant.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// Records `n` units of `metric` (e.g. `record("donation_cents", 2500)`);
+    /// returns the estimated total.
+    pub fn record(&self, metric: &str, n: i64) -> i64 {
+        self.tracker.record(&self.tenant, metric, n)
+    }
+
+    /// Consumes `n` units of `metric` only if the total stays within
+    /// `limit`, atomically across instances.
+    pub async fn try_consume(&self, metric: &str, n: i64, limit: i64) -> QuotaOutcome {
+        self.tracker
+            .try_consume(&self.tenant, metric, n, limit)
+            .await
+    }
+}
+
+/// The service built by [`UsageLayer`](crate::UsageLayer).
+pub struct UsageTracking<S> {
+    pub(crate) inner: S,
+    pub(crate) cfg: Arc<LayerConfig>,
+}
+
+impl<S: Clone> Clone for UsageTracking<S> {
+    fn clone(&self) -> Self {
+        UsageTracking {
+            inner: self.inner.clone(),
+            cfg: self.cfg.clone(),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for UsageTracking<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageTracking")
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for UsageTracking<S>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: From<Bytes> + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<ResBody>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // The readied service goes into the future; a fresh clone stays.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let cfg = self.cfg.clone();
+        let (parts, body) = req.into_parts();
+        let tenant = cfg.tenant.tenant(&parts).or_else(|| cfg.anonymous.clone());
+        let Some(tenant) = tenant else {
+            return Box::pin(inner.call(Request::from_parts(parts, body)));
+        };
+        let (limit, hard) = match &cfg.plans {
+            Some((plans, plan_of)) => match plan_of(&tenant, &parts).and_then(|n| plans.get(&n)) {
+                Some(plan) => (
+                    plan.included(API_REQUEST)
+                        .map(|l| i64::try_from(l).unwrap_or(i64::MAX)),
+                    plan.enforcement == Enforcement::Hard,
+                ),
+                None => (None, false),
+            },
+            None => (None, false),
+        };
+        let route = if cfg.per_route {
+            route_template(&parts)
+        } else {
+            None
+        };
+        let tenant: Arc<str> = Arc::from(tenant);
+        let mut req = Request::from_parts(parts, body);
+        req.extensions_mut()
+            .insert(Usage::new(cfg.tracker.clone(), tenant.clone()));
+
+        Box::pin(async move {
+            let tracker = &cfg.tracker;
+            let total = match (limit, hard) {
+                (Some(limit), true) => {
+                    match tracker.try_consume(&tenant, API_REQUEST, 1, limit).await {
+                        QuotaOutcome::Allowed { total } => Some(total),
+                        QuotaOutcome::Exceeded { total } => {
+                            return Ok(quota_response(cfg.quota_status, tracker, limit, total));
+                        }
+                        QuotaOutcome::Unavailable if cfg.fail_closed => {
+                            return Ok(unavailable_response());
+                        }
+                        QuotaOutcome::Unavailable => None,
+                    }
+                }
+                _ => Some(match tracker.config().mode {
+                    WriteMode::Batched => tracker.record(&tenant, API_REQUEST, 1),
+                    WriteMode::Sync => match tracker.record_now(&tenant, API_REQUEST, 1).await {
+                        Ok(t) => t,
+                        Err(_) => tracker.record(&tenant, API_REQUEST, 0),
+                    },
+                }),
+            };
+            let mut res = inner.call(req).await?;
+            if let Some(route) = route {
+                tracker.record(&tenant, &route, 1);
+            }
+            if cfg.per_status_class {
+                tracker.record(&tenant, status_class(res.status()), 1);
+            }
+            if res.status() == StatusCode::TOO_MANY_REQUESTS
+                && res.headers().contains_key("x-ratelimit-limit")
+            {
+                tracker.record(&tenant, RATE_LIMITED, 1);
+            }
+            if let (Some(limit), Some(total)) = (limit, total) {
+                quota_headers(res.headers_mut(), tracker, limit, total);
+            }
+            Ok(res)
+        })
+    }
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "api_request:status:1xx",
+        200..=299 => "api_request:status:2xx",
+        300..=399 => "api_request:status:3xx",
+        400..=499 => "api_request:status:4xx",
+        _ => "api_request:status:5xx",
+    }
+}
+
+#[cfg(feature = "axum")]
+fn route_template(parts: &http::request::Parts) -> Option<String> {
+    parts
+        .extensions
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| format!("api_request:route:{}", m.as_str()))
+}
+
+#[cfg(not(feature = "axum"))]
+fn route_template(_: &http::request::Parts) -> Option<String> {
+    None
+}
+
+fn quota_headers(h: &mut http::HeaderMap, tracker: &UsageTracker, limit: i64, total: i64) {
+    let reset = tracker
+        .current_period()
+        .seconds_left(crate::period::now_ms());
+    h.insert("x-quota-limit", HeaderValue::from(limit));
+    h.insert(
+        "x-quota-remaining",
+        HeaderValue::from((limit - total).max(0)),
+    );
+    h.insert("x-quota-reset", HeaderValue::from(reset));
+}
+
+fn quota_response<B: From<Bytes>>(
+    status: StatusCode,
+    tracker: &UsageTracker,
+    limit: i64,
+    total: i64,
+) -> Response<B> {
+    let body = serde_json::json!({
+        "type": "https://tollgate.dev/problems/quota-exceeded",
+        "title": "Monthly quota exceeded",
+        "status": status.as_u16(),
+        "detail": format!("{API_REQUEST}: {total} of {limit} used this period"),
+    });
+    let mut res = Response::new(B::from(Bytes::from(body.to_string())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    quota_headers(res.headers_mut(), tracker, limit, total);
+    let reset = res.headers().get("x-quota-reset").cloned();
+    if let Some(r) = reset {
+        res.headers_mut().insert(header::RETRY_AFTER, r);
+    }
+    res
+}
+
+fn unavailable_response<B: From<Bytes>>() -> Response<B> {
+    let body = serde_json::json!({
+        "type": "https://tollgate.dev/problems/quota-unavailable",
+        "title": "Quota cannot be checked right now",
+        "status": 503,
+    });
+    let mut res = Response::new(B::from(Bytes::from(body.to_string())));
+    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
+}

@@ -1,0 +1,861 @@
+//! The tracker: in-process aggregation, the background flusher, hard
+//! quotas and reporting.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::error::UsageError;
+use crate::period::{Period, PeriodKind, now_ms};
+use crate::store::{
+    Batch, MemoryStore, QuotaAnswer, QuotaOp, RedisStore, Store, TenantIncrements, Totals,
+};
+
+/// When increments reach Redis.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    /// Aggregated in process and flushed in one pipelined round trip per
+    /// interval (default). Requests never wait for Redis.
+    #[default]
+    Batched,
+    /// Each request's increment is written before the response; on failure
+    /// it is buffered (never lost) and flushed later.
+    Sync,
+}
+
+/// Tracker settings.
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct UsageConfig {
+    pub(crate) period: PeriodKind,
+    pub(crate) retention: Duration,
+    pub(crate) flush_interval: Duration,
+    pub(crate) flush_threshold: usize,
+    pub(crate) max_buffered: usize,
+    pub(crate) top: bool,
+    pub(crate) mode: WriteMode,
+    pub(crate) shutdown_timeout: Duration,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            period: PeriodKind::monthly(),
+            retention: Duration::from_secs(90 * 24 * 3600),
+            flush_interval: Duration::from_secs(1),
+            flush_threshold: 10_000,
+            max_buffered: 100_000,
+            top: true,
+            mode: WriteMode::Batched,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl UsageConfig {
+    /// Defaults: calendar months in UTC, 90 days retention, flush every
+    /// second or at 10,000 pending counters, at most 100,000 counters
+    /// buffered during an outage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The period kind.
+    pub fn period(mut self, p: PeriodKind) -> Self {
+        self.period = p;
+        self
+    }
+    /// How long a period's data is kept after it ends (default 90 days).
+    pub fn retention(mut self, d: Duration) -> Self {
+        self.retention = d;
+        self
+    }
+    /// Flush at least this often (default 1 s).
+    pub fn flush_interval(mut self, d: Duration) -> Self {
+        self.flush_interval = d;
+        self
+    }
+    /// Flush early when this many counters are pending (default 10,000).
+    pub fn flush_threshold(mut self, n: usize) -> Self {
+        self.flush_threshold = n.max(1);
+        self
+    }
+    /// Most distinct counters kept while Redis is unreachable; increments
+    /// for new counters beyond it are dropped and counted (default 100,000).
+    pub fn max_buffered(mut self, n: usize) -> Self {
+        self.max_buffered = n.max(1);
+        self
+    }
+    /// Maintain the top-consumers sets (default on).
+    pub fn top_consumers(mut self, on: bool) -> Self {
+        self.top = on;
+        self
+    }
+    /// Batched (default) or synchronous writes.
+    pub fn mode(mut self, m: WriteMode) -> Self {
+        self.mode = m;
+        self
+    }
+    /// How long [`UsageTracker::shutdown`] keeps retrying (default 10 s).
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = d;
+        self
+    }
+}
+
+/// Counters of the tracker itself (also exported through `metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UsageStats {
+    /// Units recorded into the buffer.
+    pub buffered: u64,
+    /// Units written to the store.
+    pub flushed: u64,
+    /// Flushes that failed (and will be retried).
+    pub flush_errors: u64,
+    /// Units that could not be kept (buffer full, or still unwritten at the
+    /// end of shutdown).
+    pub dropped: u64,
+    /// Units waiting to be written.
+    pub pending: u64,
+}
+
+/// The outcome of a hard-quota check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuotaOutcome {
+    /// Consumed; the metric's total after it.
+    Allowed {
+        /// Total after the increment.
+        total: i64,
+    },
+    /// Refused: the increment would pass the limit.
+    Exceeded {
+        /// Current total.
+        total: i64,
+    },
+    /// The store could not decide (Redis unavailable). The increment was
+    /// counted anyway (buffered); the caller chooses to fail open or closed.
+    Unavailable,
+}
+
+#[derive(Debug)]
+struct Counter {
+    metric: Arc<str>,
+    /// Units for the hash and the top set, not yet written.
+    pending: i64,
+    /// Units for the top set only (the hash was written by a quota check).
+    top_only: i64,
+    /// The store's total at the last write we saw.
+    known: i64,
+}
+
+#[derive(Debug)]
+struct PeriodBuf {
+    label: Arc<str>,
+    expire_at: i64,
+    counters: Vec<Counter>,
+}
+
+#[derive(Debug, Default)]
+struct TenantBuf {
+    periods: Vec<PeriodBuf>,
+    idle_flushes: u8,
+}
+
+#[derive(Debug, Default)]
+struct Buffer {
+    tenants: std::collections::HashMap<Arc<str>, TenantBuf>,
+    /// Counters with something pending.
+    dirty: usize,
+}
+
+struct CurrentPeriod {
+    period: Period,
+    label: Arc<str>,
+    expire_at: i64,
+}
+
+/// Tracks usage per tenant, metric and period. Cheap to clone; every clone
+/// shares one buffer and one flusher. Call [`shutdown`](Self::shutdown)
+/// before the process exits so nothing buffered is lost.
+#[derive(Clone)]
+pub struct UsageTracker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    config: UsageConfig,
+    buffer: Mutex<Buffer>,
+    pending: Mutex<std::collections::VecDeque<Batch>>,
+    replays: Mutex<Vec<QuotaOp>>,
+    current: RwLock<CurrentPeriod>,
+    instance: u64,
+    seq: AtomicU64,
+    flush_lock: tokio::sync::Mutex<()>,
+    notify: Notify,
+    closed: AtomicBool,
+    buffered: AtomicU64,
+    flushed: AtomicU64,
+    flush_errors: AtomicU64,
+    dropped: AtomicU64,
+    pending_units: AtomicI64,
+    exported: Mutex<UsageStats>,
+}
+
+impl std::fmt::Debug for UsageTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageTracker")
+            .field("store", &self.inner.store)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl UsageTracker {
+    /// A tracker writing to Redis through `handle` (needs a Tokio runtime).
+    pub fn redis(handle: tollgate_redis::RedisHandle, config: UsageConfig) -> Self {
+        Self::new(Store::Redis(RedisStore::new(handle)), config)
+    }
+
+    /// A tracker keeping usage in this process only.
+    pub fn in_memory(config: UsageConfig) -> Self {
+        Self::new(Store::Memory(MemoryStore::new()), config)
+    }
+
+    /// A tracker on `store`; spawns the flusher (needs a Tokio runtime).
+    pub fn new(store: Store, config: UsageConfig) -> Self {
+        let now = now_ms();
+        let current = Self::make_current(&config, now);
+        let inner = Arc::new(Inner {
+            store,
+            config,
+            buffer: Mutex::new(Buffer::default()),
+            pending: Mutex::new(Default::default()),
+            replays: Mutex::new(Vec::new()),
+            current: RwLock::new(current),
+            instance: rand::random(),
+            seq: AtomicU64::new(0),
+            flush_lock: tokio::sync::Mutex::new(()),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            buffered: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            flush_errors: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            pending_units: AtomicI64::new(0),
+            exported: Mutex::new(UsageStats::default()),
+        });
+        if inner.config.mode == WriteMode::Batched || inner.store.is_redis() {
+            tokio::spawn(flusher(Arc::downgrade(&inner)));
+        }
+        UsageTracker { inner }
+    }
+
+    fn make_current(config: &UsageConfig, now: i64) -> CurrentPeriod {
+        let period = config.period.period_at(now);
+        let retention_ms = i64::try_from(config.retention.as_millis()).unwrap_or(i64::MAX / 2);
+        let expire_at = (period.end_ms.saturating_add(retention_ms)) / 1000;
+        CurrentPeriod {
+            label: Arc::from(period.label.as_str()),
+            period,
+            expire_at,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &UsageConfig {
+        &self.inner.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The period containing now.
+    pub fn current_period(&self) -> Period {
+        self.current(now_ms()).0.period.clone()
+    }
+
+    fn current(&self, now: i64) -> (std::sync::RwLockReadGuard<'_, CurrentPeriod>, i64) {
+        {
+            if let Ok(c) = self.inner.current.read()
+                && c.period.contains(now)
+            {
+                return (c, now);
+            }
+        }
+        if let Ok(mut w) = self.inner.current.write()
+            && !w.period.contains(now)
+        {
+            *w = Self::make_current(&self.inner.config, now);
+        }
+        match self.inner.current.read() {
+            Ok(c) => (c, now),
+            Err(p) => (p.into_inner(), now),
+        }
+    }
+
+    /// Adds `n` units of `metric` for `tenant` in the current period, in
+    /// process; the flusher writes them. Returns the tenant's estimated
+    /// total for the metric (the store's last known total plus what is
+    /// pending here). Recording for a counter already seen does not
+    /// allocate.
+    pub fn record(&self, tenant: &str, metric: &str, n: i64) -> i64 {
+        self.record_at(tenant, metric, n, now_ms())
+    }
+
+    /// [`record`](Self::record) at an explicit time (Unix ms), for imports
+    /// and tests of period boundaries.
+    pub fn record_at(&self, tenant: &str, metric: &str, n: i64, at_ms: i64) -> i64 {
+        if n == 0 {
+            return 0;
+        }
+        let (label, expire_at) = self.period_for(at_ms);
+        self.add(tenant, metric, &label, expire_at, n, false)
+    }
+
+    fn period_for(&self, at_ms: i64) -> (Arc<str>, i64) {
+        let (cur, _) = self.current(at_ms);
+        if cur.period.contains(at_ms) {
+            return (cur.label.clone(), cur.expire_at);
+        }
+        drop(cur);
+        let c = Self::make_current(&self.inner.config, at_ms);
+        (c.label, c.expire_at)
+    }
+
+    fn add(
+        &self,
+        tenant: &str,
+        metric: &str,
+        label: &Arc<str>,
+        expire_at: i64,
+        n: i64,
+        top_only: bool,
+    ) -> i64 {
+        let inner = &self.inner;
+        let Ok(mut buf) = inner.buffer.lock() else {
+            return 0;
+        };
+        let buf = &mut *buf;
+        let full = buf.dirty >= inner.config.max_buffered;
+        let tb = match buf.tenants.get_mut(tenant) {
+            Some(tb) => tb,
+            None if full => return self.drop_units(n, top_only),
+            None => buf.tenants.entry(Arc::from(tenant)).or_default(),
+        };
+        let pb = match tb.periods.iter().position(|p| p.label == *label) {
+            Some(i) => &mut tb.periods[i],
+            None if full => return self.drop_units(n, top_only),
+            None => {
+                tb.periods.push(PeriodBuf {
+                    label: label.clone(),
+                    expire_at,
+                    counters: Vec::new(),
+                });
+                tb.periods.last_mut().expect("just pushed")
+            }
+        };
+        let c = match pb.counters.iter().position(|c| &*c.metric == metric) {
+            Some(i) => &mut pb.counters[i],
+            None if full => return self.drop_units(n, top_only),
+            None => {
+                pb.counters.push(Counter {
+                    metric: Arc::from(metric),
+                    pending: 0,
+                    top_only: 0,
+                    known: 0,
+                });
+                pb.counters.last_mut().expect("just pushed")
+            }
+        };
+        if c.pending == 0 && c.top_only == 0 {
+            if full {
+                return self.drop_units(n, top_only);
+            }
+            buf.dirty += 1;
+        }
+        if top_only {
+            c.top_only += n;
+        } else {
+            c.pending += n;
+        }
+        let estimate = c.known + c.pending;
+        let dirty = buf.dirty;
+        if !top_only {
+            inner
+                .buffered
+                .fetch_add(n.unsigned_abs(), Ordering::Relaxed);
+            inner.pending_units.fetch_add(n, Ordering::Relaxed);
+        }
+        if dirty >= inner.config.flush_threshold {
+            inner.notify.notify_one();
+        }
+        estimate
+    }
+
+    fn drop_units(&self, n: i64, top_only: bool) -> i64 {
+        // A top-only increment is already in the tenant's hash: only the
+        // ranking misses it.
+        if !top_only {
+            self.inner
+                .dropped
+                .fetch_add(n.unsigned_abs(), Ordering::Relaxed);
+        }
+        0
+    }
+
+    /// Writes `n` units now (one round trip) and returns the new total. On
+    /// failure the units are buffered (never lost) and the error returned.
+    pub async fn record_now(&self, tenant: &str, metric: &str, n: i64) -> Result<i64, UsageError> {
+        let (label, expire_at) = self.period_for(now_ms());
+        let batch = Batch {
+            id: self.next_id(),
+            tenants: vec![TenantIncrements {
+                tenant: Arc::from(tenant),
+                period: label.clone(),
+                expire_at,
+                metrics: vec![(Arc::from(metric), n)],
+                top_only: Vec::new(),
+            }],
+            top: self.inner.config.top,
+        };
+        match self.inner.store.apply(&batch).await {
+            Ok(totals) => {
+                self.inner
+                    .flushed
+                    .fetch_add(n.unsigned_abs(), Ordering::Relaxed);
+                self.learn(&totals);
+                Ok(totals.first().and_then(|t| t.2.first()).map_or(n, |m| m.1))
+            }
+            Err(e) if e.not_sent() => {
+                self.add(tenant, metric, &label, expire_at, n, false);
+                Err(e)
+            }
+            Err(e) => {
+                // It may have been applied: retry the same batch later.
+                self.inner.pending_units.fetch_add(n, Ordering::Relaxed);
+                if let Ok(mut p) = self.inner.pending.lock() {
+                    p.push_back(batch);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks a hard quota and consumes `n` units when the total stays
+    /// within `limit`, atomically across instances (one coalesced script
+    /// call).
+    pub async fn try_consume(
+        &self,
+        tenant: &str,
+        metric: &str,
+        n: i64,
+        limit: i64,
+    ) -> QuotaOutcome {
+        let (label, expire_at) = self.period_for(now_ms());
+        let op = QuotaOp {
+            op_id: self.next_id(),
+            tenant: Arc::from(tenant),
+            period: label.clone(),
+            expire_at,
+            metric: Arc::from(metric),
+            n,
+            limit: Some(limit),
+        };
+        match self.inner.store.quota(op.clone()).await {
+            Ok(QuotaAnswer {
+                allowed: true,
+                total,
+            }) => {
+                self.set_known(tenant, metric, &label, total);
+                if self.inner.config.top {
+                    self.add(tenant, metric, &label, expire_at, n, true);
+                }
+                QuotaOutcome::Allowed { total }
+            }
+            Ok(QuotaAnswer {
+                allowed: false,
+                total,
+            }) => {
+                self.set_known(tenant, metric, &label, total);
+                QuotaOutcome::Exceeded { total }
+            }
+            Err(e) if e.not_sent() => {
+                // Counted in the buffer like any other increment.
+                self.add(tenant, metric, &label, expire_at, n, false);
+                QuotaOutcome::Unavailable
+            }
+            Err(_) => {
+                // The answer was lost: the increment may have been applied.
+                // Replay the same operation later, unconditionally; its
+                // marker makes sure it counts once.
+                self.inner.pending_units.fetch_add(n, Ordering::Relaxed);
+                if let Ok(mut r) = self.inner.replays.lock() {
+                    r.push(QuotaOp { limit: None, ..op });
+                }
+                QuotaOutcome::Unavailable
+            }
+        }
+    }
+
+    fn set_known(&self, tenant: &str, metric: &str, label: &Arc<str>, total: i64) {
+        let Ok(mut buf) = self.inner.buffer.lock() else {
+            return;
+        };
+        if let Some(c) = buf
+            .tenants
+            .get_mut(tenant)
+            .and_then(|t| t.periods.iter_mut().find(|p| p.label == *label))
+            .and_then(|p| p.counters.iter_mut().find(|c| &*c.metric == metric))
+        {
+            c.known = total;
+        }
+    }
+
+    fn learn(&self, totals: &Totals) {
+        let Ok(mut buf) = self.inner.buffer.lock() else {
+            return;
+        };
+        for (tenant, period, metrics) in totals {
+            let Some(pb) = buf
+                .tenants
+                .get_mut(tenant)
+                .and_then(|t| t.periods.iter_mut().find(|p| p.label == *period))
+            else {
+                continue;
+            };
+            for (m, total) in metrics {
+                if let Some(c) = pb.counters.iter_mut().find(|c| c.metric == *m) {
+                    c.known = *total;
+                }
+            }
+        }
+    }
+
+    fn next_id(&self) -> String {
+        format!(
+            "{:016x}-{}",
+            self.inner.instance,
+            self.inner.seq.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Takes everything pending out of the buffer as one batch (counters
+    /// stay, at zero, so recording for them again does not allocate).
+    fn take(&self) -> Option<Batch> {
+        let mut buf = self.inner.buffer.lock().ok()?;
+        if buf.dirty == 0 {
+            // Forget tenants idle for several flushes to bound memory.
+            buf.tenants.retain(|_, t| {
+                t.idle_flushes = t.idle_flushes.saturating_add(1);
+                t.idle_flushes < 3
+            });
+            return None;
+        }
+        let mut tenants = Vec::new();
+        for (tenant, tb) in buf.tenants.iter_mut() {
+            let mut any = false;
+            for pb in &mut tb.periods {
+                let mut metrics = Vec::new();
+                let mut top_only = Vec::new();
+                for c in &mut pb.counters {
+                    if c.pending != 0 {
+                        metrics.push((c.metric.clone(), std::mem::take(&mut c.pending)));
+                    }
+                    if c.top_only != 0 {
+                        top_only.push((c.metric.clone(), std::mem::take(&mut c.top_only)));
+                    }
+                }
+                if !metrics.is_empty() || !top_only.is_empty() {
+                    any = true;
+                    tenants.push(TenantIncrements {
+                        tenant: tenant.clone(),
+                        period: pb.label.clone(),
+                        expire_at: pb.expire_at,
+                        metrics,
+                        top_only,
+                    });
+                }
+            }
+            tb.idle_flushes = if any {
+                0
+            } else {
+                tb.idle_flushes.saturating_add(1)
+            };
+        }
+        buf.dirty = 0;
+        let current: Option<Arc<str>> = self.inner.current.read().ok().map(|c| c.label.clone());
+        // Drop periods that are over and fully written.
+        for tb in buf.tenants.values_mut() {
+            tb.periods.retain(|p| Some(&p.label) == current.as_ref());
+        }
+        buf.tenants.retain(|_, t| t.idle_flushes < 3);
+        Some(Batch {
+            id: self.next_id(),
+            tenants,
+            top: self.inner.config.top,
+        })
+    }
+
+    /// Puts a batch that never reached the store back into the buffer.
+    fn restore(&self, batch: Batch) {
+        for t in batch.tenants {
+            for (m, n) in t.metrics {
+                self.inner.pending_units.fetch_sub(n, Ordering::Relaxed);
+                self.inner
+                    .buffered
+                    .fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
+                self.add(&t.tenant, &m, &t.period, t.expire_at, n, false);
+            }
+            for (m, n) in t.top_only {
+                self.add(&t.tenant, &m, &t.period, t.expire_at, n, true);
+            }
+        }
+    }
+
+    /// Writes everything pending now: retried batches first (same ids, so
+    /// nothing counts twice), then replayed quota operations, then the
+    /// buffer, in one pipelined round trip each.
+    pub async fn flush(&self) -> Result<(), UsageError> {
+        let _guard = self.inner.flush_lock.lock().await;
+        let result = self.flush_locked().await;
+        if result.is_err() {
+            self.inner.flush_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.export();
+        result
+    }
+
+    async fn flush_locked(&self) -> Result<(), UsageError> {
+        loop {
+            let next = self
+                .inner
+                .pending
+                .lock()
+                .ok()
+                .and_then(|p| p.front().cloned());
+            let Some(batch) = next else { break };
+            let sent = self.apply(&batch).await;
+            if let Ok(mut p) = self.inner.pending.lock() {
+                p.pop_front();
+            }
+            match sent {
+                Ok(()) => {}
+                Err(e) if e.not_sent() => {
+                    // Never reached Redis: this one can merge back.
+                    self.restore(batch);
+                    return Err(e);
+                }
+                Err(e) => {
+                    if let Ok(mut p) = self.inner.pending.lock() {
+                        p.push_front(batch);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let replays: Vec<QuotaOp> = self
+            .inner
+            .replays
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        for (i, op) in replays.iter().enumerate() {
+            match self.inner.store.quota(op.clone()).await {
+                Ok(_) => {
+                    self.inner.pending_units.fetch_sub(op.n, Ordering::Relaxed);
+                    self.inner
+                        .flushed
+                        .fetch_add(op.n.unsigned_abs(), Ordering::Relaxed);
+                    if self.inner.config.top {
+                        self.add(&op.tenant, &op.metric, &op.period, op.expire_at, op.n, true);
+                    }
+                }
+                Err(e) => {
+                    if let Ok(mut r) = self.inner.replays.lock() {
+                        r.extend(replays[i..].iter().cloned());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let Some(batch) = self.take() else {
+            return Ok(());
+        };
+        match self.apply(&batch).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.not_sent() => {
+                self.restore(batch);
+                Err(e)
+            }
+            Err(e) => {
+                if let Ok(mut p) = self.inner.pending.lock() {
+                    p.push_back(batch);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn apply(&self, batch: &Batch) -> Result<(), UsageError> {
+        let totals = self.inner.store.apply(batch).await?;
+        let units = batch.units();
+        self.inner.pending_units.fetch_sub(units, Ordering::Relaxed);
+        self.inner
+            .flushed
+            .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
+        self.learn(&totals);
+        Ok(())
+    }
+
+    fn export(&self) {
+        let now = self.stats();
+        let Ok(mut last) = self.inner.exported.lock() else {
+            return;
+        };
+        metrics::counter!("tollgate_usage_buffered_total")
+            .increment(now.buffered.saturating_sub(last.buffered));
+        metrics::counter!("tollgate_usage_flushed_total")
+            .increment(now.flushed.saturating_sub(last.flushed));
+        metrics::counter!("tollgate_usage_flush_errors_total")
+            .increment(now.flush_errors.saturating_sub(last.flush_errors));
+        metrics::counter!("tollgate_usage_dropped_total")
+            .increment(now.dropped.saturating_sub(last.dropped));
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!("tollgate_usage_pending_units").set(now.pending as f64);
+        *last = now;
+    }
+
+    /// The tracker's own counters.
+    pub fn stats(&self) -> UsageStats {
+        let i = &self.inner;
+        UsageStats {
+            buffered: i.buffered.load(Ordering::Relaxed),
+            flushed: i.flushed.load(Ordering::Relaxed),
+            flush_errors: i.flush_errors.load(Ordering::Relaxed),
+            dropped: i.dropped.load(Ordering::Relaxed),
+            pending: u64::try_from(i.pending_units.load(Ordering::Relaxed).max(0)).unwrap_or(0),
+        }
+    }
+
+    /// Stops the flusher and writes everything pending, retrying until the
+    /// shutdown timeout. Whatever is still unwritten then is counted as
+    /// dropped (and logged), never silently lost.
+    pub async fn shutdown(&self) -> UsageStats {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.notify.notify_one();
+        let deadline = tokio::time::Instant::now() + self.inner.config.shutdown_timeout;
+        loop {
+            let ok = self.flush().await.is_ok();
+            let s = self.stats();
+            if ok && s.pending == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::error!(
+                    units = s.pending,
+                    "usage still unwritten at shutdown: counted as dropped"
+                );
+                self.inner.dropped.fetch_add(s.pending, Ordering::Relaxed);
+                self.inner.pending_units.store(0, Ordering::Relaxed);
+                self.export();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.stats()
+    }
+
+    /// A tenant's usage in a period (default: the current one): one HGETALL.
+    pub async fn usage(
+        &self,
+        tenant: &str,
+        period: Option<&str>,
+    ) -> Result<BTreeMap<String, i64>, UsageError> {
+        let label = match period {
+            Some(p) => p.to_owned(),
+            None => self.current_period().label,
+        };
+        self.inner.store.usage(tenant, &label).await
+    }
+
+    /// The `n` biggest consumers of `metric` in a period (default: the
+    /// current one): one ZRANGE.
+    pub async fn top(
+        &self,
+        metric: &str,
+        period: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<(String, i64)>, UsageError> {
+        let label = match period {
+            Some(p) => p.to_owned(),
+            None => self.current_period().label,
+        };
+        self.inner.store.top(metric, &label, n).await
+    }
+
+    /// Tenants with the most rate-limit denials (the metric
+    /// [`RATE_LIMITED`](crate::RATE_LIMITED)).
+    pub async fn rate_limited(
+        &self,
+        period: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<(String, i64)>, UsageError> {
+        self.top(crate::RATE_LIMITED, period, n).await
+    }
+
+    /// CSV (`tenant,period,metric,value`) of several tenants' usage in a
+    /// period.
+    pub async fn csv(&self, tenants: &[&str], period: Option<&str>) -> Result<String, UsageError> {
+        let label = match period {
+            Some(p) => p.to_owned(),
+            None => self.current_period().label,
+        };
+        let mut out = String::from("tenant,period,metric,value\n");
+        for t in tenants {
+            for (m, v) in self.inner.store.usage(t, &label).await? {
+                let _ = writeln!(out, "{},{},{},{}", csv_field(t), label, csv_field(&m), v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+async fn flusher(weak: Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let interval = inner.config.flush_interval;
+        let notified = async {
+            inner.notify.notified().await;
+        };
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = notified => {}
+        }
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let tracker = UsageTracker { inner };
+        if let Err(e) = tracker.flush().await {
+            tracing::debug!(error = %e, "usage flush failed; will retry");
+        }
+    }
+}
