@@ -5,12 +5,19 @@
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tollgate::redis::{HealthService, RedisConfig, RedisHandle};
+use tollgate::Tollgate;
+use tollgate::redis::{RedisConfig, RedisHandle};
+use tollgate::usage::{TenantSource, UsageConfig, UsageLayer, UsageTracker};
+
+pub mod limits;
+mod routes;
+
+pub use routes::DemoState;
 
 /// Layers the demo wires; reported by `/health/redis`.
-pub const LAYERS: &[&str] = &[];
+pub const LAYERS: &[&str] = &["ratelimit", "usage"];
 
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,30 +92,47 @@ pub fn install_metrics() -> PrometheusHandle {
 /// The assembled service.
 pub struct App {
     router: Router,
-    redis: Option<RedisHandle>,
+    tollgate: Tollgate,
+    usage: UsageTracker,
 }
 
 impl App {
     /// Connects to Redis when configured (an unreachable Redis starts the
     /// demo degraded, it recovers by itself) and builds the routes.
     pub async fn build(config: &DemoConfig, metrics: PrometheusHandle) -> Result<Self, DemoError> {
-        let redis = match &config.redis_url {
+        let tollgate = match &config.redis_url {
             Some(url) => {
-                let h = RedisHandle::connect(RedisConfig::from_url(url.clone()).namespace("demo"))
-                    .await?;
-                for l in LAYERS {
-                    h.register_layer(l);
-                }
-                Some(h)
+                Tollgate::connect_with(RedisConfig::from_url(url.clone()).namespace("demo")).await?
             }
-            None => None,
+            None => Tollgate::in_process(),
         };
-        let health = match &redis {
-            Some(h) => HealthService::new(h.clone()),
-            None => HealthService::in_process(LAYERS),
-        };
+        let usage = tollgate.usage_tracker(UsageConfig::new());
+        let limiter = tollgate
+            .rate_limiter(limits::policy_table())
+            .key(limits::caller())
+            .build();
+        let plans = limits::plans();
+        let usage_layer = UsageLayer::new(usage.clone(), TenantSource::header("x-api-key"))
+            .plans(plans, |key, _| Some(limits::plan_of(key).to_owned()));
+        let layers = tollgate.layers().usage(usage_layer).rate_limit(limiter);
+
+        let api = Router::new()
+            .route("/api/ping", get(routes::ping))
+            .route("/api/payments", post(routes::payment))
+            .route("/api/webhooks/stripe", post(routes::stripe_webhook))
+            .route("/api/auth/login", post(routes::login))
+            .route("/api/search", get(routes::search))
+            .route("/api/bookings", post(routes::booking))
+            .route("/api/guest-checkout", post(routes::guest_checkout))
+            .route("/api/usage", get(routes::usage))
+            .route("/api/usage/top", get(routes::top))
+            .route("/api/emails", post(routes::email))
+            .with_state(DemoState::new(usage.clone()))
+            .layer(layers);
+
+        let health = tollgate.health_service(LAYERS);
         let router = Router::new()
-            .route("/", get(index))
+            .route("/", get(routes::index))
             .route_service("/health/redis", health)
             .route(
                 "/metrics",
@@ -124,8 +148,13 @@ impl App {
                         )
                     }
                 }),
-            );
-        Ok(App { router, redis })
+            )
+            .merge(api);
+        Ok(App {
+            router,
+            tollgate,
+            usage,
+        })
     }
 
     /// The routes, for in-process tests.
@@ -135,7 +164,12 @@ impl App {
 
     /// The Redis handle, when configured.
     pub fn redis(&self) -> Option<&RedisHandle> {
-        self.redis.as_ref()
+        self.tollgate.redis()
+    }
+
+    /// The usage tracker.
+    pub fn usage(&self) -> &UsageTracker {
+        &self.usage
     }
 
     /// Serves until `shutdown` resolves, then lets in-flight requests finish.
@@ -151,13 +185,13 @@ impl App {
         )
         .with_graceful_shutdown(shutdown)
         .await?;
+        // Nothing counted is lost on exit.
+        let stats = self.usage.shutdown().await;
+        tracing::info!(
+            flushed = stats.flushed,
+            dropped = stats.dropped,
+            "usage flushed"
+        );
         Ok(())
     }
-}
-
-async fn index() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({
-        "service": "tollgate demo",
-        "routes": ["GET /health/redis", "GET /metrics"],
-    }))
 }
