@@ -182,7 +182,10 @@ async fn coalesces_with_own_answers(h: RedisHandle) {
     }
     assert_eq!(per_key.len(), 8);
     let batches = batches.load(Ordering::Relaxed);
-    assert!(batches < 400, "400 concurrent operations took {batches} round trips");
+    assert!(
+        batches < 400,
+        "400 concurrent operations took {batches} round trips"
+    );
     for (key, mut v) in per_key {
         v.sort_unstable();
         assert_eq!(v, (1..=50).collect::<Vec<_>>(), "answers for {key}");
