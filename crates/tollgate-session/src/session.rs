@@ -1,0 +1,562 @@
+//! [`Session`]: the per-request handle.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::Mutex;
+
+use crate::config::{Backend, Sessions, Shared, on_store};
+use crate::error::Error;
+use crate::id::SessionId;
+use crate::store::{Diff, NewRecord, Record, SaveOutcome, SessionInfo, SessionStore};
+use crate::transport::{Incoming, Outgoing};
+
+/// How many fresh ids to try when one collides (it never should: 256
+/// random bits).
+const CREATE_ATTEMPTS: usize = 3;
+/// Longest `User-Agent` kept in a record.
+const MAX_USER_AGENT: usize = 256;
+
+/// The session of one request, inserted into its extensions by the layer
+/// (and an axum extractor with the `axum` feature).
+///
+/// Lazy: nothing is read from the store until a method needs the record,
+/// so a handler that never touches the session costs nothing. Changes are
+/// kept locally and written once, entry by entry, after the handler has
+/// responded. Cheap to clone; clones share the request's state.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    sessions: Sessions,
+    client: ClientInfo,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+/// The client as seen at creation time.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ClientInfo {
+    pub(crate) user_agent: Option<String>,
+    pub(crate) ip: Option<String>,
+}
+
+struct State {
+    incoming: Incoming,
+    phase: Phase,
+    diff: Diff,
+    rotate: bool,
+}
+
+enum Phase {
+    /// Nothing read yet.
+    Unloaded,
+    /// No record: a new one is created at the end if anything was written.
+    Fresh { id: SessionId, backend: Backend },
+    /// A live record.
+    Loaded {
+        id: SessionId,
+        record: Box<Record>,
+        backend: Backend,
+    },
+    /// Destroyed in this request.
+    Destroyed,
+}
+
+/// What the layer must do once the handler has responded.
+pub(crate) struct Commit {
+    pub(crate) out: Option<Outgoing>,
+    /// A store write failed.
+    pub(crate) failed: bool,
+}
+
+impl Session {
+    pub(crate) fn new(sessions: Sessions, incoming: Incoming, client: ClientInfo) -> Self {
+        Session {
+            inner: Arc::new(Inner {
+                sessions,
+                client,
+                state: Mutex::new(State {
+                    incoming,
+                    phase: Phase::Unloaded,
+                    diff: Diff::default(),
+                    rotate: false,
+                }),
+            }),
+        }
+    }
+
+    /// The sessions this one belongs to (for administration).
+    pub fn sessions(&self) -> &Sessions {
+        &self.inner.sessions
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.inner.sessions.shared
+    }
+
+    /// The value stored under `key`, if any.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error> {
+        let mut st = self.inner.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        let raw = if st.diff.remove.contains(key) {
+            None
+        } else if let Some(v) = st.diff.set.get(key) {
+            Some(v.as_str())
+        } else if st.diff.clear {
+            None
+        } else {
+            match &st.phase {
+                Phase::Loaded { record, .. } => record.data.get(key).map(String::as_str),
+                _ => None,
+            }
+        };
+        raw.map(|r| serde_json::from_str(r))
+            .transpose()
+            .map_err(|source| Error::Serde {
+                key: key.to_owned(),
+                source,
+            })
+    }
+
+    /// Stores `value` under `key` (written after the response).
+    pub async fn insert<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), Error> {
+        let json = serde_json::to_string(value).map_err(|source| Error::Serde {
+            key: key.to_owned(),
+            source,
+        })?;
+        let mut st = self.inner.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        st.diff.remove.remove(key);
+        st.diff.set.insert(key.to_owned(), json);
+        Ok(())
+    }
+
+    /// Removes `key`, returning whether it was present.
+    pub async fn remove(&self, key: &str) -> Result<bool, Error> {
+        let mut st = self.inner.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        let had_local = st.diff.set.remove(key).is_some();
+        let had_stored = !st.diff.clear
+            && matches!(&st.phase, Phase::Loaded { record, .. } if record.data.contains_key(key));
+        st.diff.remove.insert(key.to_owned());
+        Ok(had_local || had_stored)
+    }
+
+    /// Removes every entry; the session itself (id, user) stays.
+    pub async fn clear(&self) -> Result<(), Error> {
+        let mut st = self.inner.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        st.diff.clear = true;
+        st.diff.set.clear();
+        st.diff.remove.clear();
+        Ok(())
+    }
+
+    /// Gives the session a new id at the end of the request, keeping its
+    /// entries; the old id stops working. Call it on login (and on any
+    /// privilege change) to defeat session fixation.
+    pub async fn rotate_id(&self) -> Result<(), Error> {
+        let mut st = self.inner.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        st.rotate = true;
+        Ok(())
+    }
+
+    /// Binds the session to a user (for listing and revoking a user's
+    /// sessions). Usually paired with [`rotate_id`](Self::rotate_id).
+    pub async fn bind_user(&self, user_id: impl Into<String>) -> Result<(), Error> {
+        let mut st = self.inner.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        st.diff.user = Some(Some(user_id.into()));
+        Ok(())
+    }
+
+    /// The user bound to the session, if any.
+    pub async fn user_id(&self) -> Result<Option<String>, Error> {
+        let mut st = self.inner.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        Ok(Self::user_of(&st))
+    }
+
+    fn user_of(st: &State) -> Option<String> {
+        match (&st.diff.user, &st.phase) {
+            (Some(u), _) => u.clone(),
+            (None, Phase::Loaded { record, .. }) => record.user.clone(),
+            _ => None,
+        }
+    }
+
+    /// Ends the session now: the record is deleted (one store command, no
+    /// read) and the response removes the cookie. A request still running
+    /// on the same session cannot bring it back.
+    pub async fn destroy(&self) -> Result<(), Error> {
+        let mut st = self.inner.state.lock().await;
+        let shared = self.shared();
+        let id = match std::mem::replace(&mut st.phase, Phase::Destroyed) {
+            Phase::Loaded { id, backend, .. } => Some((id, Some(backend))),
+            Phase::Unloaded => match &st.incoming {
+                Incoming::Valid { id, .. } => Some((id.clone(), None)),
+                _ => None,
+            },
+            Phase::Fresh { .. } | Phase::Destroyed => None,
+        };
+        st.diff = Diff::default();
+        st.rotate = false;
+        let Some((id, backend)) = id else {
+            return Ok(());
+        };
+        let hash = shared.hasher.session(&id);
+        // The in-process store may hold it (created during an outage).
+        let _ = shared.memory.delete(&hash).await;
+        let backend = match backend {
+            Some(b) => b,
+            None => shared.backend()?,
+        };
+        if backend == Backend::Primary
+            && let Some(r) = &shared.redis
+        {
+            r.delete(&hash).await.inspect_err(|e| {
+                store_error(shared, backend, "destroy", e);
+            })?;
+        }
+        metrics::counter!("tollgate_session_destroys_total", "store" => shared.label(backend))
+            .increment(1);
+        Ok(())
+    }
+
+    /// The keyed hash of the session's id: what stores and user listings
+    /// know it by (log this, never the id). `None` before the session is
+    /// persisted or after it is destroyed.
+    pub async fn id_hash(&self) -> Result<Option<String>, Error> {
+        let mut st = self.inner.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        Ok(match &st.phase {
+            Phase::Loaded { id, .. } => Some(self.shared().hasher.session(id)),
+            _ => None,
+        })
+    }
+
+    /// The sessions of the bound user (every device), oldest first.
+    pub async fn user_sessions(&self) -> Result<Vec<SessionInfo>, Error> {
+        let user = self.user_id().await?.ok_or(Error::NoUser)?;
+        self.inner.sessions.list(&user).await
+    }
+
+    /// Revokes one of the bound user's sessions by its id hash.
+    pub async fn revoke_session(&self, id_hash: &str) -> Result<bool, Error> {
+        let user = self.user_id().await?.ok_or(Error::NoUser)?;
+        self.inner.sessions.revoke(&user, id_hash).await
+    }
+
+    /// Revokes every other session of the bound user ("log out my other
+    /// devices"); this one stays. Returns how many were revoked.
+    pub async fn revoke_other_sessions(&self) -> Result<usize, Error> {
+        let user = self.user_id().await?.ok_or(Error::NoUser)?;
+        let current = self.id_hash().await?;
+        self.inner
+            .sessions
+            .revoke_all(&user, current.as_deref())
+            .await
+    }
+
+    async fn ensure_loaded(&self, st: &mut State) -> Result<(), Error> {
+        match st.phase {
+            Phase::Unloaded => {}
+            Phase::Destroyed => return Err(Error::Destroyed),
+            _ => return Ok(()),
+        }
+        let shared = self.shared();
+        let backend = shared.backend()?;
+        let Incoming::Valid { id, .. } = &st.incoming else {
+            st.phase = Phase::Fresh {
+                id: SessionId::generate(),
+                backend,
+            };
+            return Ok(());
+        };
+        let hash = shared.hasher.session(id);
+        let (found, backend) = match on_store!(shared, backend, |s| s.load(&hash).await) {
+            Ok(r) => (r, backend),
+            // Not a store outage: the record is unusable, start afresh.
+            Err(e @ Error::Corrupt(_)) => {
+                store_error(shared, backend, "load", &e);
+                (None, backend)
+            }
+            Err(e) => {
+                store_error(shared, backend, "load", &e);
+                if backend == Backend::Fallback || shared.failure == crate::FailureMode::FailClosed
+                {
+                    return Err(Error::Unavailable);
+                }
+                metrics::counter!("tollgate_session_fallback_total", "op" => "load").increment(1);
+                (shared.memory.load(&hash).await?, Backend::Fallback)
+            }
+        };
+        metrics::counter!(
+            "tollgate_session_loads_total",
+            "store" => shared.label(backend),
+            "result" => if found.is_some() { "hit" } else { "miss" }
+        )
+        .increment(1);
+        st.phase = match found {
+            Some(record) => Phase::Loaded {
+                id: id.clone(),
+                record: Box::new(record),
+                backend,
+            },
+            None => Phase::Fresh {
+                id: SessionId::generate(),
+                backend,
+            },
+        };
+        Ok(())
+    }
+
+    /// Whether the request needs nothing written or sent (checked without
+    /// waiting: a handler still holding the state is not idle).
+    pub(crate) fn is_idle(&self) -> bool {
+        match self.inner.state.try_lock() {
+            Ok(st) => {
+                matches!(st.phase, Phase::Unloaded)
+                    && matches!(
+                        st.incoming,
+                        Incoming::Absent | Incoming::Valid { resign: false, .. }
+                    )
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Writes what the request changed and says what the response must
+    /// carry.
+    pub(crate) async fn commit(&self) -> Commit {
+        let mut st = self.inner.state.lock().await;
+        let shared = self.shared();
+        let had_cookie = !matches!(st.incoming, Incoming::Absent);
+        let removal = || had_cookie.then_some(Outgoing::Remove);
+        let phase = std::mem::replace(&mut st.phase, Phase::Destroyed);
+        let diff = std::mem::take(&mut st.diff);
+        let max_age =
+            matches!(&shared.transport, crate::Transport::Cookie(c) if c.max_age.is_some());
+        match phase {
+            Phase::Unloaded => Commit {
+                out: match &st.incoming {
+                    Incoming::Invalid => Some(Outgoing::Remove),
+                    Incoming::Valid { id, resign: true } => Some(Outgoing::Set(id.clone())),
+                    _ => None,
+                },
+                failed: false,
+            },
+            Phase::Destroyed => Commit {
+                out: removal(),
+                failed: false,
+            },
+            Phase::Fresh { .. } if diff.is_empty() => Commit {
+                out: removal(),
+                failed: false,
+            },
+            Phase::Fresh { id, backend } => {
+                let new = NewRecord {
+                    data: diff.set,
+                    user: diff.user.flatten(),
+                    user_agent: self.inner.client.user_agent.clone(),
+                    ip: self.inner.client.ip.clone(),
+                    created_at: None,
+                    expires_at: None,
+                };
+                match self.create(id, backend, &new, true).await {
+                    Some(id) => Commit {
+                        out: Some(Outgoing::Set(id)),
+                        failed: false,
+                    },
+                    None => Commit {
+                        out: removal(),
+                        failed: true,
+                    },
+                }
+            }
+            Phase::Loaded { id, backend, .. } if st.rotate => {
+                // Take the current record (concurrent writes included) and
+                // kill the old id in one command; a session destroyed
+                // meanwhile stays dead.
+                let old = shared.hasher.session(&id);
+                let taken = on_store!(shared, backend, |s| s.take(&old).await);
+                let mut record = match taken {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        return Commit {
+                            out: Some(Outgoing::Remove),
+                            failed: false,
+                        };
+                    }
+                    Err(e) => {
+                        store_error(shared, backend, "rotate", &e);
+                        return Commit {
+                            out: None,
+                            failed: true,
+                        };
+                    }
+                };
+                diff.apply(&mut record);
+                let new = NewRecord {
+                    data: std::mem::take(&mut record.data),
+                    user: record.user.take(),
+                    user_agent: record.user_agent.take(),
+                    ip: record.ip.take(),
+                    created_at: Some(record.created_at),
+                    expires_at: Some(record.expires_at),
+                };
+                // No fallback here: the record came from `backend`.
+                let created = self
+                    .create(SessionId::generate(), backend, &new, false)
+                    .await;
+                if created.is_some() {
+                    metrics::counter!("tollgate_session_rotations_total", "store" => shared.label(backend))
+                        .increment(1);
+                }
+                Commit {
+                    failed: created.is_none(),
+                    out: Some(created.map_or(Outgoing::Remove, Outgoing::Set)),
+                }
+            }
+            Phase::Loaded {
+                id,
+                record,
+                backend,
+            } => {
+                let resign = matches!(st.incoming, Incoming::Valid { resign: true, .. });
+                if diff.is_empty() {
+                    return Commit {
+                        out: (resign || max_age).then_some(Outgoing::Set(id)),
+                        failed: false,
+                    };
+                }
+                let hash = shared.hasher.session(&id);
+                let user_hash = match &diff.user {
+                    Some(Some(u)) => Some(shared.hasher.user(u)),
+                    _ => None,
+                };
+                let saved = on_store!(shared, backend, |s| {
+                    s.save(&hash, user_hash.as_deref(), &diff, record.generation)
+                        .await
+                });
+                let label = shared.label(backend);
+                match saved {
+                    Ok(SaveOutcome::Missing) => {
+                        metrics::counter!("tollgate_session_saves_total", "store" => label, "result" => "missing")
+                            .increment(1);
+                        tracing::debug!(session = %hash, "session ended during the request: nothing saved");
+                        Commit {
+                            out: Some(Outgoing::Remove),
+                            failed: false,
+                        }
+                    }
+                    Ok(outcome) => {
+                        let result = if outcome == SaveOutcome::Merged {
+                            metrics::counter!("tollgate_session_write_conflicts_total", "store" => label)
+                                .increment(1);
+                            "merged"
+                        } else {
+                            "saved"
+                        };
+                        metrics::counter!("tollgate_session_saves_total", "store" => label, "result" => result)
+                            .increment(1);
+                        Commit {
+                            out: (resign || max_age).then_some(Outgoing::Set(id)),
+                            failed: false,
+                        }
+                    }
+                    Err(e) => {
+                        store_error(shared, backend, "save", &e);
+                        Commit {
+                            out: None,
+                            failed: true,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Creates a record under `id` (or a fresh id on collision). With
+    /// `may_fall_back`, a primary failure creates it in the fallback.
+    async fn create(
+        &self,
+        mut id: SessionId,
+        mut backend: Backend,
+        new: &NewRecord,
+        may_fall_back: bool,
+    ) -> Option<SessionId> {
+        let shared = self.shared();
+        let user_hash = new.user.as_deref().map(|u| shared.hasher.user(u));
+        let mut new = new.clone();
+        if let Some(ua) = &mut new.user_agent
+            && ua.len() > MAX_USER_AGENT
+        {
+            let mut end = MAX_USER_AGENT;
+            while !ua.is_char_boundary(end) {
+                end -= 1;
+            }
+            ua.truncate(end);
+        }
+        for _ in 0..CREATE_ATTEMPTS {
+            let hash = shared.hasher.session(&id);
+            let res = on_store!(shared, backend, |s| s
+                .create(&hash, user_hash.as_deref(), &new)
+                .await);
+            match res {
+                Ok(true) => {
+                    metrics::counter!("tollgate_session_creates_total", "store" => shared.label(backend))
+                        .increment(1);
+                    return Some(id);
+                }
+                // A collision (or a rotation past its absolute expiry).
+                Ok(false) if new.expires_at.is_some() => return None,
+                Ok(false) => id = SessionId::generate(),
+                Err(e) => {
+                    store_error(shared, backend, "create", &e);
+                    if !may_fall_back
+                        || backend == Backend::Fallback
+                        || shared.failure == crate::FailureMode::FailClosed
+                    {
+                        return None;
+                    }
+                    metrics::counter!("tollgate_session_fallback_total", "op" => "create")
+                        .increment(1);
+                    backend = Backend::Fallback;
+                }
+            }
+        }
+        None
+    }
+}
+
+fn store_error(shared: &Shared, backend: Backend, op: &'static str, e: &Error) {
+    metrics::counter!("tollgate_session_store_errors_total", "store" => shared.label(backend), "op" => op)
+        .increment(1);
+    tracing::warn!(op, store = shared.label(backend), error = %e, "session store failed");
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Session {
+    type Rejection = (http::StatusCode, &'static str);
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Session>().cloned().ok_or((
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "Session extractor used without SessionLayer",
+        ))
+    }
+}

@@ -1,0 +1,303 @@
+//! The Redis store: one JSON string per session, written by Lua scripts.
+
+use std::sync::LazyLock;
+
+use futures::future::join_all;
+use tollgate_redis::fred::interfaces::{KeysInterface, SortedSetsInterface};
+use tollgate_redis::fred::types::Value;
+use tollgate_redis::{KeySpace, RedisHandle, Script};
+
+use super::{Diff, NewRecord, Record, SaveOutcome, SessionInfo, SessionStore, Timeouts, millis};
+use crate::error::Error;
+
+static CREATE: LazyLock<Script> =
+    LazyLock::new(|| Script::new("session_create", include_str!("create.lua")));
+static LOAD: LazyLock<Script> =
+    LazyLock::new(|| Script::new("session_load", include_str!("load.lua")));
+static SAVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new("session_save", include_str!("save.lua")));
+static INDEX_ADD: LazyLock<Script> =
+    LazyLock::new(|| Script::new("session_index_add", include_str!("index_add.lua")));
+static INDEX_LIST: LazyLock<Script> =
+    LazyLock::new(|| Script::new("session_index_list", include_str!("index_list.lua")));
+
+/// Index scores are an upper bound of a session's expiry computed on
+/// another node's (or the app's) clock: this much slack keeps a live
+/// session from being trimmed out of its user's index (and so escaping
+/// "revoke all") under clock skew.
+const INDEX_SLACK_MS: u64 = 5 * 60 * 1000;
+
+/// Sessions in Redis.
+///
+/// Keys: `{namespace}:session:{id_hash}` for a record (a JSON string with a
+/// PX expiry of min(idle, absolute remaining)), and
+/// `{namespace}:session:{user_hash}:user` for a user's index (a sorted set
+/// of id hashes scored by expiry). On a cluster a user's index and their
+/// records live in different slots, so index maintenance is its own
+/// command, always sent *before* the record is bound (a session can never
+/// be bound to a user without being in the index that "revoke all" reads).
+///
+/// Round trips: load 1 (a read inside the touch window writes nothing),
+/// save 1, create 1 (+1 when a user is bound), delete 1.
+#[derive(Clone, Debug)]
+pub struct RedisStore {
+    handle: RedisHandle,
+    keys: KeySpace,
+    timeouts: Timeouts,
+}
+
+impl RedisStore {
+    /// A store on `handle` enforcing `timeouts`.
+    pub fn new(handle: RedisHandle, timeouts: Timeouts) -> Self {
+        RedisStore {
+            keys: handle.keys("session"),
+            handle,
+            timeouts,
+        }
+    }
+
+    /// The shared handle.
+    pub fn handle(&self) -> &RedisHandle {
+        &self.handle
+    }
+
+    /// The Redis key of a session record.
+    pub fn record_key(&self, id_hash: &str) -> String {
+        self.keys.tagged(id_hash, &[])
+    }
+
+    /// The Redis key of a user's index.
+    pub fn index_key(&self, user_hash: &str) -> String {
+        self.keys.tagged(user_hash, &["user"])
+    }
+
+    async fn index_add(
+        &self,
+        user_hash: &str,
+        id_hash: &str,
+        expires_at: u64,
+    ) -> Result<(), Error> {
+        let score = expires_at.saturating_add(INDEX_SLACK_MS);
+        let _: i64 = self
+            .handle
+            .eval(
+                &INDEX_ADD,
+                vec![self.index_key(user_hash)],
+                vec![id_hash.to_owned(), score.to_string()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn index_members(&self, user_hash: &str) -> Result<Vec<String>, Error> {
+        Ok(self
+            .handle
+            .eval(
+                &INDEX_LIST,
+                vec![self.index_key(user_hash)],
+                Vec::<String>::new(),
+            )
+            .await?)
+    }
+
+    async fn get(&self, id_hash: &str) -> Result<Option<Record>, Error> {
+        let key = self.record_key(id_hash);
+        let raw: Option<String> = self
+            .handle
+            .call(|c| async move { c.get(key).await })
+            .await?;
+        raw.as_deref().map(Record::from_json).transpose()
+    }
+
+    /// Members of the user's index whose records still belong to the user.
+    async fn user_records(
+        &self,
+        user_hash: &str,
+        user_id: &str,
+    ) -> Result<Vec<(String, Record)>, Error> {
+        let members = self.index_members(user_hash).await?;
+        let records = join_all(members.iter().map(|m| self.get(m))).await;
+        let mut live = Vec::new();
+        let mut stale = Vec::new();
+        for (m, r) in members.into_iter().zip(records) {
+            match r? {
+                Some(r) if r.user.as_deref() == Some(user_id) => live.push((m, r)),
+                // Bound to nobody yet (a login in flight adds the index
+                // entry first) or to someone else: left to expire.
+                Some(_) => {}
+                None => stale.push(m),
+            }
+        }
+        if !stale.is_empty() {
+            let key = self.index_key(user_hash);
+            let _: i64 = self
+                .handle
+                .call(|c| async move { c.zrem(key, stale).await })
+                .await?;
+        }
+        Ok(live)
+    }
+}
+
+impl SessionStore for RedisStore {
+    async fn create(
+        &self,
+        id_hash: &str,
+        user_hash: Option<&str>,
+        new: &NewRecord,
+    ) -> Result<bool, Error> {
+        if let Some(u) = user_hash {
+            let expires = new
+                .expires_at
+                .unwrap_or_else(|| super::now_ms().saturating_add(millis(self.timeouts.absolute)));
+            self.index_add(u, id_hash, expires).await?;
+        }
+        let json = serde_json::to_string(new).map_err(Error::Corrupt)?;
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let code: i64 = self
+            .handle
+            .eval(
+                &CREATE,
+                vec![self.record_key(id_hash)],
+                vec![
+                    millis(self.timeouts.idle).to_string(),
+                    millis(self.timeouts.absolute).to_string(),
+                    json,
+                    opt(new.created_at),
+                    opt(new.expires_at),
+                ],
+            )
+            .await?;
+        Ok(code == 1)
+    }
+
+    async fn load(&self, id_hash: &str) -> Result<Option<Record>, Error> {
+        let raw: Option<String> = self
+            .handle
+            .eval(
+                &LOAD,
+                vec![self.record_key(id_hash)],
+                vec![
+                    millis(self.timeouts.idle).to_string(),
+                    millis(self.timeouts.touch_after).to_string(),
+                ],
+            )
+            .await?;
+        raw.as_deref().map(Record::from_json).transpose()
+    }
+
+    async fn save(
+        &self,
+        id_hash: &str,
+        user_hash: Option<&str>,
+        diff: &Diff,
+        generation: u64,
+    ) -> Result<SaveOutcome, Error> {
+        if let (Some(u), Some(Some(_))) = (user_hash, &diff.user) {
+            // The record's expiry is not known here; the absolute timeout
+            // from now bounds it.
+            let expires = super::now_ms().saturating_add(millis(self.timeouts.absolute));
+            self.index_add(u, id_hash, expires).await?;
+        }
+        let wire = serde_json::json!({
+            "clear": diff.clear,
+            "set": diff.set,
+            "remove": diff.remove,
+            "bind": diff.user.is_some(),
+            "user": diff.user.clone().flatten(),
+        });
+        let reply: Vec<Value> = self
+            .handle
+            .eval(
+                &SAVE,
+                vec![self.record_key(id_hash)],
+                vec![
+                    millis(self.timeouts.idle).to_string(),
+                    wire.to_string(),
+                    generation.to_string(),
+                ],
+            )
+            .await?;
+        let status = reply.first().and_then(Value::as_i64).unwrap_or(0);
+        Ok(match status {
+            1 => SaveOutcome::Saved,
+            2 => SaveOutcome::Merged,
+            _ => SaveOutcome::Missing,
+        })
+    }
+
+    async fn take(&self, id_hash: &str) -> Result<Option<Record>, Error> {
+        let key = self.record_key(id_hash);
+        let raw: Option<String> = self
+            .handle
+            .call(|c| async move { c.getdel(key).await })
+            .await?;
+        let record = raw.as_deref().map(Record::from_json).transpose()?;
+        let now = super::now_ms();
+        Ok(record.filter(|r| !r.is_expired(now, self.timeouts.idle)))
+    }
+
+    async fn delete(&self, id_hash: &str) -> Result<bool, Error> {
+        let key = self.record_key(id_hash);
+        let n: i64 = self
+            .handle
+            .call(|c| async move { c.del(key).await })
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn list_user(&self, user_hash: &str, user_id: &str) -> Result<Vec<SessionInfo>, Error> {
+        let mut list: Vec<SessionInfo> = self
+            .user_records(user_hash, user_id)
+            .await?
+            .into_iter()
+            .map(|(h, r)| SessionInfo::of(h, &r))
+            .collect();
+        list.sort_by_key(|s| s.created_at);
+        Ok(list)
+    }
+
+    async fn revoke_user(
+        &self,
+        user_hash: &str,
+        user_id: &str,
+        except: Option<&str>,
+    ) -> Result<usize, Error> {
+        let members: Vec<String> = self
+            .index_members(user_hash)
+            .await?
+            .into_iter()
+            .filter(|m| Some(m.as_str()) != except)
+            .collect();
+        if members.is_empty() {
+            return Ok(0);
+        }
+        // Only the user's own records: a member re-bound to someone else
+        // since is left alone.
+        let records = join_all(members.iter().map(|m| self.get(m))).await;
+        let mut mine = Vec::new();
+        let mut gone = Vec::new();
+        for (m, r) in members.into_iter().zip(records) {
+            match r? {
+                Some(r) if r.user.as_deref() == Some(user_id) => mine.push(m),
+                // See `user_records`: left to expire.
+                Some(_) => {}
+                None => gone.push(m),
+            }
+        }
+        let deleted = join_all(mine.iter().map(|m| self.delete(m))).await;
+        let mut n = 0;
+        for d in deleted {
+            n += usize::from(d?);
+        }
+        gone.extend(mine);
+        if !gone.is_empty() {
+            let key = self.index_key(user_hash);
+            let _: i64 = self
+                .handle
+                .call(|c| async move { c.zrem(key, gone).await })
+                .await?;
+        }
+        Ok(n)
+    }
+}
