@@ -45,6 +45,10 @@ pub use tollgate_ratelimit as ratelimit;
 #[cfg(feature = "usage")]
 pub use tollgate_usage as usage;
 
+/// Sessions.
+#[cfg(feature = "session")]
+pub use tollgate_session as session;
+
 mod stack;
 
 pub use stack::Layers;
@@ -121,6 +125,17 @@ impl Tollgate {
         match &self.redis {
             Some(h) => usage::UsageTracker::redis(h.clone(), config),
             None => usage::UsageTracker::in_memory(config),
+        }
+    }
+
+    /// A sessions builder wired to the shared handle (give it a
+    /// [`secret`](session::SessionsBuilder::secret) when Redis is used).
+    #[cfg(feature = "session")]
+    pub fn sessions(&self) -> session::SessionsBuilder {
+        let b = session::Sessions::builder();
+        match &self.redis {
+            Some(h) => b.redis(h.clone()),
+            None => b,
         }
     }
 

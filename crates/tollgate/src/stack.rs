@@ -4,13 +4,13 @@ use tower::Layer;
 use tower::util::Either;
 
 /// The tollgate layers in their fixed order, outermost first: usage
-/// tracking → rate limiting → the handler (response cache and sessions
-/// slot in between as they land). Each is optional.
+/// tracking → rate limiting → (response cache) → sessions → the handler.
+/// Each is optional.
 ///
 /// Why this order: usage must count every request, including the ones the
 /// rate limiter refuses (it records those as rate-limit hits); the rate
 /// limiter must protect everything behind it, cache and session store
-/// included.
+/// included; a cache hit must never touch the session store.
 #[derive(Clone, Debug, Default)]
 #[must_use]
 pub struct Layers {
@@ -18,6 +18,8 @@ pub struct Layers {
     usage: Option<crate::usage::UsageLayer>,
     #[cfg(feature = "ratelimit")]
     rate_limit: Option<crate::ratelimit::RateLimitLayer>,
+    #[cfg(feature = "session")]
+    session: Option<crate::session::SessionLayer>,
 }
 
 impl Layers {
@@ -39,7 +41,19 @@ impl Layers {
         self.rate_limit = Some(crate::ratelimit::RateLimitLayer::new(limiter));
         self
     }
+
+    /// Adds sessions (innermost, next to the handler).
+    #[cfg(feature = "session")]
+    pub fn session(mut self, sessions: crate::session::Sessions) -> Self {
+        self.session = Some(crate::session::SessionLayer::new(sessions));
+        self
+    }
 }
+
+#[cfg(feature = "session")]
+type WithSession<S> = Either<crate::session::SessionManager<S>, S>;
+#[cfg(not(feature = "session"))]
+type WithSession<S> = S;
 
 #[cfg(feature = "ratelimit")]
 type WithRateLimit<S> = Either<crate::ratelimit::RateLimit<S>, S>;
@@ -52,9 +66,14 @@ type WithUsage<S> = Either<crate::usage::UsageTracking<S>, S>;
 type WithUsage<S> = S;
 
 impl<S> Layer<S> for Layers {
-    type Service = WithUsage<WithRateLimit<S>>;
+    type Service = WithUsage<WithRateLimit<WithSession<S>>>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        #[cfg(feature = "session")]
+        let inner = match &self.session {
+            Some(l) => Either::Left(l.layer(inner)),
+            None => Either::Right(inner),
+        };
         #[cfg(feature = "ratelimit")]
         let inner = match &self.rate_limit {
             Some(l) => Either::Left(l.layer(inner)),

@@ -11,7 +11,7 @@ use tollgate::usage::{TenantSource, UsageConfig, UsageLayer};
 use tower::{Layer, ServiceExt, service_fn};
 
 #[tokio::test]
-async fn usage_wraps_the_rate_limiter_and_counts_its_denials() {
+async fn layers_apply_in_the_one_correct_order() {
     let tg = Tollgate::in_process();
     let table = PolicyTable::builder()
         .policy(Policy::new("api", Quota::per_minute(2)))

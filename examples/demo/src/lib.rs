@@ -9,6 +9,7 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tollgate::Tollgate;
 use tollgate::redis::{RedisConfig, RedisHandle};
+use tollgate::session::{CookieConfig, Sessions};
 use tollgate::usage::{TenantSource, UsageConfig, UsageLayer, UsageTracker};
 
 pub mod limits;
@@ -17,7 +18,7 @@ mod routes;
 pub use routes::DemoState;
 
 /// Layers the demo wires; reported by `/health/redis`.
-pub const LAYERS: &[&str] = &["ratelimit", "usage"];
+pub const LAYERS: &[&str] = &["ratelimit", "usage", "session"];
 
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,9 @@ pub enum DemoError {
     /// An unreachable Redis is not an error: the demo starts degraded.
     #[error("REDIS_URL is unusable: {0}")]
     Redis(#[from] tollgate::redis::Error),
+    /// The session configuration was refused (e.g. a short SESSION_SECRET).
+    #[error("session configuration: {0}")]
+    Session(#[from] tollgate::session::Error),
     /// Serving failed.
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
@@ -89,6 +93,56 @@ pub fn install_metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// Sessions on the shared handle. The secret keys the hashes under which
+/// sessions are stored, so it must survive restarts: `SESSION_SECRET` (at
+/// least 32 bytes) when set; otherwise, with Redis, one generated once and
+/// kept in Redis (a demo convenience: in production, give it from a secret
+/// store); in process, a random one. The cookie drops `Secure` when the
+/// demo listens on loopback, so plain-http `curl` and browsers keep it.
+async fn sessions(tollgate: &Tollgate, config: &DemoConfig) -> Result<Sessions, DemoError> {
+    let secret = match std::env::var("SESSION_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
+        Some(s) => s.into_bytes(),
+        None => match tollgate.redis() {
+            Some(h) => shared_secret(h).await,
+            None => random_secret(),
+        },
+    };
+    let cookie = CookieConfig::new()
+        .name("tollgate_demo")
+        .secure(!config.addr.ip().is_loopback());
+    Ok(tollgate.sessions().secret(secret).cookie(cookie).build()?)
+}
+
+fn random_secret() -> Vec<u8> {
+    hex::encode(rand::random::<[u8; 32]>()).into_bytes()
+}
+
+async fn shared_secret(h: &RedisHandle) -> Vec<u8> {
+    use tollgate::redis::fred::interfaces::KeysInterface;
+    use tollgate::redis::fred::types::SetOptions;
+    let key = h.keys("demo").key(&["session-secret"]);
+    let candidate = String::from_utf8(random_secret()).unwrap_or_default();
+    let (k1, k2, c) = (key.clone(), key, candidate.clone());
+    let stored: Result<Option<String>, _> = h
+        .call(|cl| async move {
+            let _: Option<String> = cl.set(k1, c, None, Some(SetOptions::NX), false).await?;
+            cl.get(k2).await
+        })
+        .await;
+    match stored {
+        Ok(Some(s)) => s.into_bytes(),
+        _ => {
+            tracing::warn!(
+                "Redis unavailable at start: sessions use a per-process secret until restart"
+            );
+            candidate.into_bytes()
+        }
+    }
+}
+
 /// The assembled service.
 pub struct App {
     router: Router,
@@ -114,13 +168,24 @@ impl App {
         let plans = limits::plans();
         let usage_layer = UsageLayer::new(usage.clone(), TenantSource::header("x-api-key"))
             .plans(plans, |key, _| Some(limits::plan_of(key).to_owned()));
-        let layers = tollgate.layers().usage(usage_layer).rate_limit(limiter);
+        let sessions = sessions(&tollgate, config).await?;
+        let layers = tollgate
+            .layers()
+            .usage(usage_layer)
+            .rate_limit(limiter)
+            .session(sessions);
 
         let api = Router::new()
             .route("/api/ping", get(routes::ping))
             .route("/api/payments", post(routes::payment))
             .route("/api/webhooks/stripe", post(routes::stripe_webhook))
-            .route("/api/auth/login", post(routes::login))
+            .route("/api/auth/login", post(routes::login_session))
+            .route("/api/auth/logout", post(routes::logout))
+            .route("/api/me", get(routes::me))
+            .route(
+                "/api/sessions",
+                get(routes::list_sessions).delete(routes::revoke_other_sessions),
+            )
             .route("/api/search", get(routes::search))
             .route("/api/bookings", post(routes::booking))
             .route("/api/guest-checkout", post(routes::guest_checkout))

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::json;
+use tollgate::session::Session;
 use tollgate::usage::{QuotaOutcome, Usage, UsageTracker};
 
 use crate::limits;
@@ -52,7 +53,8 @@ pub(crate) async fn index() -> Json<serde_json::Value> {
             "POST /api/payments", "POST /api/webhooks/stripe", "POST /api/auth/login",
             "GET /api/search?q=", "POST /api/bookings", "POST /api/guest-checkout",
             "GET /api/ping", "GET /api/usage", "GET /api/usage/top?metric=api_request",
-            "POST /api/emails",
+            "POST /api/emails", "POST /api/auth/logout", "GET /api/me",
+            "GET /api/sessions", "DELETE /api/sessions",
         ],
     }))
 }
@@ -72,17 +74,6 @@ pub(crate) async fn stripe_webhook() -> Json<serde_json::Value> {
 #[derive(Deserialize)]
 pub(crate) struct Login {
     user: String,
-}
-
-pub(crate) async fn login(Json(body): Json<Login>) -> Response {
-    let user = body.user.trim();
-    if user.is_empty() || user.len() > 64 {
-        return problem(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "user must be 1 to 64 characters",
-        );
-    }
-    Json(json!({ "user": user })).into_response()
 }
 
 #[derive(Deserialize)]
@@ -222,4 +213,110 @@ pub(crate) async fn email(usage: Option<Extension<Usage>>) -> Response {
             Json(json!({ "sent": true, "email_sent": total })).into_response()
         }
     }
+}
+
+/// Logs in: a new session id (the old one, if any, is dead), bound to the
+/// user.
+pub(crate) async fn login_session(session: Session, Json(body): Json<Login>) -> Response {
+    let user = body.user.trim().to_owned();
+    if user.is_empty() || user.len() > 64 {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "user must be 1 to 64 characters",
+        );
+    }
+    let result = async {
+        session.rotate_id().await?;
+        session.bind_user(user.clone()).await?;
+        session.insert("user", &user).await
+    }
+    .await;
+    match result {
+        Ok(()) => Json(json!({ "user": user })).into_response(),
+        Err(e) => session_error(&e),
+    }
+}
+
+/// Logs out: the session is destroyed and the cookie cleared.
+pub(crate) async fn logout(session: Session) -> Response {
+    match session.destroy().await {
+        Ok(()) => Json(json!({ "logged_out": true })).into_response(),
+        Err(e) => session_error(&e),
+    }
+}
+
+/// The logged-in user and how many times this endpoint saw the session.
+pub(crate) async fn me(session: Session) -> Response {
+    let result = async {
+        let Some(user) = session.get::<String>("user").await? else {
+            return Ok(None);
+        };
+        let visits = session.get::<u64>("visits").await?.unwrap_or(0) + 1;
+        session.insert("visits", &visits).await?;
+        Ok::<_, tollgate::session::Error>(Some((user, visits)))
+    }
+    .await;
+    match result {
+        Ok(Some((user, visits))) => Json(json!({ "user": user, "visits": visits })).into_response(),
+        Ok(None) => problem(
+            StatusCode::UNAUTHORIZED,
+            "log in first: POST /api/auth/login",
+        ),
+        Err(e) => session_error(&e),
+    }
+}
+
+/// The current user's sessions.
+pub(crate) async fn list_sessions(session: Session) -> Response {
+    match session.user_id().await {
+        Ok(Some(user)) => match session.user_sessions().await {
+            Ok(list) => {
+                let current = session.id_hash().await.ok().flatten();
+                let list: Vec<_> = list
+                    .into_iter()
+                    .map(|s| {
+                        json!({
+                            "id": s.id_hash,
+                            "current": current.as_deref() == Some(s.id_hash.as_str()),
+                            "created_at_ms": s.created_at,
+                            "last_seen_ms": s.last_seen,
+                            "expires_at_ms": s.expires_at,
+                            "user_agent": s.user_agent,
+                            "ip": s.ip,
+                        })
+                    })
+                    .collect();
+                Json(json!({ "user": user, "sessions": list })).into_response()
+            }
+            Err(e) => session_error(&e),
+        },
+        Ok(None) => problem(
+            StatusCode::UNAUTHORIZED,
+            "log in first: POST /api/auth/login",
+        ),
+        Err(e) => session_error(&e),
+    }
+}
+
+/// Revokes every other session of the current user.
+pub(crate) async fn revoke_other_sessions(session: Session) -> Response {
+    match session.user_id().await {
+        Ok(Some(_)) => match session.revoke_other_sessions().await {
+            Ok(n) => Json(json!({ "revoked": n })).into_response(),
+            Err(e) => session_error(&e),
+        },
+        Ok(None) => problem(
+            StatusCode::UNAUTHORIZED,
+            "log in first: POST /api/auth/login",
+        ),
+        Err(e) => session_error(&e),
+    }
+}
+
+fn session_error(e: &tollgate::session::Error) -> Response {
+    tracing::warn!(error = %e, "session store error");
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "session store unavailable, try again",
+    )
 }

@@ -154,6 +154,130 @@ async fn the_api_key_identifies_the_caller_and_its_plan() {
     assert_eq!(json["top"][0]["tenant"], "free_alice");
 }
 
+fn with_cookie(mut req: Request<Body>, cookie: &Option<String>) -> Request<Body> {
+    if let Some(c) = cookie {
+        req.headers_mut()
+            .insert("cookie", c.parse().expect("cookie"));
+    }
+    req
+}
+
+fn set_cookie(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn login_me_sessions_logout() {
+    let app = App::build(&config(None), install_metrics())
+        .await
+        .expect("build");
+    let (status, _, _) = call(&app, from_ip("GET", "/api/me", "192.0.2.1")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let login = || {
+        let mut r = from_ip("POST", "/api/auth/login", "192.0.2.1");
+        *r.body_mut() = Body::from(r#"{"user":"alice"}"#);
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().expect("ct"));
+        r
+    };
+    let (status, headers, body) = call(&app, login()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, r#"{"user":"alice"}"#);
+    let cookie = set_cookie(&headers);
+    assert!(
+        cookie
+            .as_deref()
+            .is_some_and(|c| c.starts_with("tollgate_demo="))
+    );
+    for visits in 1..=2 {
+        let (status, _, body) = call(
+            &app,
+            with_cookie(from_ip("GET", "/api/me", "192.0.2.1"), &cookie),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, format!(r#"{{"user":"alice","visits":{visits}}}"#));
+    }
+    // A second device logs in; the first revokes it.
+    let (_, headers, _) = call(&app, login()).await;
+    let other = set_cookie(&headers);
+    let (_, _, body) = call(
+        &app,
+        with_cookie(from_ip("GET", "/api/sessions", "192.0.2.1"), &cookie),
+    )
+    .await;
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(json["sessions"].as_array().map(Vec::len), Some(2), "{body}");
+    let (_, _, body) = call(
+        &app,
+        with_cookie(from_ip("DELETE", "/api/sessions", "192.0.2.1"), &cookie),
+    )
+    .await;
+    assert_eq!(body, r#"{"revoked":1}"#);
+    let (status, _, _) = call(
+        &app,
+        with_cookie(from_ip("GET", "/api/me", "192.0.2.1"), &other),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the other device is logged out"
+    );
+    // Logout clears the cookie and stays logged out.
+    let (status, headers, _) = call(
+        &app,
+        with_cookie(from_ip("POST", "/api/auth/logout", "192.0.2.1"), &cookie),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers["set-cookie"]
+            .to_str()
+            .expect("ascii")
+            .contains("Max-Age=0")
+    );
+    let (status, _, _) = call(
+        &app,
+        with_cookie(from_ip("GET", "/api/me", "192.0.2.1"), &cookie),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_survives_a_restart_with_redis() {
+    let server = tollgate_testkit::RedisServer::start();
+    let first = App::build(&config(Some(server.url())), install_metrics())
+        .await
+        .expect("build");
+    let mut login = from_ip("POST", "/api/auth/login", "192.0.2.9");
+    *login.body_mut() = Body::from(r#"{"user":"bob"}"#);
+    login
+        .headers_mut()
+        .insert("content-type", "application/json".parse().expect("ct"));
+    let (status, headers, _) = call(&first, login).await;
+    assert_eq!(status, StatusCode::OK);
+    let cookie = set_cookie(&headers);
+    drop(first);
+    // A new process: new handle, same Redis, no SESSION_SECRET given.
+    let second = App::build(&config(Some(server.url())), install_metrics())
+        .await
+        .expect("build");
+    let (status, _, body) = call(
+        &second,
+        with_cookie(from_ip("GET", "/api/me", "192.0.2.9"), &cookie),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, r#"{"user":"bob","visits":1}"#);
+}
+
 #[test]
 fn arguments_are_checked() {
     assert!(DemoConfig::from_env_and_args(["--addr".to_owned(), "nonsense".to_owned()]).is_err());
