@@ -66,6 +66,19 @@
 //! with several GCRA policies may be charged on the first ones when a later
 //! one denies (governor has no refund).
 //!
+//! *Lease* ([`RateLimiterBuilder::lease`]): each instance takes `chunk`
+//! tokens at a time from Redis and spends them locally, at most one lease
+//! request per identity in flight per instance. Overshoot is bounded by
+//! `chunk × instances` (tokens are debited before they are spent; an
+//! instance holds at most one chunk per identity); for generous limits
+//! where throughput matters more than the last token.
+//!
+//! With tonic (`Server::builder().layer(...)`): the layer builds its
+//! refusals from bytes, which `tonic::body::Body` cannot be, so map the
+//! routes' body (e.g. `.map_response(|r| r.map(axum::body::Body::new))`
+//! under the layer); and tonic records the peer as `TcpConnectInfo`, which
+//! [`PeerIp`] does not read: key with [`key_fn`] (see `tests/tonic.rs`).
+//!
 //! One identity per layer: all policies of a request are keyed by the same
 //! identity (one hash tag, so one cluster slot). To limit per IP *and* per
 //! tenant, stack two layers.

@@ -150,16 +150,24 @@ impl RateLimiterBuilder {
 
     /// Lease mode: for requests whose policies are all GCRA, take `chunk`
     /// tokens from Redis at a time and spend them locally (0, the default,
-    /// is exact mode). Redis traffic drops by about `chunk`×.
+    /// is exact mode). Redis traffic drops by about `chunk`×. The chunk is
+    /// capped at the smallest burst; a request costing at least the chunk
+    /// is decided exactly.
     ///
-    /// Bound: tokens are debited in Redis before they are spent, so over a
-    /// long run no more than the quota is admitted; but a lease is spent
-    /// for up to `chunk × T` after it was taken, so at any instant at most
-    /// `chunk × instances` requests beyond the burst may be admitted.
-    /// Conversely tokens held by an instance are not available to others:
-    /// under a cold concurrent burst one instance may take several chunks
-    /// (one per concurrent request) and the others get fewer. When a lease
-    /// cannot be had, the request is decided exactly.
+    /// Each instance has at most one lease request per (policies, identity)
+    /// in flight; concurrent requests for the same identity wait for it
+    /// (within the handle's deadline, like a Redis call) and spend from it.
+    /// So an instance never holds more than one chunk per identity, and a
+    /// cold burst is shared between instances chunk by chunk. When Redis
+    /// refuses a chunk, that identity is decided exactly until a chunk
+    /// would conform again (the last tokens are not lost).
+    ///
+    /// Bound: tokens are debited in Redis before they are spent, and a
+    /// lease is spent for at most `chunk × T` after it was taken; so in any
+    /// window at most `chunk × instances` requests beyond what exact mode
+    /// admits may be admitted. Conversely a lease an instance does not use
+    /// up is lost when it expires (under-admission of at most a chunk per
+    /// instance and identity).
     pub fn lease(mut self, chunk: u32) -> Self {
         self.lease = chunk;
         self
@@ -226,11 +234,114 @@ pub(crate) struct Inner {
     leases: Mutex<HashMap<String, Lease>>,
 }
 
-/// Tokens taken from Redis, spent locally until `until`.
+/// How many keys may hold a lease (or a lease request) at once.
+const MAX_LEASES: usize = 100_000;
+
+/// One instance's lease of one (policies, identity): tokens taken from
+/// Redis, spent locally until `until`.
 struct Lease {
     tokens: u64,
     until: Instant,
-    report: Report,
+    /// Redis's report when the lease was taken.
+    report: Option<Report>,
+    /// Redis refused a chunk: decide exactly until then.
+    exact_until: Option<Instant>,
+    /// The lease request in flight, if any; requests wait on it.
+    flight: Option<tokio::sync::watch::Receiver<FlightEnd>>,
+}
+
+impl Lease {
+    fn empty() -> Self {
+        Lease {
+            tokens: 0,
+            until: Instant::now(),
+            report: None,
+            exact_until: None,
+            flight: None,
+        }
+    }
+
+    /// Whether the entry still matters (memory bound).
+    fn live(&self, now: Instant) -> bool {
+        self.until > now || self.flight.is_some() || self.exact_until.is_some_and(|t| t > now)
+    }
+}
+
+/// How a lease request ended, for the requests waiting on it.
+#[derive(Debug)]
+enum FlightEnd {
+    Pending,
+    Done,
+    Failed(tollgate_redis::Error),
+}
+
+/// What a request does next in lease mode.
+enum LeaseStep<'a> {
+    /// Spent from this instance's lease.
+    Spent(Report),
+    /// Wait for the lease request in flight.
+    Wait(tokio::sync::watch::Receiver<FlightEnd>),
+    /// Take a chunk: this request is the only one in flight for the key.
+    Lead(Flight<'a>),
+    /// Decide exactly.
+    Exact,
+}
+
+/// The one lease request in flight for a key. Dropping it (answered,
+/// failed, or its caller went away) updates the slot, then wakes the
+/// waiters.
+struct Flight<'a> {
+    leases: &'a Mutex<HashMap<String, Lease>>,
+    key: String,
+    tx: tokio::sync::watch::Sender<FlightEnd>,
+    lease: Option<Lease>,
+    end: Option<FlightEnd>,
+}
+
+impl Flight<'_> {
+    /// Redis granted a chunk. It replaces whatever was left (fewer tokens
+    /// than a request costs): an instance never holds more than one chunk
+    /// per key, which is what bounds the overshoot.
+    fn granted(mut self, lease: Lease) {
+        self.lease = Some(lease);
+        self.end = Some(FlightEnd::Done);
+    }
+
+    /// Redis refused a chunk: exact decisions until `until`.
+    fn denied(mut self, until: Instant) {
+        let mut l = Lease::empty();
+        l.exact_until = Some(until);
+        self.lease = Some(l);
+        self.end = Some(FlightEnd::Done);
+    }
+
+    /// Redis failed: the waiters fail the same way (no retry per waiter).
+    fn failed(mut self, e: tollgate_redis::Error) {
+        self.end = Some(FlightEnd::Failed(e));
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let Ok(mut m) = self.leases.lock() else {
+            return;
+        };
+        match self.lease.take() {
+            Some(l) => {
+                m.insert(std::mem::take(&mut self.key), l);
+            }
+            None => {
+                if let Some(l) = m.get_mut(&self.key) {
+                    l.flight = None;
+                }
+            }
+        }
+        // Under the lock, so a woken waiter sees the updated slot. Without
+        // an end (the leader was dropped) the sender's drop wakes them.
+        if let Some(end) = self.end.take() {
+            self.tx.send_replace(end);
+        }
+    }
 }
 
 /// The rate limiter shared by every clone of the layer: the policy table,
@@ -440,70 +551,12 @@ impl RateLimiter {
         }
         let chunk = self.lease_chunk(p);
         if chunk > 0 {
-            let lease_key = DenyCache::entry_key(&p.identity, &p.checks);
-            let cost = u64::from(p.checks[0].cost);
-            if let Some(report) = self.spend_lease(&lease_key, cost) {
-                return Ok(report);
-            }
-            let mut leased = Pending {
-                route: p.route.clone(),
-                identity: p.identity.clone(),
-                checks: p.checks.clone(),
-                grpc: p.grpc,
-            };
-            for c in &mut leased.checks {
-                c.cost = chunk;
-            }
-            let verdicts = r.coalescer.submit(self.redis_item(r, &leased)).await?;
-            let report = self.report(&leased, &verdicts, Source::Redis);
-            if report.allowed() {
-                let life = p
-                    .checks
-                    .iter()
-                    .map(|c| c.quota.t_us().saturating_mul(u64::from(chunk)))
-                    .min()
-                    .unwrap_or(0);
-                let until = Instant::now() + Duration::from_micros(life);
-                let left = u64::from(chunk) - cost;
-                if let Ok(mut m) = self.inner.leases.lock() {
-                    if m.len() >= 100_000 {
-                        let now = Instant::now();
-                        m.retain(|_, l| l.until > now);
-                    }
-                    // Concurrent leases pool their tokens rather than
-                    // stranding each other's.
-                    match m.get_mut(&lease_key) {
-                        Some(l) if l.until > Instant::now() => {
-                            l.tokens += left;
-                            l.until = l.until.min(until);
-                        }
-                        _ => {
-                            m.insert(
-                                lease_key,
-                                Lease {
-                                    tokens: left,
-                                    until,
-                                    report: report.clone(),
-                                },
-                            );
-                        }
-                    }
-                }
-                return Ok(self.lease_report(report, u64::from(chunk) - cost, Source::Redis));
-            }
-            // No lease to be had: a concurrent one may have filled the
-            // pool; otherwise decide this request exactly.
-            if let Some(report) = self.spend_lease(&lease_key, cost) {
-                return Ok(report);
-            }
-            let verdicts = r.coalescer.submit(self.redis_item(r, p)).await?;
-            let report = self.report(p, &verdicts, Source::Redis);
-            if !report.allowed()
-                && let Some(leased) = self.spend_lease(&lease_key, cost)
-            {
-                return Ok(leased);
-            }
-            return Ok(report);
+            // Waiting for another request's lease counts against the same
+            // deadline as a Redis call of our own.
+            let deadline = r.handle.deadline();
+            return tokio::time::timeout(deadline, self.decide_leased(r, p, chunk))
+                .await
+                .unwrap_or(Err(tollgate_redis::Error::Timeout(deadline)));
         }
         let verdicts = r.coalescer.submit(self.redis_item(r, p)).await?;
         Ok(self.report(p, &verdicts, Source::Redis))
@@ -525,16 +578,123 @@ impl RateLimiter {
         if cost == 0 || chunk <= cost { 0 } else { chunk }
     }
 
-    fn spend_lease(&self, key: &str, cost: u64) -> Option<Report> {
-        let mut m = self.inner.leases.lock().ok()?;
-        let l = m.get_mut(key)?;
-        if l.until <= Instant::now() || l.tokens < cost {
-            m.remove(key);
-            return None;
+    /// Lease mode. Each instance keeps at most one lease request per
+    /// (policies, identity) in flight: concurrent requests for that key wait
+    /// for it and spend from it rather than each taking a chunk of their own
+    /// (which let one instance hoard several chunks under a cold burst and
+    /// broke the `chunk × instances` bound).
+    async fn decide_leased(
+        &self,
+        r: &RedisBackend,
+        p: &Pending,
+        chunk: u32,
+    ) -> Result<Report, tollgate_redis::Error> {
+        let key = DenyCache::entry_key(&p.identity, &p.checks);
+        let cost = u64::from(p.checks[0].cost);
+        loop {
+            match self.lease_step(&key, cost) {
+                LeaseStep::Spent(report) => return Ok(report),
+                LeaseStep::Exact => break,
+                LeaseStep::Wait(mut rx) => {
+                    // `Err` means the leader was dropped (its caller went
+                    // away) without an answer: try again, maybe as leader.
+                    if rx.changed().await.is_ok()
+                        && let FlightEnd::Failed(e) = &*rx.borrow()
+                    {
+                        return Err(e.clone());
+                    }
+                }
+                LeaseStep::Lead(flight) => {
+                    let mut leased = Pending {
+                        route: p.route.clone(),
+                        identity: p.identity.clone(),
+                        checks: p.checks.clone(),
+                        grpc: p.grpc,
+                    };
+                    for c in &mut leased.checks {
+                        c.cost = chunk;
+                    }
+                    let verdicts = match r.coalescer.submit(self.redis_item(r, &leased)).await {
+                        Ok(v) => v,
+                        Err(e) => {
+                            flight.failed(e.clone());
+                            return Err(e);
+                        }
+                    };
+                    let report = self.report(&leased, &verdicts, Source::Redis);
+                    if report.allowed() {
+                        let life = p
+                            .checks
+                            .iter()
+                            .map(|c| c.quota.t_us().saturating_mul(u64::from(chunk)))
+                            .min()
+                            .unwrap_or(0);
+                        let left = u64::from(chunk) - cost;
+                        flight.granted(Lease {
+                            tokens: left,
+                            until: Instant::now() + Duration::from_micros(life),
+                            report: Some(report.clone()),
+                            exact_until: None,
+                            flight: None,
+                        });
+                        return Ok(self.lease_report(report, left, Source::Redis));
+                    }
+                    // No chunk until Redis says one conforms: until then
+                    // this key is decided exactly (one coalesced call per
+                    // request, no doomed chunk request first).
+                    let retry = report
+                        .decisions
+                        .iter()
+                        .filter(|d| d.outcome == Outcome::Denied)
+                        .map(|d| d.retry_us)
+                        .max()
+                        .unwrap_or(0);
+                    flight.denied(Instant::now() + Duration::from_micros(retry));
+                    break;
+                }
+            }
         }
-        l.tokens -= cost;
-        let (report, left) = (l.report.clone(), l.tokens);
-        Some(self.lease_report(report, left, Source::Lease))
+        let verdicts = r.coalescer.submit(self.redis_item(r, p)).await?;
+        Ok(self.report(p, &verdicts, Source::Redis))
+    }
+
+    /// The synchronous part of lease mode: spend, wait, lead or go exact.
+    fn lease_step(&self, key: &str, cost: u64) -> LeaseStep<'_> {
+        let Ok(mut m) = self.inner.leases.lock() else {
+            return LeaseStep::Exact;
+        };
+        let now = Instant::now();
+        if let Some(l) = m.get_mut(key) {
+            if l.until > now
+                && l.tokens >= cost
+                && let Some(report) = l.report.clone()
+            {
+                l.tokens -= cost;
+                return LeaseStep::Spent(self.lease_report(report, l.tokens, Source::Lease));
+            }
+            if let Some(rx) = &l.flight {
+                return LeaseStep::Wait(rx.clone());
+            }
+            if l.exact_until.is_some_and(|t| t > now) {
+                return LeaseStep::Exact;
+            }
+        } else if m.len() >= MAX_LEASES {
+            m.retain(|_, l| l.live(now));
+            if m.len() >= MAX_LEASES {
+                // Bounded memory: past this many live keys, decide exactly.
+                return LeaseStep::Exact;
+            }
+        }
+        let (tx, rx) = tokio::sync::watch::channel(FlightEnd::Pending);
+        let l = m.entry(key.to_owned()).or_insert_with(Lease::empty);
+        l.flight = Some(rx);
+        LeaseStep::Lead(Flight {
+            leases: &self.inner.leases,
+            key: key.to_owned(),
+            tx,
+            lease: None,
+            end: None,
+        })
     }
 
     /// A lease's report: what Redis had left, plus what this instance

@@ -108,6 +108,31 @@ async fn frozen_redis_costs_at_most_the_deadline() {
     server.resume();
 }
 
+/// Lease mode with Redis frozen: the requests waiting on the one lease
+/// request in flight share its failure and answer from the fallback within
+/// the deadline, instead of each retrying after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_redis_with_lease_waiters() {
+    let mut server = RedisServer::start();
+    let h = connect_with(&server.url(), Duration::from_millis(50)).await;
+    let limiter = RateLimiter::builder(table(FailureMode::Fallback))
+        .redis(h)
+        .lease(10)
+        .build();
+    let svc = service(limiter);
+    assert_eq!(send(&svc, req("/", "192.0.2.1:1")).await.status(), 200);
+    server.pause();
+    let started = Instant::now();
+    let all = futures::future::join_all((0..20).map(|_| send(&svc, req("/", "192.0.2.2:1")))).await;
+    let took = started.elapsed();
+    server.resume();
+    for res in &all {
+        assert_eq!(res.status(), 200);
+        assert!(header(res, "x-ratelimit-remaining").is_some());
+    }
+    assert!(took < Duration::from_millis(500), "{took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_and_fail_open() {
     let mut server = RedisServer::start();

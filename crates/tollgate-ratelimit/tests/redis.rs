@@ -21,6 +21,7 @@ redis_tests!(
     plans_and_shadow,
     windows_in_redis,
     lease_mode_stays_within_bound,
+    lease_takes_one_chunk_at_a_time,
 );
 
 fn table(policies: Vec<Policy>, default: &[&str]) -> PolicyTable {
@@ -306,18 +307,25 @@ async fn windows_in_redis(url: String) {
 
 /// Lease mode: 3 instances × 64 concurrent, burst 100, chunk 10. Tokens are
 /// debited in Redis before they are spent: never more than the burst here
-/// (no refill within the test). Under a cold concurrent burst an instance
-/// may hoard tokens others then miss (the price of lease mode).
+/// (no refill within the test). One lease request per key in flight per
+/// instance: a cold burst is shared chunk by chunk, so at most a chunk per
+/// instance is left unspent.
 async fn lease_mode_stays_within_bound(url: String) {
+    const BURST: usize = 100;
+    const CHUNK: usize = 10;
+    const INSTANCES: usize = 3;
     let mut svcs = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..INSTANCES {
         let h = connect(&url).await;
-        let t = table(vec![Policy::new("burst", Quota::per_hour(100))], &["burst"]);
+        let t = table(
+            vec![Policy::new("burst", Quota::per_hour(BURST as u32))],
+            &["burst"],
+        );
         svcs.push(service(
             RateLimiter::builder(t)
                 .redis(h)
                 .deny_cache(0)
-                .lease(10)
+                .lease(CHUNK as u32)
                 .build(),
         ));
     }
@@ -334,7 +342,37 @@ async fn lease_mode_stays_within_bound(url: String) {
     });
     let statuses = join_all(futs).await;
     let ok = statuses.iter().filter(|&&s| s == 200).count();
-    assert!(ok <= 100, "admitted {ok}");
-    assert!(ok >= 50, "admitted only {ok}");
+    assert!(ok <= BURST, "admitted {ok}");
+    assert!(ok >= BURST - CHUNK * INSTANCES, "admitted only {ok}");
     assert!(statuses.iter().all(|&s| s == 200 || s == 429));
+}
+
+/// One instance, 45 concurrent requests, chunk 10: they wait for each
+/// other's lease instead of each taking a chunk, so Redis is debited
+/// exactly 5 chunks and the instance holds the rest of the last one.
+async fn lease_takes_one_chunk_at_a_time(url: String) {
+    let h = connect(&url).await;
+    let t = table(vec![Policy::new("burst", Quota::per_hour(100))], &["burst"]);
+    let limiter = RateLimiter::builder(t)
+        .redis(h)
+        .deny_cache(0)
+        .lease(10)
+        .build();
+    let svc = service(limiter.clone());
+    let statuses = join_all((0..45).map(|_| async {
+        send(&svc, req("/x", "198.51.100.2:1"))
+            .await
+            .status()
+            .as_u16()
+    }))
+    .await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let d = limiter.peek("burst", "ip:198.51.100.2").await.unwrap();
+    assert_eq!(d.remaining, 50, "5 chunks taken from Redis");
+    // The next 5 come from the lease: Redis is not asked.
+    for _ in 0..5 {
+        assert_eq!(send(&svc, req("/x", "198.51.100.2:1")).await.status(), 200);
+    }
+    let d = limiter.peek("burst", "ip:198.51.100.2").await.unwrap();
+    assert_eq!(d.remaining, 50);
 }

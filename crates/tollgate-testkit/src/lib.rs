@@ -369,7 +369,7 @@ impl RedisCluster {
                 .expect("CLUSTER MEET");
         }
         let cluster = RedisCluster { nodes };
-        cluster.wait_ok(Duration::from_secs(30));
+        cluster.wait_ok(Duration::from_secs(90));
         cluster
     }
 
@@ -432,7 +432,7 @@ impl RedisCluster {
     /// `nodes.conf` (node id and slots), so it rejoins the cluster.
     pub fn restart_node(&mut self, i: usize) {
         self.nodes[i].restart();
-        self.wait_ok(Duration::from_secs(30));
+        self.wait_ok(Duration::from_secs(90));
     }
 
     /// Sends a command to the node serving `key`'s slot (following one
