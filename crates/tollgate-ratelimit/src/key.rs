@@ -82,7 +82,8 @@ where
 }
 
 /// The client's IP address: the peer address (axum's
-/// `ConnectInfo<SocketAddr>` or a plain `SocketAddr` extension), or — when
+/// `ConnectInfo<SocketAddr>`, tonic's `TcpConnectInfo` with the `tonic`
+/// feature, or a plain `SocketAddr` extension), or — when
 /// the peer is a trusted proxy — the first untrusted address found walking
 /// `Forwarded` (or, without it, `X-Forwarded-For`) from right to left.
 ///
@@ -207,6 +208,13 @@ fn peer_addr(ext: &Extensions) -> Option<SocketAddr> {
     #[cfg(feature = "axum")]
     if let Some(ci) = ext.get::<axum::extract::ConnectInfo<SocketAddr>>() {
         return Some(ci.0);
+    }
+    #[cfg(feature = "tonic")]
+    if let Some(addr) = ext
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|ci| ci.remote_addr())
+    {
+        return Some(addr);
     }
     ext.get::<SocketAddr>().copied()
 }

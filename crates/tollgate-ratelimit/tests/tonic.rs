@@ -14,12 +14,11 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes};
 use futures::future::{BoxFuture, Ready, ready};
 use tollgate_ratelimit::{
-    KeyExtractor, PeerIp, Policy, PolicyTable, Quota, RateLimitLayer, RateLimiter, RequestView,
-    key_fn,
+    KeyExtractor, PeerIp, Policy, PolicyTable, Quota, RateLimitLayer, RateLimiter,
 };
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::{Grpc, NamedService, UnaryService};
-use tonic::transport::server::{TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
 use tonic::{Code, Status};
 use tower::{Service, ServiceBuilder};
@@ -131,13 +130,10 @@ async fn say(
     call(client, SAY, msg).await
 }
 
-/// tonic's server records the peer as `TcpConnectInfo`, which [`PeerIp`]
-/// does not read: key by it explicitly, grouped the way `PeerIp` groups.
+/// The peer as tonic's server records it (`TcpConnectInfo`), read by
+/// [`PeerIp`] with the `tonic` feature (on for this crate's tests).
 fn tonic_peer() -> impl KeyExtractor {
-    key_fn(|r: &RequestView<'_>| {
-        let addr = r.extensions.get::<TcpConnectInfo>()?.remote_addr()?;
-        Some(PeerIp::new().key_of(addr.ip()))
-    })
+    PeerIp::new()
 }
 
 /// Two calls per minute per peer: the third gets `RESOURCE_EXHAUSTED` with
