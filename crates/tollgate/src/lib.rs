@@ -49,6 +49,10 @@ pub use tollgate_usage as usage;
 #[cfg(feature = "session")]
 pub use tollgate_session as session;
 
+/// Response caching and `get_or_compute`.
+#[cfg(feature = "cache")]
+pub use tollgate_cache as cache;
+
 mod stack;
 
 pub use stack::Layers;
@@ -136,6 +140,16 @@ impl Tollgate {
         match &self.redis {
             Some(h) => b.redis(h.clone()),
             None => b,
+        }
+    }
+
+    /// A cache on the shared handle (or in memory), for `get_or_compute`
+    /// and [`ResponseCacheLayer`](cache::ResponseCacheLayer).
+    #[cfg(feature = "cache")]
+    pub fn cache(&self) -> cache::Cache {
+        match &self.redis {
+            Some(h) => cache::Cache::redis(h.clone()),
+            None => cache::Cache::memory(),
         }
     }
 

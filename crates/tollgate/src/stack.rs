@@ -4,7 +4,7 @@ use tower::Layer;
 use tower::util::Either;
 
 /// The tollgate layers in their fixed order, outermost first: usage
-/// tracking → rate limiting → (response cache) → sessions → the handler.
+/// tracking → rate limiting → response cache → sessions → the handler.
 /// Each is optional.
 ///
 /// Why this order: usage must count every request, including the ones the
@@ -18,6 +18,8 @@ pub struct Layers {
     usage: Option<crate::usage::UsageLayer>,
     #[cfg(feature = "ratelimit")]
     rate_limit: Option<crate::ratelimit::RateLimitLayer>,
+    #[cfg(feature = "cache")]
+    cache: Option<crate::cache::ResponseCacheLayer>,
     #[cfg(feature = "session")]
     session: Option<crate::session::SessionLayer>,
 }
@@ -42,6 +44,14 @@ impl Layers {
         self
     }
 
+    /// Adds the response cache (inside rate limiting, outside sessions: a
+    /// hit never touches the session store).
+    #[cfg(feature = "cache")]
+    pub fn cache(mut self, layer: crate::cache::ResponseCacheLayer) -> Self {
+        self.cache = Some(layer);
+        self
+    }
+
     /// Adds sessions (innermost, next to the handler).
     #[cfg(feature = "session")]
     pub fn session(mut self, sessions: crate::session::Sessions) -> Self {
@@ -49,6 +59,11 @@ impl Layers {
         self
     }
 }
+
+#[cfg(feature = "cache")]
+type WithCache<S> = Either<crate::cache::ResponseCache<S>, Passthrough<S>>;
+#[cfg(not(feature = "cache"))]
+type WithCache<S> = S;
 
 #[cfg(feature = "session")]
 type WithSession<S> = Either<crate::session::SessionManager<S>, S>;
@@ -66,13 +81,18 @@ type WithUsage<S> = Either<crate::usage::UsageTracking<S>, S>;
 type WithUsage<S> = S;
 
 impl<S> Layer<S> for Layers {
-    type Service = WithUsage<WithRateLimit<WithSession<S>>>;
+    type Service = WithUsage<WithRateLimit<WithCache<WithSession<S>>>>;
 
     fn layer(&self, inner: S) -> Self::Service {
         #[cfg(feature = "session")]
         let inner = match &self.session {
             Some(l) => Either::Left(l.layer(inner)),
             None => Either::Right(inner),
+        };
+        #[cfg(feature = "cache")]
+        let inner = match &self.cache {
+            Some(l) => Either::Left(l.layer(inner)),
+            None => Either::Right(Passthrough { inner }),
         };
         #[cfg(feature = "ratelimit")]
         let inner = match &self.rate_limit {
@@ -85,5 +105,37 @@ impl<S> Layer<S> for Layers {
             None => Either::Right(inner),
         };
         inner
+    }
+}
+
+/// Without the cache layer, gives responses the body type the cache layer
+/// would have given them, so the stack has one type either way.
+#[cfg(feature = "cache")]
+#[derive(Clone, Debug)]
+pub struct Passthrough<S> {
+    inner: S,
+}
+
+#[cfg(feature = "cache")]
+impl<S, Req, B> tower::Service<Req> for Passthrough<S>
+where
+    S: tower::Service<Req, Response = http::Response<B>>,
+{
+    type Response = http::Response<crate::cache::CacheBody<B>>;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<S::Future, fn(http::Response<B>) -> Self::Response>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        use futures::TryFutureExt;
+        self.inner
+            .call(req)
+            .map_ok(|res: http::Response<B>| res.map(crate::cache::CacheBody::passthrough))
     }
 }

@@ -8,17 +8,21 @@ use axum::Router;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tollgate::Tollgate;
+use tollgate::cache::{Cache, ResponseCacheLayer, RouteRule};
 use tollgate::redis::{RedisConfig, RedisHandle};
 use tollgate::session::{CookieConfig, Sessions};
 use tollgate::usage::{TenantSource, UsageConfig, UsageLayer, UsageTracker};
 
+mod catalog;
 pub mod limits;
 mod routes;
+
+pub use catalog::Catalog;
 
 pub use routes::DemoState;
 
 /// Layers the demo wires; reported by `/health/redis`.
-pub const LAYERS: &[&str] = &["ratelimit", "usage", "session"];
+pub const LAYERS: &[&str] = &["ratelimit", "usage", "cache", "session"];
 
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -169,11 +173,47 @@ impl App {
         let usage_layer = UsageLayer::new(usage.clone(), TenantSource::header("x-api-key"))
             .plans(plans, |key, _| Some(limits::plan_of(key).to_owned()));
         let sessions = sessions(&tollgate, config).await?;
+        let cache = match tollgate.redis() {
+            // A short in-process L1 in front of Redis, invalidated across
+            // instances through pub/sub.
+            Some(h) => Cache::builder()
+                .redis(h.clone())
+                .l1(std::time::Duration::from_secs(1), 16 << 20)
+                .build(),
+            None => Cache::memory(),
+        };
+        let catalog = Catalog::new(cache.clone());
+        let cache_layer = ResponseCacheLayer::builder(cache)
+            .route(
+                RouteRule::new("/api/providers")
+                    .ttl(std::time::Duration::from_secs(60))
+                    .tags(["providers"]),
+            )
+            .route(
+                RouteRule::new("/api/campaigns/{church}").ttl(std::time::Duration::from_secs(300)),
+            )
+            // Only the routes above are cached.
+            .default_rule(RouteRule::bypass("/*"))
+            // The API key is a credential: never serve one caller's entry to
+            // another.
+            .credential_headers(["authorization", "cookie", "x-api-key"])
+            .build()
+            .map_err(|e| DemoError::Usage(format!("cache configuration: {e}")))?;
         let layers = tollgate
             .layers()
             .usage(usage_layer)
             .rate_limit(limiter)
+            .cache(cache_layer)
             .session(sessions);
+        let cached = Router::new()
+            .route("/api/providers", get(catalog::providers))
+            .route(
+                "/api/providers/{id}",
+                axum::routing::put(catalog::update_provider),
+            )
+            .route("/api/campaigns/{church}", get(catalog::campaign))
+            .route("/api/donations", post(catalog::donate))
+            .with_state(catalog);
 
         let api = Router::new()
             .route("/api/ping", get(routes::ping))
@@ -193,6 +233,7 @@ impl App {
             .route("/api/usage/top", get(routes::top))
             .route("/api/emails", post(routes::email))
             .with_state(DemoState::new(usage.clone()))
+            .merge(cached)
             .layer(layers);
 
         let health = tollgate.health_service(LAYERS);

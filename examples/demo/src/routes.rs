@@ -55,6 +55,8 @@ pub(crate) async fn index() -> Json<serde_json::Value> {
             "GET /api/ping", "GET /api/usage", "GET /api/usage/top?metric=api_request",
             "POST /api/emails", "POST /api/auth/logout", "GET /api/me",
             "GET /api/sessions", "DELETE /api/sessions",
+            "GET /api/providers", "PUT /api/providers/{id}",
+            "GET /api/campaigns/{church}", "POST /api/donations",
         ],
     }))
 }

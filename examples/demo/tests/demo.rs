@@ -78,6 +78,7 @@ fn from_ip(method: &str, path: &str, ip: &str) -> Request<Body> {
     let mut req = Request::builder()
         .method(method)
         .uri(path)
+        .header("host", "demo.test")
         .body(Body::empty())
         .expect("request");
     let addr: std::net::SocketAddr = format!("{ip}:40000").parse().expect("addr");
@@ -276,6 +277,92 @@ async fn a_session_survives_a_restart_with_redis() {
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, r#"{"user":"bob","visits":1}"#);
+}
+
+fn json_req(method: &str, path: &str, body: &str) -> Request<Body> {
+    let mut r = from_ip(method, path, "192.0.2.50");
+    *r.body_mut() = Body::from(body.to_owned());
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("ct"));
+    r
+}
+
+/// Responses are written to the cache in the background once their body
+/// has been sent: give that a moment.
+async fn settle() {
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+}
+
+#[tokio::test]
+async fn a_donation_invalidates_its_campaign() {
+    let app = App::build(&config(None), install_metrics())
+        .await
+        .expect("build");
+    let get = || from_ip("GET", "/api/campaigns/church-42", "192.0.2.50");
+    let (_, h, body) = call(&app, get()).await;
+    assert_eq!(h["x-cache"], "MISS");
+    assert!(
+        !h.contains_key("x-cache-tags"),
+        "the tag header is stripped"
+    );
+    assert!(body.contains(r#""raised_cents":0"#));
+    let (_, h, _) = call(&app, get()).await;
+    assert_eq!(h["x-cache"], "HIT");
+    // Another church is its own entry and keeps its cache.
+    let (_, h, _) = call(
+        &app,
+        from_ip("GET", "/api/campaigns/church-7", "192.0.2.50"),
+    )
+    .await;
+    assert_eq!(h["x-cache"], "MISS");
+    settle().await;
+    let (status, _, _) = call(
+        &app,
+        json_req(
+            "POST",
+            "/api/donations",
+            r#"{"church":"church-42","amount":2500}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, h, body) = call(&app, get()).await;
+    assert_eq!(h["x-cache"], "MISS", "invalidated by the donation");
+    assert!(body.contains(r#""raised_cents":2500"#), "{body}");
+    let (_, h, _) = call(
+        &app,
+        from_ip("GET", "/api/campaigns/church-7", "192.0.2.50"),
+    )
+    .await;
+    assert_eq!(h["x-cache"], "HIT", "{:?}", h.get("cache-status"));
+}
+
+#[tokio::test]
+async fn updating_a_provider_invalidates_the_list() {
+    let app = App::build(&config(None), install_metrics())
+        .await
+        .expect("build");
+    let list = || from_ip("GET", "/api/providers", "192.0.2.51");
+    let (_, h, _) = call(&app, list()).await;
+    assert_eq!(h["x-cache"], "MISS");
+    let (_, h, _) = call(&app, list()).await;
+    assert_eq!(h["x-cache"], "HIT");
+    let (status, _, _) = call(
+        &app,
+        json_req(
+            "PUT",
+            "/api/providers/2",
+            r#"{"name":"Bright Dental Care"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, h, body) = call(&app, list()).await;
+    assert_eq!(h["x-cache"], "MISS");
+    assert!(body.contains("Bright Dental Care"));
+    // Uncached routes say so.
+    let (_, h, _) = call(&app, from_ip("GET", "/api/ping", "192.0.2.51")).await;
+    assert_ne!(h.get("x-cache").map(|v| v.as_bytes()), Some(&b"HIT"[..]));
 }
 
 #[test]

@@ -1,0 +1,486 @@
+//! [`Cache`]: a store, request coalescing, an optional in-process L1 kept
+//! coherent across instances by Redis pub/sub, and `get_or_compute`.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+use tollgate_redis::RedisHandle;
+use tollgate_redis::fred::clients::Client;
+use tollgate_redis::fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+
+use crate::error::Error;
+use crate::flight::{Flights, Role};
+use crate::store::{MemoryStore, RedisStore, Store};
+
+/// Keys invalidated per pub/sub message.
+const KEYS_PER_MESSAGE: usize = 1000;
+
+/// A cache of byte values with TTLs and tags, shared by every clone (and,
+/// through Redis, by every instance): the store behind
+/// [`ResponseCacheLayer`](crate::ResponseCacheLayer) and
+/// [`get_or_compute`](Self::get_or_compute).
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate_cache::Cache;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cache = Cache::memory();
+/// let load = || async { Ok::<_, std::io::Error>(vec!["church-42".to_owned()]) };
+/// let v: Vec<String> = cache
+///     .get_or_compute("campaigns", Duration::from_secs(300), &["campaigns"], load)
+///     .await
+///     .unwrap();
+/// assert_eq!(v, ["church-42"]);
+/// // Cached: the closure is not called again.
+/// let again: Vec<String> = cache
+///     .get_or_compute("campaigns", Duration::from_secs(300), &[], || async {
+///         Err::<Vec<String>, _>(std::io::Error::other("not called"))
+///     })
+///     .await
+///     .unwrap();
+/// assert_eq!(again, v);
+/// assert_eq!(cache.invalidate_tag("campaigns").await.unwrap(), 1);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Cache {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    store: Arc<dyn Store>,
+    handle: Option<RedisHandle>,
+    l1: Option<moka::sync::Cache<String, Bytes>>,
+    flights: Flights<Bytes>,
+    coalesce_timeout: Duration,
+    channel: String,
+    listening: Arc<AtomicBool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    subscriber: Option<Client>,
+    /// Bumped by every invalidation seen by this instance (its own, and
+    /// other instances' through pub/sub). A response fill that started
+    /// before a bump is not stored, so a fill racing an invalidation can
+    /// never put the old response back.
+    epoch: Arc<AtomicU64>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.get_mut() {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
+        }
+        if let (Some(sub), Ok(rt)) = (
+            self.subscriber.take(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(async move {
+                let _ = sub.quit().await;
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("store", &self.inner.store)
+            .field("l1", &self.inner.l1.is_some())
+            .field("coalesce_timeout", &self.inner.coalesce_timeout)
+            .finish()
+    }
+}
+
+/// Builds a [`Cache`].
+#[derive(Debug)]
+#[must_use]
+pub struct CacheBuilder {
+    store: Option<Arc<dyn Store>>,
+    handle: Option<RedisHandle>,
+    l1: Option<(Duration, u64)>,
+    coalesce_timeout: Duration,
+    memory_bytes: u64,
+}
+
+impl Cache {
+    /// A builder (in memory unless given a Redis handle or a store).
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder {
+            store: None,
+            handle: None,
+            l1: None,
+            coalesce_timeout: Duration::from_secs(5),
+            memory_bytes: 64 << 20,
+        }
+    }
+
+    /// An in-process cache (moka, 64 MiB).
+    pub fn memory() -> Self {
+        Self::builder().build()
+    }
+
+    /// A cache in Redis through the shared handle. While Redis is
+    /// unavailable, reads miss and writes are skipped (callers go to the
+    /// origin); the handle recovers by itself.
+    pub fn redis(handle: RedisHandle) -> Self {
+        Self::builder().redis(handle).build()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The Redis handle, when the cache is in Redis.
+    pub fn handle(&self) -> Option<&RedisHandle> {
+        self.inner.handle.as_ref()
+    }
+
+    /// Whether the store can be asked now (false while the breaker is open).
+    pub fn is_available(&self) -> bool {
+        self.inner.store.is_available()
+    }
+
+    /// How long a coalesced waiter waits for the leader's fill.
+    pub fn coalesce_timeout(&self) -> Duration {
+        self.inner.coalesce_timeout
+    }
+
+    /// Whether the L1 invalidation subscriber is subscribed (always true
+    /// without an L1 or without Redis).
+    pub fn is_listening(&self) -> bool {
+        self.inner.l1.is_none()
+            || self.inner.handle.is_none()
+            || self.inner.listening.load(Ordering::Acquire)
+    }
+
+    /// The raw value under a logical key: L1, then the store.
+    pub(crate) async fn get_raw(&self, key: &str) -> Result<Option<Bytes>, Error> {
+        if let Some(v) = self.inner.l1.as_ref().and_then(|l1| l1.get(key)) {
+            return Ok(Some(v));
+        }
+        let v = self.inner.store.get(key).await?;
+        if let (Some(l1), Some(v)) = (&self.inner.l1, &v) {
+            l1.insert(key.to_owned(), v.clone());
+        }
+        Ok(v)
+    }
+
+    /// Stores a raw value under a logical key.
+    pub(crate) async fn put_raw(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        tags: &[String],
+    ) -> Result<(), Error> {
+        if let Some(l1) = &self.inner.l1 {
+            l1.insert(key.to_owned(), value.clone());
+        }
+        let r = self.inner.store.put(key, value, ttl, tags).await;
+        if r.is_err() {
+            metrics::counter!("tollgate_cache_store_errors_total", "op" => "put").increment(1);
+        }
+        r
+    }
+
+    /// The invalidation epoch (see [`Inner::epoch`]).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Removes one stored key without bumping the epoch (used to undo a
+    /// write that raced an invalidation).
+    pub(crate) async fn invalidate_quietly(&self, key: &str) -> Result<bool, Error> {
+        let found = self.inner.store.invalidate_key(key).await?;
+        self.forget(std::slice::from_ref(&key.to_owned())).await;
+        Ok(found)
+    }
+
+    pub(crate) async fn invalidate_raw(&self, key: &str) -> Result<bool, Error> {
+        self.bump();
+        let found = self.inner.store.invalidate_key(key).await?;
+        self.forget(std::slice::from_ref(&key.to_owned())).await;
+        Ok(found)
+    }
+
+    /// Removes every entry (data values and responses) tagged `tag`, on
+    /// every instance; returns how many entries were listed under it.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<usize, Error> {
+        self.bump();
+        let keys = self.inner.store.invalidate_tag(tag).await?;
+        self.forget(&keys).await;
+        Ok(keys.len())
+    }
+
+    /// Removes the value `get_or_compute` stored under `key`.
+    pub async fn invalidate_key(&self, key: &str) -> Result<bool, Error> {
+        self.invalidate_raw(&data_key(key)).await
+    }
+
+    /// Drops keys from this instance's L1 and tells the other instances.
+    async fn forget(&self, keys: &[String]) {
+        let (Some(l1), Some(handle)) = (&self.inner.l1, &self.inner.handle) else {
+            if let Some(l1) = &self.inner.l1 {
+                keys.iter().for_each(|k| l1.invalidate(k));
+            }
+            return;
+        };
+        for k in keys {
+            l1.invalidate(k);
+        }
+        for chunk in keys.chunks(KEYS_PER_MESSAGE) {
+            let Ok(msg) = serde_json::to_string(chunk) else {
+                continue;
+            };
+            let channel = self.inner.channel.clone();
+            let sent = handle
+                .call(|c| async move { c.publish::<i64, _, _>(channel, msg).await })
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "could not broadcast a cache invalidation: other instances' L1 copies expire by their TTL");
+            }
+        }
+    }
+
+    /// The value cached under `key`, or the result of `compute`, which is
+    /// then cached for `ttl` under `tags`.
+    ///
+    /// Concurrent misses on one key run `compute` once per instance; the
+    /// other callers wait for its value, at most the
+    /// [coalesce timeout](CacheBuilder::coalesce_timeout), and then run
+    /// their own `compute`. Errors are returned, never cached (waiters of a
+    /// failed leader run their own `compute`). Store failures are logged and
+    /// counted, never returned: the value is computed instead.
+    pub async fn get_or_compute<T, E, F, Fut>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        tags: &[&str],
+        compute: F,
+    ) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let key = data_key(key);
+        let available = self.is_available();
+        if available && !self.inner.flights.contains(&key, self.epoch()) {
+            match self.get_raw(&key).await {
+                Ok(Some(bytes)) => {
+                    if let Ok(v) = serde_json::from_slice(&bytes) {
+                        metrics::counter!("tollgate_cache_data_total", "outcome" => "hit")
+                            .increment(1);
+                        return Ok(v);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    metrics::counter!("tollgate_cache_store_errors_total", "op" => "get")
+                        .increment(1);
+                    tracing::debug!(error = %e, "cache read failed; computing");
+                }
+            }
+        }
+        match self.inner.flights.join(&key, self.epoch()) {
+            Role::Follower(w) => {
+                if let Some(bytes) = w.wait(self.inner.coalesce_timeout).await
+                    && let Ok(v) = serde_json::from_slice(&bytes)
+                {
+                    metrics::counter!("tollgate_cache_data_total", "outcome" => "coalesced")
+                        .increment(1);
+                    return Ok(v);
+                }
+                metrics::counter!("tollgate_cache_data_total", "outcome" => "miss").increment(1);
+                compute().await
+            }
+            Role::Leader(guard) => {
+                metrics::counter!("tollgate_cache_data_total", "outcome" => "miss").increment(1);
+                let epoch = self.epoch();
+                let v = compute().await?;
+                if let Ok(bytes) = serde_json::to_vec(&v) {
+                    let bytes = Bytes::from(bytes);
+                    guard.complete(Some(bytes.clone()));
+                    // Not stored when an invalidation ran during the compute
+                    // (the value may predate it), and taken back out when
+                    // one ran during the write.
+                    if available && self.epoch() == epoch {
+                        let tags: Vec<String> = tags.iter().map(|t| (*t).to_owned()).collect();
+                        if let Err(e) = self.put_raw(&key, bytes, ttl, &tags).await {
+                            tracing::debug!(error = %e, "cache write failed");
+                        } else if self.epoch() != epoch {
+                            let _ = self.invalidate_quietly(&key).await;
+                        }
+                    }
+                }
+                drop(guard);
+                Ok(v)
+            }
+        }
+    }
+
+    fn start_listener(&self) {
+        let (Some(l1), Some(sub)) = (self.inner.l1.clone(), self.inner.subscriber.clone()) else {
+            return;
+        };
+        let channel = self.inner.channel.clone();
+        let listening = self.inner.listening.clone();
+        let epoch = self.inner.epoch.clone();
+        let task = tokio::spawn(listen(sub, channel, l1, listening, epoch));
+        if let Ok(mut t) = self.inner.tasks.lock() {
+            t.push(task);
+        }
+    }
+}
+
+/// The subscriber: a separate fred client created with `clone_new()` from
+/// one of the handle's clients (same URL, TLS, credentials and reconnect
+/// policy). Subscribing puts a connection in pub/sub mode, so it cannot be
+/// one of the pool's. On every reconnect it subscribes again and clears
+/// the L1, since messages may have been missed while disconnected.
+async fn listen(
+    sub: Client,
+    channel: String,
+    l1: moka::sync::Cache<String, Bytes>,
+    listening: Arc<AtomicBool>,
+    epoch: Arc<AtomicU64>,
+) {
+    let mut messages = sub.message_rx();
+    let mut reconnects = sub.reconnect_rx();
+    let _connection = sub.connect();
+    while sub.wait_for_connect().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if sub.subscribe(channel.as_str()).await.is_ok() {
+        listening.store(true, Ordering::Release);
+    }
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        tokio::select! {
+            m = messages.recv() => match m {
+                Ok(msg) => {
+                    epoch.fetch_add(1, Ordering::AcqRel);
+                    let keys: Option<Vec<String>> = msg
+                        .value
+                        .as_str()
+                        .and_then(|s| serde_json::from_str(&s).ok());
+                    match keys {
+                        Some(keys) => keys.iter().for_each(|k| l1.invalidate(k)),
+                        None => l1.invalidate_all(),
+                    }
+                }
+                Err(RecvError::Lagged(_)) => l1.invalidate_all(),
+                Err(RecvError::Closed) => return,
+            },
+            r = reconnects.recv() => match r {
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    l1.invalidate_all();
+                    listening.store(sub.subscribe(channel.as_str()).await.is_ok(), Ordering::Release);
+                }
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+pub(crate) fn data_key(key: &str) -> String {
+    format!("d:{key}")
+}
+
+impl CacheBuilder {
+    /// Keeps the cache in Redis through `handle`.
+    pub fn redis(mut self, handle: RedisHandle) -> Self {
+        self.store = Some(Arc::new(RedisStore::new(handle.clone())));
+        self.handle = Some(handle);
+        self
+    }
+
+    /// Uses this store (a custom backend).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Size bound of the in-memory store used without Redis (default 64 MiB).
+    pub fn memory_bytes(mut self, bytes: u64) -> Self {
+        self.memory_bytes = bytes;
+        self
+    }
+
+    /// An in-process L1 in front of Redis: values are kept here for at most
+    /// `ttl` (keep it short: another instance's overwrite is seen within
+    /// it) and at most `max_bytes`. Invalidations ([`Cache::invalidate_tag`],
+    /// [`Cache::invalidate_key`], invalidating requests) are broadcast over
+    /// Redis pub/sub and drop the L1 copies on every instance. Ignored
+    /// without Redis.
+    pub fn l1(mut self, ttl: Duration, max_bytes: u64) -> Self {
+        self.l1 = Some((ttl, max_bytes));
+        self
+    }
+
+    /// How long a coalesced waiter waits for the leader's fill before it
+    /// goes to the origin itself (default 5 s).
+    pub fn coalesce_timeout(mut self, d: Duration) -> Self {
+        self.coalesce_timeout = d;
+        self
+    }
+
+    /// Builds the cache. With an L1 on Redis, starts the invalidation
+    /// subscriber (needs a Tokio runtime).
+    pub fn build(self) -> Cache {
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new(self.memory_bytes)));
+        let l1 = match (&self.handle, self.l1) {
+            (Some(_), Some((ttl, bytes))) => Some(
+                moka::sync::Cache::builder()
+                    .max_capacity(bytes)
+                    .weigher(|k: &String, v: &Bytes| {
+                        u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX)
+                    })
+                    .time_to_live(ttl)
+                    .build(),
+            ),
+            _ => None,
+        };
+        let channel = self
+            .handle
+            .as_ref()
+            .map(|h| h.keys("cache").key(&["invalidate"]))
+            .unwrap_or_default();
+        let subscriber = match (&self.handle, &l1) {
+            (Some(h), Some(_)) => Some(h.client().clone_new()),
+            _ => None,
+        };
+        let cache = Cache {
+            inner: Arc::new(Inner {
+                store,
+                handle: self.handle,
+                l1,
+                flights: Flights::default(),
+                coalesce_timeout: self.coalesce_timeout,
+                channel,
+                listening: Arc::new(AtomicBool::new(false)),
+                tasks: Mutex::new(Vec::new()),
+                subscriber,
+                epoch: Arc::new(AtomicU64::new(0)),
+            }),
+        };
+        cache.start_listener();
+        cache
+    }
+}

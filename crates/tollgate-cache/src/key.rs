@@ -1,0 +1,311 @@
+//! Cache keys: method, scheme, host (allowlisted), path, normalised query,
+//! the hashed user (per-user routes) and the Vary'd request headers. Nothing
+//! else about the request reaches the key, and only what is in the key may
+//! select a stored response.
+
+use http::{HeaderMap, Uri};
+use sha2::{Digest, Sha256};
+
+/// Bounds and lists for building keys.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyConfig {
+    pub allowed_hosts: Vec<String>,
+    pub ignored_params: Vec<String>,
+    pub max_query_len: usize,
+    pub max_query_params: usize,
+    pub default_scheme: String,
+}
+
+/// The key of one URL (before Vary).
+#[derive(Clone, Debug)]
+pub(crate) struct UrlKey {
+    /// The readable key material (hashed into `key`).
+    pub material: String,
+    /// Logical store key: `r:<sha256>`.
+    pub key: String,
+    /// The tag every entry of this path carries (any query, any user, any
+    /// variant), for invalidation by unsafe methods.
+    pub url_tag: String,
+}
+
+fn hash(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Host from the URI (HTTP/2) or the `Host` header, lowercased, when it is
+/// well-formed and allowed.
+pub(crate) fn host(
+    cfg: &KeyConfig,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<String, &'static str> {
+    let raw = match uri.authority() {
+        Some(a) => a.as_str().to_owned(),
+        None => headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .ok_or("no-host")?
+            .to_owned(),
+    };
+    let host = raw
+        .rsplit_once('@')
+        .map_or(raw.as_str(), |(_, h)| h)
+        .to_ascii_lowercase();
+    if host.is_empty()
+        || host.len() > 255
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+    {
+        return Err("bad-host");
+    }
+    if !cfg.allowed_hosts.is_empty() {
+        let name = strip_port(&host);
+        if !cfg
+            .allowed_hosts
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(&host) || a.eq_ignore_ascii_case(name))
+        {
+            return Err("unknown-host");
+        }
+    }
+    Ok(host)
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| h)
+            .trim_start_matches('[');
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+/// Sorted query with ignored parameters removed; `Err` past the bounds.
+pub(crate) fn normalise_query(cfg: &KeyConfig, q: Option<&str>) -> Result<String, &'static str> {
+    let Some(q) = q.filter(|q| !q.is_empty()) else {
+        return Ok(String::new());
+    };
+    if q.len() > cfg.max_query_len {
+        return Err("query-too-long");
+    }
+    let mut params: Vec<&str> = q
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let name = p.split_once('=').map_or(*p, |(n, _)| n);
+            !cfg.ignored_params
+                .iter()
+                .any(|i| match i.strip_suffix('*') {
+                    Some(prefix) => name.starts_with(prefix),
+                    None => name == i,
+                })
+        })
+        .collect();
+    if params.len() > cfg.max_query_params {
+        return Err("too-many-params");
+    }
+    params.sort_unstable();
+    Ok(params.join("&"))
+}
+
+/// The key of a GET/HEAD request's URL.
+pub(crate) fn url_key(
+    cfg: &KeyConfig,
+    uri: &Uri,
+    headers: &HeaderMap,
+    user: Option<&str>,
+) -> Result<UrlKey, &'static str> {
+    let host = host(cfg, uri, headers)?;
+    let scheme = uri.scheme_str().unwrap_or(&cfg.default_scheme);
+    let path = uri.path();
+    let query = normalise_query(cfg, uri.query())?;
+    let material = format!(
+        "GET\n{scheme}\n{host}\n{path}\n{query}\n{}",
+        user.unwrap_or("")
+    );
+    Ok(UrlKey {
+        key: format!("r:{}", hash(&material)),
+        url_tag: url_tag(scheme, &host, path),
+        material,
+    })
+}
+
+pub(crate) fn url_tag(scheme: &str, host: &str, path: &str) -> String {
+    format!("url:{}", hash(&format!("{scheme}\n{host}\n{path}")))
+}
+
+/// The URL tag of any request (for invalidation by unsafe methods).
+pub(crate) fn request_url_tag(cfg: &KeyConfig, uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    let host = host(cfg, uri, headers).ok()?;
+    Some(url_tag(
+        uri.scheme_str().unwrap_or(&cfg.default_scheme),
+        &host,
+        uri.path(),
+    ))
+}
+
+/// Most Vary'd headers a stored response may have.
+pub(crate) const MAX_VARY: usize = 8;
+const MAX_VARY_VALUE: usize = 1024;
+
+/// The Vary'd request header values, normalised.
+pub(crate) fn vary_values(
+    names: &[String],
+    headers: &HeaderMap,
+) -> Result<Vec<(String, Option<String>)>, &'static str> {
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        let mut vals = headers.get_all(n.as_str()).iter().peekable();
+        let v = if vals.peek().is_none() {
+            None
+        } else {
+            let mut joined = String::new();
+            for v in vals {
+                let s = v.to_str().map_err(|_| "vary-value")?;
+                for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    if !joined.is_empty() {
+                        joined.push(',');
+                    }
+                    joined.push_str(part);
+                }
+            }
+            if n == "accept-encoding" {
+                joined.make_ascii_lowercase();
+            }
+            Some(joined)
+        };
+        if v.as_ref().is_some_and(|v| v.len() > MAX_VARY_VALUE) {
+            return Err("vary-value-too-long");
+        }
+        out.push((n.clone(), v));
+    }
+    Ok(out)
+}
+
+/// The logical key of one variant.
+pub(crate) fn variant_key(url: &UrlKey, values: &[(String, Option<String>)]) -> String {
+    let mut m = url.material.clone();
+    m.push_str("\nvary");
+    for (n, v) in values {
+        m.push('\n');
+        m.push_str(n);
+        match v {
+            Some(v) => {
+                m.push('=');
+                m.push_str(v);
+            }
+            None => m.push('\0'),
+        }
+    }
+    format!("r:{}", hash(&m))
+}
+
+/// The header names a `Vary` lists, lowercased and sorted; `Err` for
+/// `Vary: *` or too many.
+pub(crate) fn vary_names(headers: &HeaderMap) -> Result<Vec<String>, &'static str> {
+    let mut names = Vec::new();
+    for v in headers.get_all(http::header::VARY) {
+        let s = v.to_str().map_err(|_| "vary")?;
+        for n in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if n == "*" {
+                return Err("vary-star");
+            }
+            let n = n.to_ascii_lowercase();
+            if http::HeaderName::try_from(n.as_str()).is_err() {
+                return Err("vary");
+            }
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
+    if names.len() > MAX_VARY {
+        return Err("vary-too-many");
+    }
+    names.sort();
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> KeyConfig {
+        KeyConfig {
+            allowed_hosts: vec!["example.com".into()],
+            ignored_params: vec!["utm_*".into(), "fbclid".into()],
+            max_query_len: 64,
+            max_query_params: 4,
+            default_scheme: "http".into(),
+        }
+    }
+
+    fn h(host: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert("host", host.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn queries_are_normalised_and_bounded() {
+        let c = cfg();
+        assert_eq!(
+            normalise_query(&c, Some("b=2&a=1&utm_source=x&fbclid=y")).unwrap(),
+            "a=1&b=2"
+        );
+        assert_eq!(normalise_query(&c, None).unwrap(), "");
+        assert!(normalise_query(&c, Some(&"a".repeat(65))).is_err());
+        assert!(normalise_query(&c, Some("a&b&c&d&e")).is_err());
+        let a = url_key(&c, &"/p?b=2&a=1".parse().unwrap(), &h("example.com"), None).unwrap();
+        let b = url_key(
+            &c,
+            &"/p?a=1&b=2&utm_x=1".parse().unwrap(),
+            &h("EXAMPLE.com"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(a.key, b.key);
+    }
+
+    #[test]
+    fn hosts_are_allowlisted_and_keyed() {
+        let c = cfg();
+        let uri: Uri = "/p".parse().unwrap();
+        assert_eq!(
+            url_key(&c, &uri, &h("evil.com"), None).unwrap_err(),
+            "unknown-host"
+        );
+        assert!(url_key(&c, &uri, &h("example.com:8080"), None).is_ok());
+        let mut open = cfg();
+        open.allowed_hosts.clear();
+        let a = url_key(&open, &uri, &h("a.com"), None).unwrap();
+        let b = url_key(&open, &uri, &h("b.com"), None).unwrap();
+        assert_ne!(a.key, b.key);
+        assert_ne!(a.url_tag, b.url_tag);
+        assert!(url_key(&open, &uri, &h("a.com\"x"), None).is_err());
+        let u = url_key(&open, &uri, &h("a.com"), Some("u1")).unwrap();
+        assert_ne!(u.key, a.key);
+        assert_eq!(u.url_tag, a.url_tag, "one URL tag for every user");
+    }
+
+    #[test]
+    fn vary() {
+        let mut res = HeaderMap::new();
+        res.append("vary", "Accept-Encoding, accept-language".parse().unwrap());
+        assert_eq!(
+            vary_names(&res).unwrap(),
+            ["accept-encoding", "accept-language"]
+        );
+        res.append("vary", "*".parse().unwrap());
+        assert!(vary_names(&res).is_err());
+        let mut req = HeaderMap::new();
+        req.insert("accept-encoding", "GZIP,  br".parse().unwrap());
+        let v = vary_values(&["accept-encoding".into()], &req).unwrap();
+        assert_eq!(
+            v,
+            [("accept-encoding".to_owned(), Some("gzip,br".to_owned()))]
+        );
+    }
+}

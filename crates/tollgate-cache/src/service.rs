@@ -1,0 +1,114 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response};
+use http_body::Body;
+use tower::Service;
+
+use crate::body::CacheBody;
+use crate::flow::{self, Report};
+use crate::future::ResponseFuture;
+use crate::key;
+use crate::layer::Shared;
+
+/// The response-caching service: answers GET/HEAD from the cache when it
+/// may, stores what the origin lets it store, and invalidates a URL after
+/// a successful POST/PUT/PATCH/DELETE to it. A cache failure is never an
+/// error: the request goes to the origin. The inner service's error type is
+/// kept.
+pub struct ResponseCache<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: Clone> Clone for ResponseCache<S> {
+    fn clone(&self) -> Self {
+        ResponseCache {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for ResponseCache<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseCache")
+            .field("inner", &self.inner)
+            .field("config", &self.shared)
+            .finish()
+    }
+}
+
+impl<S> ResponseCache<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        ResponseCache { inner, shared }
+    }
+
+    /// The cache (for [`Cache::invalidate_tag`](crate::Cache::invalidate_tag)).
+    pub fn cache(&self) -> &crate::Cache {
+        &self.shared.cache
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ResponseCache<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
+{
+    type Response = Response<CacheBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // The readied service goes into the future; `self` keeps a fresh
+        // clone that will be polled ready before its own call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        let tag_header = shared.tag_header.clone();
+        match *req.method() {
+            Method::GET | Method::HEAD => match flow::prepare(&shared, &req) {
+                Err((why, label)) => {
+                    flow::count_bypass(&label);
+                    ResponseFuture::passthrough(
+                        inner.call(req),
+                        Some(Report::bypass(why)),
+                        tag_header,
+                    )
+                }
+                Ok(ctx) if !shared.cache.is_available() => {
+                    flow::count_bypass(&ctx.label);
+                    ResponseFuture::passthrough(
+                        inner.call(req),
+                        Some(Report::bypass("store-unavailable")),
+                        tag_header,
+                    )
+                }
+                Ok(ctx) => ResponseFuture::flow(Box::pin(flow::serve(shared, inner, req, ctx))),
+            },
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
+                match key::request_url_tag(&shared.keys, req.uri(), req.headers()) {
+                    Some(tag) => {
+                        ResponseFuture::flow(Box::pin(flow::invalidating(shared, inner, req, tag)))
+                    }
+                    None => ResponseFuture::passthrough(inner.call(req), None, tag_header),
+                }
+            }
+            _ => ResponseFuture::passthrough(inner.call(req), None, tag_header),
+        }
+    }
+}

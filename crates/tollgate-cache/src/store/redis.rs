@@ -1,0 +1,169 @@
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use tollgate_redis::fred::interfaces::{KeysInterface, SortedSetsInterface};
+use tollgate_redis::fred::types::{Expiration, ExpireOptions, Value};
+use tollgate_redis::{KeySpace, RedisHandle, Script};
+
+use super::{Store, now_ms};
+use crate::error::Error;
+
+static TAG_TAKE: LazyLock<Script> =
+    LazyLock::new(|| Script::new("cache_tag_take", include_str!("tag_take.lua")));
+
+/// Keys deleted per `DEL` command.
+const DEL_CHUNK: usize = 500;
+
+/// The Redis store: an entry is a string key `{ns}:cache:{key}:e` with a
+/// TTL; a tag is a sorted set `{ns}:cache:{tag}:t` of entry keys scored by
+/// their expiry, trimmed of expired members on every write and expiring
+/// itself with its last member.
+///
+/// Entries and tag indexes hash to different cluster slots: writes go out
+/// as one pipeline of single-slot commands, and invalidation deletes the
+/// members grouped by slot. Never `KEYS` or `SCAN`.
+#[derive(Clone, Debug)]
+pub struct RedisStore {
+    handle: RedisHandle,
+    keys: KeySpace,
+}
+
+impl RedisStore {
+    /// A store on `handle`, under `{namespace}:cache:`.
+    pub fn new(handle: RedisHandle) -> Self {
+        let keys = handle.keys("cache");
+        handle.register_layer("cache");
+        RedisStore { handle, keys }
+    }
+
+    /// The handle.
+    pub fn handle(&self) -> &RedisHandle {
+        &self.handle
+    }
+
+    /// The Redis key holding the entry `key` (for tests and debugging).
+    pub fn entry_key(&self, key: &str) -> String {
+        self.keys.tagged(key, &["e"])
+    }
+
+    /// The Redis key holding the index of `tag`.
+    pub fn tag_key(&self, tag: &str) -> String {
+        self.keys.tagged(tag, &["t"])
+    }
+
+    async fn delete_entries(&self, members: &[String]) -> Result<(), Error> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut groups: Vec<(u16, Vec<String>)> = Vec::new();
+        for m in members {
+            let k = self.entry_key(m);
+            // One group on a standalone server; one per slot on a cluster,
+            // so that no DEL spans two slots.
+            let slot = if self.handle.is_cluster() {
+                tollgate_redis::slot(&k)
+            } else {
+                0
+            };
+            match groups
+                .iter_mut()
+                .find(|(s, g)| *s == slot && g.len() < DEL_CHUNK)
+            {
+                Some((_, g)) => g.push(k),
+                None => groups.push((slot, vec![k])),
+            }
+        }
+        self.handle
+            .call(move |c| async move {
+                let p = c.pipeline();
+                for (_, g) in groups {
+                    let _: () = p.del(g).await?;
+                }
+                let _: Vec<Value> = p.all().await?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+impl Store for RedisStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Error>> {
+        Box::pin(async move {
+            let k = self.entry_key(key);
+            let v: Option<Bytes> = self.handle.call(|c| async move { c.get(k).await }).await?;
+            Ok(v)
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+            let now = now_ms() as i64;
+            let expires = now.saturating_add(ttl_ms);
+            let entry = self.entry_key(key);
+            let tag_keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
+            let member = key.to_owned();
+            self.handle
+                .call(move |c| async move {
+                    let p = c.pipeline();
+                    let _: () = p
+                        .set(entry, value, Some(Expiration::PX(ttl_ms)), None, false)
+                        .await?;
+                    for t in tag_keys {
+                        let _: () = p
+                            .zremrangebyscore(&t, f64::NEG_INFINITY, now as f64)
+                            .await?;
+                        let _: () = p
+                            .zadd(
+                                &t,
+                                None,
+                                None,
+                                false,
+                                false,
+                                (expires as f64, member.clone()),
+                            )
+                            .await?;
+                        // NX gives a new index a TTL; GT only ever extends it.
+                        let _: () = p.pexpire_at(&t, expires, Some(ExpireOptions::NX)).await?;
+                        let _: () = p.pexpire_at(&t, expires, Some(ExpireOptions::GT)).await?;
+                    }
+                    let _: Vec<Value> = p.all().await?;
+                    Ok(())
+                })
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn invalidate_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(async move {
+            let k = self.entry_key(key);
+            let n: i64 = self.handle.call(|c| async move { c.del(k).await }).await?;
+            Ok(n > 0)
+        })
+    }
+
+    fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<Vec<String>, Error>> {
+        Box::pin(async move {
+            let members: Vec<String> = self
+                .handle
+                .eval(&TAG_TAKE, vec![self.tag_key(tag)], vec![now_ms() as i64])
+                .await?;
+            self.delete_entries(&members).await?;
+            Ok(members)
+        })
+    }
+
+    fn is_available(&self) -> bool {
+        self.handle.is_available()
+    }
+}

@@ -1,0 +1,220 @@
+//! `get_or_compute`: caching, coalescing, errors, invalidation across
+//! instances; in memory, on standalone Redis and on a cluster.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tollgate_cache::Cache;
+use tollgate_redis::{RedisConfig, RedisHandle};
+
+async fn handle(url: String) -> RedisHandle {
+    RedisHandle::connect(
+        RedisConfig::from_url(url)
+            .deadline(Duration::from_secs(2))
+            .probe_interval(Duration::from_millis(50)),
+    )
+    .await
+    .expect("connect")
+}
+
+/// `make()` returns a new "instance" sharing the backing store.
+type Make = Box<dyn Fn() -> Cache + Send + Sync>;
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let store = tollgate_cache::MemoryStore::new(1 << 24);
+                super::$name(Box::new(move || tollgate_cache::Cache::builder().store(store.clone()).build())).await;
+            })*
+        }
+        mod standalone {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let server = tollgate_testkit::RedisServer::start();
+                let h = super::handle(server.url()).await;
+                super::$name(Box::new(move || tollgate_cache::Cache::builder().redis(h.clone()).l1(std::time::Duration::from_secs(30), 1 << 20).build())).await;
+            })*
+        }
+        mod cluster {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let cluster = tollgate_testkit::RedisCluster::start();
+                let h = super::handle(cluster.url()).await;
+                super::$name(Box::new(move || tollgate_cache::Cache::builder().redis(h.clone()).l1(std::time::Duration::from_secs(30), 1 << 20).build())).await;
+            })*
+        }
+    };
+}
+
+suite!(
+    caches_values,
+    errors_are_not_cached,
+    concurrent_misses_compute_once_per_instance,
+    invalidation_on_one_instance_is_seen_by_another,
+);
+
+async fn caches_values(make: Make) {
+    let c = make();
+    let calls = AtomicUsize::new(0);
+    for _ in 0..3 {
+        let v: u64 = c
+            .get_or_compute("answer", Duration::from_secs(60), &["t"], || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(42)
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, 42);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(c.invalidate_key("answer").await.unwrap());
+    let _: u64 = c
+        .get_or_compute("answer", Duration::from_secs(60), &[], || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(43)
+        })
+        .await
+        .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+async fn errors_are_not_cached(make: Make) {
+    let c = make();
+    let r: Result<u64, &str> = c
+        .get_or_compute("e", Duration::from_secs(60), &[], || async { Err("boom") })
+        .await;
+    assert_eq!(r, Err("boom"));
+    let r: Result<u64, &str> = c
+        .get_or_compute("e", Duration::from_secs(60), &[], || async { Ok(1) })
+        .await;
+    assert_eq!(r, Ok(1));
+}
+
+async fn concurrent_misses_compute_once_per_instance(make: Make) {
+    let instances = [make(), make()];
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let c = instances[i % 2].clone();
+        let calls = calls.clone();
+        tasks.push(tokio::spawn(async move {
+            c.get_or_compute("hot", Duration::from_secs(60), &[], || async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok::<_, std::io::Error>("value".to_owned())
+            })
+            .await
+            .unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), "value");
+    }
+    let n = calls.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&n),
+        "one computation per instance, got {n}"
+    );
+}
+
+async fn invalidation_on_one_instance_is_seen_by_another(make: Make) {
+    let (a, b) = (make(), make());
+    for c in [&a, &b] {
+        let started = std::time::Instant::now();
+        while !c.is_listening() {
+            assert!(started.elapsed() < Duration::from_secs(5), "subscriber");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let get = |c: &Cache, v: u32| {
+        let c = c.clone();
+        async move {
+            c.get_or_compute(
+                "campaign:42",
+                Duration::from_secs(60),
+                &["campaigns:church-42"],
+                || async move { Ok::<_, std::io::Error>(v) },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(get(&a, 1).await, 1);
+    assert_eq!(
+        get(&b, 2).await,
+        1,
+        "b reads a's value (and keeps it in its L1)"
+    );
+    assert_eq!(a.invalidate_tag("campaigns:church-42").await.unwrap(), 1);
+    let started = std::time::Instant::now();
+    loop {
+        let v = get(&b, 3).await;
+        if v == 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "b still serves the invalidated value"
+        );
+        b.invalidate_key("never").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_give_up_after_the_coalesce_timeout() {
+    let c = Cache::builder()
+        .coalesce_timeout(Duration::from_millis(50))
+        .build();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let slow = {
+        let (c, calls) = (c.clone(), calls.clone());
+        tokio::spawn(async move {
+            c.get_or_compute("k", Duration::from_secs(60), &[], || async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok::<_, std::io::Error>(1u8)
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let started = std::time::Instant::now();
+    let v: u8 = c
+        .get_or_compute("k", Duration::from_secs(60), &[], || async {
+            Ok::<_, std::io::Error>(2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, 2, "the waiter ran its own computation");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    slow.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_computes() {
+    let mut server = tollgate_testkit::RedisServer::start();
+    let h = RedisHandle::connect(
+        RedisConfig::from_url(server.url())
+            .deadline(Duration::from_millis(50))
+            .probe_interval(Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    let c = Cache::redis(h);
+    server.kill();
+    for i in 0..20u32 {
+        let started = std::time::Instant::now();
+        let v: u32 = c
+            .get_or_compute("k", Duration::from_secs(60), &[], || async move {
+                Ok::<_, std::io::Error>(i)
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, i);
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+}
