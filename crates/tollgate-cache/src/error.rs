@@ -35,3 +35,9 @@ impl Error {
         }
     }
 }
+
+impl From<tollgate_redis::RoutePatternError> for Error {
+    fn from(e: tollgate_redis::RoutePatternError) -> Self {
+        Error::config(format!("route `{}`", e.pattern), e.reason)
+    }
+}

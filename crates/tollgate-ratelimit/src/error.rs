@@ -55,3 +55,12 @@ impl From<tollgate_redis::Error> for Error {
         Error::Store(e)
     }
 }
+
+impl From<tollgate_redis::RoutePatternError> for ConfigError {
+    fn from(e: tollgate_redis::RoutePatternError) -> Self {
+        ConfigError::Invalid {
+            field: format!("route `{}`", e.pattern),
+            reason: e.reason.to_owned(),
+        }
+    }
+}

@@ -33,6 +33,7 @@ mod error;
 mod handle;
 mod health;
 mod keys;
+mod route;
 mod script;
 
 pub use breaker::{BreakerState, CircuitBreaker};
@@ -42,6 +43,7 @@ pub use error::Error;
 pub use handle::RedisHandle;
 pub use health::{HealthReport, HealthService, HealthStatus, LayerHealth, LayerMode};
 pub use keys::{KeySpace, slot};
+pub use route::{RoutePattern, RoutePatternError};
 pub use script::Script;
 
 /// The fred crate this handle is built on, for callers that need its types.

@@ -1,0 +1,202 @@
+//! Every server variant the harness can benchmark, in one place.
+//!
+//! Each variant serves `GET /api/ping` → `200 {"ok":true}` behind a
+//! different stack of layers, so that the difference between a variant and
+//! `bare` is the cost of its layers.
+//!
+//! # Adding a variant
+//!
+//! 1. Add a [`VariantSpec`] to [`VARIANTS`] (name, whether it needs Redis,
+//!    one line saying what it measures).
+//! 2. Add a match arm with the same name in [`build`] that returns the
+//!    router: start from [`ping_router`] and `.layer(...)` what you measure.
+//!    Take the shared Redis handle from [`Deps::redis`]. Configure limits so
+//!    that nothing is denied under the benchmark: the point is the cost of
+//!    the layer, not of a 429.
+//!
+//! The runner and `--list` read [`VARIANTS`]; a name there without an arm in
+//! [`build`] fails when the server starts.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock};
+
+use anyhow::{Context as _, bail};
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tollgate_redis::fred::interfaces::KeysInterface as _;
+use tollgate_redis::{RedisHandle, Script};
+use tower_governor::GovernorLayer;
+use tower_governor::governor::GovernorConfigBuilder;
+
+/// What the runner knows about a variant before it starts the server.
+#[derive(Clone, Copy, Debug)]
+pub struct VariantSpec {
+    /// The name given to `--variant` (server) and `--variants` (runner).
+    pub name: &'static str,
+    /// Whether the variant talks to Redis: it is skipped when Redis does not
+    /// answer, and the runner measures Redis CPU and commands for it.
+    pub needs_redis: bool,
+    /// One line saying what the variant measures.
+    pub about: &'static str,
+}
+
+/// All variants, in the order the runner uses by default. `bare` comes
+/// first: every ratio in the table is relative to it.
+pub const VARIANTS: &[VariantSpec] = &[
+    VariantSpec {
+        name: "bare",
+        needs_redis: false,
+        about: "plain axum, no layer: the baseline",
+    },
+    VariantSpec {
+        name: "governor",
+        needs_redis: false,
+        about: "tower_governor per-IP limiter (in process), limit never reached",
+    },
+    VariantSpec {
+        name: "naive-incr",
+        needs_redis: true,
+        about: "per request: one fred pipeline INCR + EXPIRE on bench:{ip}",
+    },
+    VariantSpec {
+        name: "naive-evalsha",
+        needs_redis: true,
+        about: "per request: one GCRA EVALSHA through fred",
+    },
+];
+
+/// The spec of the variant called `name`.
+pub fn find(name: &str) -> Option<&'static VariantSpec> {
+    VARIANTS.iter().find(|v| v.name == name)
+}
+
+/// What a variant may build on.
+#[derive(Clone, Debug, Default)]
+pub struct Deps {
+    redis: Option<RedisHandle>,
+}
+
+impl Deps {
+    /// Dependencies with, or without, a connected Redis handle.
+    pub fn new(redis: Option<RedisHandle>) -> Self {
+        Deps { redis }
+    }
+
+    /// The shared Redis handle; an error for a variant that needs Redis but
+    /// is not declared so in [`VARIANTS`].
+    pub fn redis(&self) -> anyhow::Result<RedisHandle> {
+        self.redis
+            .clone()
+            .context("this variant needs Redis: set `needs_redis: true` in VARIANTS")
+    }
+}
+
+/// The body every variant answers with.
+pub const PING_BODY: &str = r#"{"ok":true}"#;
+
+/// The route every variant serves, without any layer.
+pub fn ping_router() -> Router {
+    Router::new().route("/api/ping", get(ping))
+}
+
+async fn ping() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], PING_BODY)
+}
+
+/// Builds the router of the variant called `name`.
+///
+/// Serve it with `into_make_service_with_connect_info::<SocketAddr>()`:
+/// per-IP variants read the peer address.
+pub async fn build(name: &str, deps: &Deps) -> anyhow::Result<Router> {
+    let router = match name {
+        "bare" => ping_router(),
+
+        "governor" => {
+            // 1,000,000 per second, burst 1,000,000: never denies under the
+            // benchmark, so the table shows the cost of the layer alone.
+            let config = GovernorConfigBuilder::default()
+                .per_nanosecond(1_000)
+                .burst_size(1_000_000)
+                .finish()
+                .context("tower_governor rejected the configuration")?;
+            ping_router().layer(GovernorLayer::new(Arc::new(config)))
+        }
+
+        "naive-incr" => {
+            ping_router().layer(middleware::from_fn_with_state(deps.redis()?, naive_incr))
+        }
+
+        "naive-evalsha" => {
+            ping_router().layer(middleware::from_fn_with_state(deps.redis()?, naive_evalsha))
+        }
+
+        // Add new variants above this line (and to VARIANTS).
+        other => bail!(
+            "unknown variant {other:?}; known: {}",
+            VARIANTS
+                .iter()
+                .map(|v| v.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    Ok(router)
+}
+
+/// A limit the naive counter never reaches (a trillion per window): it pays
+/// for the check, never for a denial.
+const NAIVE_LIMIT: i64 = 1_000_000_000_000;
+
+/// What a hand-rolled fixed-window limiter does: INCR and EXPIRE in one
+/// pipeline (one round trip) on every request.
+async fn naive_incr(
+    State(redis): State<RedisHandle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let key = format!("bench:{}", peer.ip());
+    let count = redis
+        .call(|c| async move {
+            let pipeline = c.pipeline();
+            let () = pipeline.incr(&key).await?;
+            let () = pipeline.expire(&key, 60, None).await?;
+            pipeline.all::<(i64, i64)>().await
+        })
+        .await;
+    match count {
+        Ok((n, _)) if n <= NAIVE_LIMIT => next.run(req).await,
+        Ok(_) => StatusCode::TOO_MANY_REQUESTS.into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+static NAIVE_GCRA: LazyLock<Script> =
+    LazyLock::new(|| Script::new("bench_naive_gcra", include_str!("lua/naive_gcra.lua")));
+
+/// Emission interval of the naive GCRA: 1 µs, i.e. 1,000,000 per second.
+const GCRA_INTERVAL_US: i64 = 1;
+/// Burst tolerance of the naive GCRA: a burst of 1,000,000.
+const GCRA_TOLERANCE_US: i64 = GCRA_INTERVAL_US * (1_000_000 - 1);
+
+/// What a hand-rolled GCRA limiter does: one EVALSHA per request.
+async fn naive_evalsha(
+    State(redis): State<RedisHandle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let key = format!("bench:gcra:{}", peer.ip());
+    let decision: Result<(i64, i64), _> = redis
+        .eval(&NAIVE_GCRA, key, vec![GCRA_INTERVAL_US, GCRA_TOLERANCE_US])
+        .await;
+    match decision {
+        Ok((1, _)) => next.run(req).await,
+        Ok(_) => StatusCode::TOO_MANY_REQUESTS.into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
