@@ -27,8 +27,13 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use tollgate::cache::{Cache, ResponseCacheLayer, RouteRule};
+use tollgate::ratelimit::{Policy, PolicyTable, Quota, RateLimitLayer, RateLimiter};
+use tollgate::session::{CookieConfig, Session, SessionLayer, Sessions};
+use tollgate::usage::{TenantSource, UsageConfig, UsageLayer, UsageTracker};
 use tollgate_redis::fred::interfaces::KeysInterface as _;
 use tollgate_redis::{RedisHandle, Script};
+use tower::ServiceExt as _;
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
 
@@ -66,6 +71,46 @@ pub const VARIANTS: &[VariantSpec] = &[
         name: "naive-evalsha",
         needs_redis: true,
         about: "per request: one GCRA EVALSHA through fred",
+    },
+    VariantSpec {
+        name: "ratelimit-exact",
+        needs_redis: true,
+        about: "tollgate RateLimitLayer, exact GCRA in Redis (coalesced EVALSHA), per IP",
+    },
+    VariantSpec {
+        name: "ratelimit-lease",
+        needs_redis: true,
+        about: "tollgate RateLimitLayer, lease mode (chunks of 1,000 tokens from Redis)",
+    },
+    VariantSpec {
+        name: "ratelimit-fallback",
+        needs_redis: false,
+        about: "tollgate RateLimitLayer on its governor fallback (no Redis)",
+    },
+    VariantSpec {
+        name: "usage-batched",
+        needs_redis: true,
+        about: "tollgate UsageLayer, one tenant, batched flushes to Redis",
+    },
+    VariantSpec {
+        name: "cache-redis-hit",
+        needs_redis: true,
+        about: "tollgate ResponseCacheLayer, every request a Redis hit",
+    },
+    VariantSpec {
+        name: "cache-l1-hit",
+        needs_redis: true,
+        about: "tollgate ResponseCacheLayer with an in-process L1 (1 s), every request an L1 hit",
+    },
+    VariantSpec {
+        name: "session-read",
+        needs_redis: true,
+        about: "tollgate SessionLayer, reused cookie, the handler reads the session",
+    },
+    VariantSpec {
+        name: "session-rw",
+        needs_redis: true,
+        about: "tollgate SessionLayer, reused cookie, the handler reads and writes the session",
     },
 ];
 
@@ -134,6 +179,50 @@ pub async fn build(name: &str, deps: &Deps) -> anyhow::Result<Router> {
             ping_router().layer(middleware::from_fn_with_state(deps.redis()?, naive_evalsha))
         }
 
+        "ratelimit-exact" | "ratelimit-lease" | "ratelimit-fallback" => {
+            let table = PolicyTable::builder()
+                // 1,000,000 per second with a burst of 1,000,000: never denies here.
+                .policy(Policy::new(
+                    "bench",
+                    Quota::per_second(1_000_000).with_burst(1_000_000),
+                ))
+                .default_policies(["bench"])
+                .build()
+                .context("rate-limit table")?;
+            let builder = RateLimiter::builder(table);
+            let limiter = match name {
+                "ratelimit-exact" => builder.redis(deps.redis()?).build(),
+                "ratelimit-lease" => builder.redis(deps.redis()?).lease(1_000).build(),
+                _ => builder.build(),
+            };
+            ping_router().layer(RateLimitLayer::new(limiter))
+        }
+
+        "usage-batched" => {
+            let tracker = UsageTracker::redis(deps.redis()?, UsageConfig::new());
+            let layer = UsageLayer::new(
+                tracker,
+                TenantSource::from_fn(|_| Some("bench-tenant".into())),
+            );
+            ping_router().layer(layer)
+        }
+
+        "cache-redis-hit" | "cache-l1-hit" => {
+            let mut cache = Cache::builder().redis(deps.redis()?);
+            if name == "cache-l1-hit" {
+                cache = cache.l1(std::time::Duration::from_secs(1), 16 << 20);
+            }
+            let layer = ResponseCacheLayer::builder(cache.build())
+                .route(RouteRule::new("/api/ping").ttl(std::time::Duration::from_secs(600)))
+                .build()
+                .context("cache layer")?;
+            ping_router().layer(layer)
+        }
+
+        "session-read" | "session-rw" => {
+            session_router(deps.redis()?, name == "session-rw").await?
+        }
+
         // Add new variants above this line (and to VARIANTS).
         other => bail!(
             "unknown variant {other:?}; known: {}",
@@ -199,4 +288,63 @@ async fn naive_evalsha(
         Ok(_) => StatusCode::TOO_MANY_REQUESTS.into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
+}
+
+/// A session router whose every request carries the same session cookie,
+/// as a client reusing its cookie would: the cookie is created once at
+/// start-up through the layer, then added to each request by an outer
+/// middleware (wrk sends no cookie).
+async fn session_router(redis: RedisHandle, write: bool) -> anyhow::Result<Router> {
+    let sessions = Sessions::builder()
+        .redis(redis)
+        .secret("tollgate bench secret, 32 bytes or more!!")
+        .cookie(CookieConfig::new().secure(false))
+        .build()
+        .context("sessions")?;
+    let handler = move |session: Session| async move {
+        let n: u64 = match session.get("n").await {
+            Ok(v) => v.unwrap_or(0),
+            Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        };
+        if write && let Err(e) = session.insert("n", &(n + 1)).await {
+            return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+        }
+        ([(header::CONTENT_TYPE, "application/json")], PING_BODY).into_response()
+    };
+    let login = |session: Session| async move {
+        match session.insert("n", &0u64).await {
+            Ok(()) => StatusCode::OK,
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    };
+    let app = Router::new()
+        .route("/api/ping", get(handler))
+        .route("/bench/login", get(login))
+        .layer(SessionLayer::new(sessions));
+    let res = app
+        .clone()
+        .oneshot(
+            axum::http::Request::get("/bench/login")
+                .body(axum::body::Body::empty())
+                .context("login request")?,
+        )
+        .await
+        .context("login")?;
+    let cookie = res
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned)
+        .context("the session layer set no cookie")?;
+    let cookie = axum::http::HeaderValue::from_str(&cookie).context("cookie")?;
+    Ok(
+        app.layer(middleware::from_fn(move |mut req: Request, next: Next| {
+            let cookie = cookie.clone();
+            async move {
+                req.headers_mut().insert(header::COOKIE, cookie);
+                next.run(req).await
+            }
+        })),
+    )
 }
