@@ -99,9 +99,12 @@ pub async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let app = variants::build(spec.name, &Deps::new(redis))
-        .await
-        .with_context(|| format!("building variant {}", spec.name))?;
+    let app = variants::build(
+        spec.name,
+        &Deps::new(redis).with_url(args.redis_url.clone()),
+    )
+    .await
+    .with_context(|| format!("building variant {}", spec.name))?;
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await

@@ -112,6 +112,11 @@ pub const VARIANTS: &[VariantSpec] = &[
         needs_redis: true,
         about: "tollgate SessionLayer, reused cookie, the handler reads and writes the session",
     },
+    VariantSpec {
+        name: "tower-sessions-rw",
+        needs_redis: true,
+        about: "peer: tower-sessions + tower-sessions-redis-store (fred), reused cookie, read and write",
+    },
 ];
 
 /// The spec of the variant called `name`.
@@ -123,12 +128,22 @@ pub fn find(name: &str) -> Option<&'static VariantSpec> {
 #[derive(Clone, Debug, Default)]
 pub struct Deps {
     redis: Option<RedisHandle>,
+    redis_url: Option<String>,
 }
 
 impl Deps {
     /// Dependencies with, or without, a connected Redis handle.
     pub fn new(redis: Option<RedisHandle>) -> Self {
-        Deps { redis }
+        Deps {
+            redis,
+            redis_url: None,
+        }
+    }
+
+    /// Records the Redis URL, for peers that build their own client.
+    pub fn with_url(mut self, url: String) -> Self {
+        self.redis_url = Some(url);
+        self
     }
 
     /// The shared Redis handle; an error for a variant that needs Redis but
@@ -221,6 +236,14 @@ pub async fn build(name: &str, deps: &Deps) -> anyhow::Result<Router> {
 
         "session-read" | "session-rw" => {
             session_router(deps.redis()?, name == "session-rw").await?
+        }
+
+        "tower-sessions-rw" => {
+            let url = deps
+                .redis_url
+                .clone()
+                .context("the peer needs the Redis URL")?;
+            tower_sessions_router(&url).await?
         }
 
         // Add new variants above this line (and to VARIANTS).
@@ -321,6 +344,12 @@ async fn session_router(redis: RedisHandle, write: bool) -> anyhow::Result<Route
         .route("/api/ping", get(handler))
         .route("/bench/login", get(login))
         .layer(SessionLayer::new(sessions));
+    with_login_cookie(app).await
+}
+
+/// Logs in once through `app` (`GET /bench/login`) and returns `app` with
+/// that session cookie added to every request.
+async fn with_login_cookie(app: Router) -> anyhow::Result<Router> {
     let res = app
         .clone()
         .oneshot(
@@ -347,4 +376,42 @@ async fn session_router(redis: RedisHandle, write: bool) -> anyhow::Result<Route
             }
         })),
     )
+}
+
+/// The same read-and-write handler on tower-sessions with its Redis store
+/// (its own fred pool on the same Redis), cookie reused the same way.
+async fn tower_sessions_router(url: &str) -> anyhow::Result<Router> {
+    use tollgate_redis::fred::interfaces::ClientLike as _;
+    use tower_sessions::{Session as PeerSession, SessionManagerLayer};
+    // Its own fred pool with fred's defaults (no command deadline), as the
+    // peer's documentation sets it up.
+    let config =
+        tollgate_redis::fred::types::config::Config::from_url(url).context("peer Redis URL")?;
+    let pool = tollgate_redis::fred::types::Builder::from_config(config)
+        .build_pool(2)
+        .context("peer fred pool")?;
+    pool.init().await.context("peer fred pool connect")?;
+    let store = tower_sessions_redis_store::RedisStore::new(pool);
+    let layer = SessionManagerLayer::new(store).with_secure(false);
+    let handler = |session: PeerSession| async move {
+        let n: u64 = match session.get("n").await {
+            Ok(v) => v.unwrap_or(0),
+            Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        };
+        if let Err(e) = session.insert("n", n + 1).await {
+            return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+        }
+        ([(header::CONTENT_TYPE, "application/json")], PING_BODY).into_response()
+    };
+    let login = |session: PeerSession| async move {
+        match session.insert("n", 0u64).await {
+            Ok(()) => StatusCode::OK,
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    };
+    let app = Router::new()
+        .route("/api/ping", get(handler))
+        .route("/bench/login", get(login))
+        .layer(layer);
+    with_login_cookie(app).await
 }
