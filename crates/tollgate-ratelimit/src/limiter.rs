@@ -469,7 +469,7 @@ impl RateLimiter {
         let started = Instant::now();
         let inner = &self.inner;
         if let Some(hit) = inner.deny_cache.get(&p.identity, &p.checks, started) {
-            metrics::counter!("tollgate_ratelimit_deny_cache_hits_total", "route" => p.route.to_string())
+            metrics::counter!("tollgate_ratelimit_deny_cache_hits_total", "route" => metrics::SharedString::from(p.route.clone()))
                 .increment(1);
             self.record(p, &hit, started, "deny_cache");
             return hit;
@@ -503,16 +503,16 @@ impl RateLimiter {
             };
             metrics::counter!(
                 "tollgate_ratelimit_decisions_total",
-                "policy" => d.policy.to_string(),
-                "route" => p.route.to_string(),
+                "policy" => metrics::SharedString::from(d.policy.clone()),
+                "route" => metrics::SharedString::from(p.route.clone()),
                 "outcome" => outcome,
             )
             .increment(1);
             if matches!(d.source, Source::Memory | Source::FailOpen) && store == "fallback" {
                 metrics::counter!(
                     "tollgate_ratelimit_fallback_total",
-                    "policy" => d.policy.to_string(),
-                    "route" => p.route.to_string(),
+                    "policy" => metrics::SharedString::from(d.policy.clone()),
+                    "route" => metrics::SharedString::from(p.route.clone()),
                 )
                 .increment(1);
             }
