@@ -8,15 +8,7 @@ use std::time::Duration;
 use tollgate_cache::Cache;
 use tollgate_redis::{RedisConfig, RedisHandle};
 
-async fn handle(url: String) -> RedisHandle {
-    RedisHandle::connect(
-        RedisConfig::from_url(url)
-            .deadline(Duration::from_secs(2))
-            .probe_interval(Duration::from_millis(50)),
-    )
-    .await
-    .expect("connect")
-}
+use tollgate_testkit::connect as handle;
 
 /// `make()` returns a new "instance" sharing the backing store.
 type Make = Box<dyn Fn() -> Cache + Send + Sync>;

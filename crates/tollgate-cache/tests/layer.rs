@@ -15,15 +15,7 @@ use tollgate_redis::{RedisConfig, RedisHandle};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt, service_fn};
 
-async fn handle(url: String) -> RedisHandle {
-    RedisHandle::connect(
-        RedisConfig::from_url(url)
-            .deadline(Duration::from_secs(2))
-            .probe_interval(Duration::from_millis(50)),
-    )
-    .await
-    .expect("connect")
-}
+use tollgate_testkit::connect as handle;
 
 type Make = Box<dyn Fn() -> Cache + Send + Sync>;
 

@@ -5,17 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tollgate_cache::{MemoryStore, RedisStore, Store};
-use tollgate_redis::{RedisConfig, RedisHandle};
 
-async fn handle(url: String) -> RedisHandle {
-    RedisHandle::connect(
-        RedisConfig::from_url(url)
-            .deadline(Duration::from_secs(2))
-            .probe_interval(Duration::from_millis(50)),
-    )
-    .await
-    .expect("connect")
-}
+use tollgate_testkit::connect as handle;
 
 macro_rules! store_suite {
     ($($name:ident),* $(,)?) => {

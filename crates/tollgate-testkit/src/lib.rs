@@ -26,6 +26,19 @@ pub use proxy::LatencyProxy;
 pub use resp::Reply;
 pub use tls::TlsMaterial;
 
+/// A handle on `url` for tests that check behaviour rather than deadlines:
+/// a 2 s deadline (debug builds under heavy concurrency) and a breaker that
+/// probes every 50 ms, so recovery is quick. Panics if `url` is unusable.
+pub async fn connect(url: impl Into<String>) -> tollgate_redis::RedisHandle {
+    tollgate_redis::RedisHandle::connect(
+        tollgate_redis::RedisConfig::from_url(url)
+            .deadline(Duration::from_secs(2))
+            .probe_interval(Duration::from_millis(50)),
+    )
+    .await
+    .expect("connect")
+}
+
 /// The message every test fails with when `redis-server` is missing.
 pub const INSTALL_HINT: &str = "redis-server was not found on PATH. tollgate's tests run against real Redis processes: \
      install it with `sudo apt-get install -y redis-server redis-tools` (Debian/Ubuntu), \

@@ -16,17 +16,7 @@ use tollgate_usage::{
 };
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 
-async fn handle(url: String) -> RedisHandle {
-    RedisHandle::connect(
-        RedisConfig::from_url(url)
-            // Generous: these tests check exactness under heavy concurrency
-            // in debug builds, not the deadline (tested on its own).
-            .deadline(Duration::from_secs(2))
-            .probe_interval(Duration::from_millis(50)),
-    )
-    .await
-    .expect("connect")
-}
+use tollgate_testkit::connect as handle;
 
 fn quick() -> UsageConfig {
     UsageConfig::new().flush_interval(Duration::from_millis(50))
