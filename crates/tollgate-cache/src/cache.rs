@@ -14,6 +14,7 @@ use tollgate_redis::RedisHandle;
 use tollgate_redis::fred::clients::Client;
 use tollgate_redis::fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 
+use crate::entry::{Entry, Stored};
 use crate::error::Error;
 use crate::flight::{Flights, Role};
 use crate::store::{MemoryStore, RedisStore, Store};
@@ -55,10 +56,61 @@ pub struct Cache {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// The in-process L1: raw values, with HTTP entries decoded on first use.
+type L1 = moka::sync::Cache<String, L1Value>;
+
+/// One L1 value: the raw bytes, and the decoded response (memoised: every
+/// hit after the first shares it).
+#[derive(Clone)]
+pub(crate) struct L1Value {
+    raw: Bytes,
+    entry: Arc<std::sync::OnceLock<Option<Arc<Entry>>>>,
+}
+
+impl L1Value {
+    fn new(raw: Bytes, entry: Option<Arc<Entry>>) -> Self {
+        let memo = std::sync::OnceLock::new();
+        if let Some(e) = entry {
+            let _ = memo.set(Some(e));
+        }
+        L1Value {
+            raw,
+            entry: Arc::new(memo),
+        }
+    }
+
+    /// The stored response, when the value is one.
+    fn entry(&self) -> Option<Arc<Entry>> {
+        self.entry
+            .get_or_init(|| match Stored::decode(&self.raw) {
+                Ok(Stored::Response(e)) => Some(Arc::new(e)),
+                _ => None,
+            })
+            .clone()
+    }
+}
+
+/// What an HTTP cache key holds, decoded.
+pub(crate) enum Fetched {
+    /// A response.
+    Response(Arc<Entry>),
+    /// The names of the request headers the response varies on.
+    Vary(Vec<String>),
+}
+
+impl Fetched {
+    fn decode(raw: &Bytes) -> Result<Self, Error> {
+        Ok(match Stored::decode(raw)? {
+            Stored::Response(e) => Fetched::Response(Arc::new(e)),
+            Stored::Vary(names) => Fetched::Vary(names),
+        })
+    }
+}
+
 pub(crate) struct Inner {
     store: Arc<dyn Store>,
     handle: Option<RedisHandle>,
-    l1: Option<moka::sync::Cache<String, Bytes>>,
+    l1: Option<L1>,
     flights: Flights<Bytes>,
     coalesce_timeout: Duration,
     channel: String,
@@ -166,13 +218,41 @@ impl Cache {
     /// The raw value under a logical key: L1, then the store.
     pub(crate) async fn get_raw(&self, key: &str) -> Result<Option<Bytes>, Error> {
         if let Some(v) = self.inner.l1.as_ref().and_then(|l1| l1.get(key)) {
-            return Ok(Some(v));
+            return Ok(Some(v.raw));
         }
         let v = self.inner.store.get(key).await?;
         if let (Some(l1), Some(v)) = (&self.inner.l1, &v) {
-            l1.insert(key.to_owned(), v.clone());
+            l1.insert(key.to_owned(), L1Value::new(v.clone(), None));
         }
         Ok(v)
+    }
+
+    /// The stored response under `key` in this instance's L1, decoded once
+    /// per L1 entry (not per hit). Synchronous: an L1 hit needs no task.
+    pub(crate) fn l1_entry(&self, key: &str) -> Option<Arc<Entry>> {
+        self.inner.l1.as_ref()?.get(key)?.entry()
+    }
+
+    /// What an HTTP cache key holds: L1 (decoded once), then the store.
+    pub(crate) async fn get_stored(&self, key: &str) -> Result<Option<Fetched>, Error> {
+        if let Some(v) = self.inner.l1.as_ref().and_then(|l1| l1.get(key)) {
+            if let Some(e) = v.entry() {
+                return Ok(Some(Fetched::Response(e)));
+            }
+            return Fetched::decode(&v.raw).map(Some);
+        }
+        let Some(raw) = self.inner.store.get(key).await? else {
+            return Ok(None);
+        };
+        let fetched = Fetched::decode(&raw)?;
+        if let Some(l1) = &self.inner.l1 {
+            let entry = match &fetched {
+                Fetched::Response(e) => Some(e.clone()),
+                Fetched::Vary(_) => None,
+            };
+            l1.insert(key.to_owned(), L1Value::new(raw, entry));
+        }
+        Ok(Some(fetched))
     }
 
     /// Stores a raw value under a logical key.
@@ -184,7 +264,7 @@ impl Cache {
         tags: &[String],
     ) -> Result<(), Error> {
         if let Some(l1) = &self.inner.l1 {
-            l1.insert(key.to_owned(), value.clone());
+            l1.insert(key.to_owned(), L1Value::new(value.clone(), None));
         }
         let r = self.inner.store.put(key, value, ttl, tags).await;
         if r.is_err() {
@@ -355,7 +435,7 @@ impl Cache {
 async fn listen(
     sub: Client,
     channel: String,
-    l1: moka::sync::Cache<String, Bytes>,
+    l1: L1,
     listening: Arc<AtomicBool>,
     epoch: Arc<AtomicU64>,
 ) {
@@ -449,8 +529,8 @@ impl CacheBuilder {
             (Some(_), Some((ttl, bytes))) => Some(
                 moka::sync::Cache::builder()
                     .max_capacity(bytes)
-                    .weigher(|k: &String, v: &Bytes| {
-                        u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX)
+                    .weigher(|k: &String, v: &L1Value| {
+                        u32::try_from(k.len() + v.raw.len()).unwrap_or(u32::MAX)
                     })
                     .time_to_live(ttl)
                     .build(),

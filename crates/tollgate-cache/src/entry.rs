@@ -35,6 +35,8 @@ pub(crate) struct Meta {
 pub(crate) struct Entry {
     pub meta: Meta,
     pub body: Bytes,
+    /// `meta.headers` as a header map, built once: a hit clones it.
+    head: HeaderMap,
 }
 
 /// What a key holds.
@@ -61,10 +63,7 @@ impl Stored {
         if magic == RESPONSE {
             let meta: Meta =
                 serde_json::from_slice(json).map_err(|e| Error::Codec(e.to_string().into()))?;
-            Ok(Stored::Response(Entry {
-                meta,
-                body: b.slice(8 + len..),
-            }))
+            Ok(Stored::Response(Entry::new(meta, b.slice(8 + len..))))
         } else if magic == VARY {
             let names: Vec<String> =
                 serde_json::from_slice(json).map_err(|e| Error::Codec(e.to_string().into()))?;
@@ -94,21 +93,25 @@ impl Stored {
 }
 
 impl Entry {
+    pub(crate) fn new(meta: Meta, body: Bytes) -> Self {
+        let mut head = HeaderMap::with_capacity(meta.headers.len() + 4);
+        for (n, v) in &meta.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::try_from(n.as_str()),
+                HeaderValue::try_from(v.as_str()),
+            ) {
+                head.append(n, v);
+            }
+        }
+        Entry { meta, body, head }
+    }
+
     pub(crate) fn status(&self) -> StatusCode {
         StatusCode::from_u16(self.meta.status).unwrap_or(StatusCode::OK)
     }
 
     pub(crate) fn headers(&self) -> HeaderMap {
-        let mut h = HeaderMap::with_capacity(self.meta.headers.len() + 4);
-        for (n, v) in &self.meta.headers {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::try_from(n.as_str()),
-                HeaderValue::try_from(v.as_str()),
-            ) {
-                h.append(n, v);
-            }
-        }
-        h
+        self.head.clone()
     }
 
     pub(crate) fn header(&self, name: &str) -> Option<&str> {
@@ -136,8 +139,8 @@ mod tests {
 
     #[test]
     fn roundtrip() {
-        let e = Stored::Response(Entry {
-            meta: Meta {
+        let e = Stored::Response(Entry::new(
+            Meta {
                 status: 200,
                 headers: vec![("etag".into(), "\"x\"".into())],
                 stored_at_ms: 1,
@@ -148,8 +151,8 @@ mod tests {
                 public: false,
                 vary: vec![],
             },
-            body: Bytes::from_static(b"\0body"),
-        });
+            Bytes::from_static(b"\0body"),
+        ));
         let b = e.encode().unwrap();
         let Stored::Response(d) = Stored::decode(&b).unwrap() else {
             panic!()

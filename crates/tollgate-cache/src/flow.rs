@@ -14,6 +14,7 @@ use http_cache_semantics::{CacheOptions, CachePolicy};
 use tower::Service;
 
 use crate::body::{CacheBody, Capped};
+use crate::cache::Fetched;
 use crate::entry::{Entry, Meta, Stored};
 use crate::flight::{FlightGuard, Role};
 use crate::key::{self, UrlKey};
@@ -46,7 +47,7 @@ const HOP_BY_HOP: [&str; 9] = [
 pub(crate) struct Ctx {
     pub url: UrlKey,
     pub rule: Arc<RouteRule>,
-    pub label: String,
+    pub label: Arc<str>,
     pub uri: Uri,
     pub headers: HeaderMap,
     pub credentials: bool,
@@ -103,7 +104,10 @@ pub(crate) fn directives(h: &HeaderMap) -> Directives {
 }
 
 /// Decides how a GET/HEAD request is handled, before anything async.
-pub(crate) fn prepare<B>(shared: &Shared, req: &Request<B>) -> Result<Ctx, (&'static str, String)> {
+pub(crate) fn prepare<B>(
+    shared: &Shared,
+    req: &Request<B>,
+) -> Result<Ctx, (&'static str, Arc<str>)> {
     let template = matched_path(req.extensions());
     let (rule, label) = shared
         .routes
@@ -161,31 +165,52 @@ enum Lookup {
 }
 
 async fn lookup(shared: &Shared, ctx: &Ctx) -> Result<Lookup, crate::Error> {
-    let Some(raw) = shared.cache.get_raw(&ctx.url.key).await? else {
+    let Some(found) = shared.cache.get_stored(&ctx.url.key).await? else {
         return Ok(Lookup::Miss { vary: false });
     };
-    match Stored::decode(&raw)? {
-        Stored::Response(e) => Ok(Lookup::Found(Arc::new(e))),
-        Stored::Vary(names) => {
+    match found {
+        Fetched::Response(e) => Ok(Lookup::Found(e)),
+        Fetched::Vary(names) => {
             let Ok(values) = key::vary_values(&names, &ctx.headers) else {
                 return Ok(Lookup::Miss { vary: true });
             };
             let variant = key::variant_key(&ctx.url, &values);
-            match shared.cache.get_raw(&variant).await? {
-                Some(raw) => match Stored::decode(&raw)? {
-                    Stored::Response(e) => Ok(Lookup::Found(Arc::new(e))),
-                    Stored::Vary(_) => Ok(Lookup::Miss { vary: true }),
-                },
-                None => Ok(Lookup::Miss { vary: true }),
+            match shared.cache.get_stored(&variant).await? {
+                Some(Fetched::Response(e)) => Ok(Lookup::Found(e)),
+                Some(Fetched::Vary(_)) | None => Ok(Lookup::Miss { vary: true }),
             }
         }
     }
+}
+
+/// A fresh, usable response in this instance's L1, answered without
+/// waiting.
+pub(crate) fn l1_hit<B>(shared: &Shared, ctx: &Ctx) -> Option<Response<CacheBody<B>>> {
+    if ctx.refresh {
+        return None;
+    }
+    let e = shared.cache.l1_entry(&ctx.url.key)?;
+    let now = now_ms();
+    let ttl = e.ttl_ms(now);
+    if ttl <= 0 || !usable(ctx, &e) {
+        return None;
+    }
+    count(&ctx.label, "hit");
+    let report = Report {
+        x_cache: "HIT",
+        status: format!("tollgate; hit; ttl={}", ttl / 1000),
+    }
+    .with_key(shared, ctx);
+    Some(from_entry(&e, ctx, now, &report))
 }
 
 /// Whether a stored response may answer this request.
 fn usable(ctx: &Ctx, e: &Entry) -> bool {
     if ctx.credentials && !ctx.per_user && !e.meta.public {
         return false;
+    }
+    if e.meta.vary.is_empty() {
+        return true;
     }
     let names: Vec<String> = e.meta.vary.iter().map(|(n, _)| n.clone()).collect();
     key::vary_values(&names, &ctx.headers).is_ok_and(|v| v == e.meta.vary)
@@ -220,12 +245,12 @@ impl Report {
     }
 }
 
-fn count(label: &str, outcome: &'static str) {
-    metrics::counter!("tollgate_cache_requests_total", "route" => label.to_owned(), "outcome" => outcome)
+fn count(label: &Arc<str>, outcome: &'static str) {
+    metrics::counter!("tollgate_cache_requests_total", "route" => metrics::SharedString::from(label.clone()), "outcome" => outcome)
         .increment(1);
 }
 
-pub(crate) fn count_bypass(label: &str) {
+pub(crate) fn count_bypass(label: &Arc<str>) {
     count(label, "bypass");
 }
 
@@ -595,7 +620,7 @@ fn plan_store(
         headers.push((name.to_owned(), v.to_owned()));
     }
 
-    let mut tags = vec![ctx.url.url_tag.clone()];
+    let mut tags = vec![ctx.url.url_tag()];
     for t in ctx.rule.tags.iter().chain(header_tags.iter()) {
         if !tags.contains(t) {
             tags.push(t.clone());
@@ -665,10 +690,7 @@ impl Recorder {
             guard,
             buf,
         } = self;
-        let entry = Arc::new(Entry {
-            meta: plan.meta,
-            body: buf.buf.freeze(),
-        });
+        let entry = Arc::new(Entry::new(plan.meta, buf.buf.freeze()));
         if let Some(g) = &guard {
             g.complete(Some(entry.clone()));
         }

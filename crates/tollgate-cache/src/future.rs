@@ -31,6 +31,10 @@ pin_project! {
         Flow {
             fut: BoxFuture<'static, Result<Response<CacheBody<B>>, E>>,
         },
+        /// Answered without waiting (an L1 hit).
+        Ready {
+            res: Option<Response<CacheBody<B>>>,
+        },
     }
 }
 
@@ -42,6 +46,12 @@ impl<F, B, E> ResponseFuture<F, B, E> {
                 report,
                 tag_header,
             },
+        }
+    }
+
+    pub(crate) fn ready(res: Response<CacheBody<B>>) -> Self {
+        ResponseFuture {
+            kind: Kind::Ready { res: Some(res) },
         }
     }
 
@@ -74,6 +84,8 @@ where
                 Poll::Ready(Ok(Response::from_parts(parts, CacheBody::origin(body))))
             }
             KindProj::Flow { fut } => fut.as_mut().poll(cx),
+            // Polled again after completion: nothing left to give.
+            KindProj::Ready { res } => res.take().map_or(Poll::Pending, |r| Poll::Ready(Ok(r))),
         }
     }
 }
@@ -83,6 +95,7 @@ impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
         let kind = match &self.kind {
             Kind::Passthrough { .. } => "passthrough",
             Kind::Flow { .. } => "flow",
+            Kind::Ready { .. } => "ready",
         };
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)

@@ -23,13 +23,34 @@ pub(crate) struct UrlKey {
     pub material: String,
     /// Logical store key: `r:<sha256>`.
     pub key: String,
-    /// The tag every entry of this path carries (any query, any user, any
-    /// variant), for invalidation by unsafe methods.
-    pub url_tag: String,
 }
 
-fn hash(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
+impl UrlKey {
+    /// The tag every entry of this path carries (any query, any user, any
+    /// variant), for invalidation by unsafe methods. Computed only when a
+    /// response is stored: the scheme, host and path are the material's
+    /// second to fourth lines (none of them can hold a line break).
+    pub(crate) fn url_tag(&self) -> String {
+        let mut lines = self.material.split('\n').skip(1);
+        let (scheme, host, path) = (
+            lines.next().unwrap_or(""),
+            lines.next().unwrap_or(""),
+            lines.next().unwrap_or(""),
+        );
+        url_tag(scheme, host, path)
+    }
+}
+
+/// `prefix` followed by the SHA-256 of `s` in hex.
+fn prefixed_hash(prefix: &str, s: &str) -> String {
+    let digest = Sha256::digest(s.as_bytes());
+    let mut hex = [0u8; 64];
+    // Cannot fail: the buffer is exactly twice the digest's length.
+    let _ = hex::encode_to_slice(digest, &mut hex);
+    let mut out = String::with_capacity(prefix.len() + hex.len());
+    out.push_str(prefix);
+    out.extend(hex.iter().map(|&b| char::from(b)));
+    out
 }
 
 /// Host from the URI (HTTP/2) or the `Host` header, lowercased, when it is
@@ -126,14 +147,13 @@ pub(crate) fn url_key(
         user.unwrap_or("")
     );
     Ok(UrlKey {
-        key: format!("r:{}", hash(&material)),
-        url_tag: url_tag(scheme, &host, path),
+        key: prefixed_hash("r:", &material),
         material,
     })
 }
 
 pub(crate) fn url_tag(scheme: &str, host: &str, path: &str) -> String {
-    format!("url:{}", hash(&format!("{scheme}\n{host}\n{path}")))
+    prefixed_hash("url:", &format!("{scheme}\n{host}\n{path}"))
 }
 
 /// The URL tag of any request (for invalidation by unsafe methods).
@@ -199,7 +219,7 @@ pub(crate) fn variant_key(url: &UrlKey, values: &[(String, Option<String>)]) -> 
             None => m.push('\0'),
         }
     }
-    format!("r:{}", hash(&m))
+    prefixed_hash("r:", &m)
 }
 
 /// The header names a `Vary` lists, lowercased and sorted; `Err` for
@@ -283,11 +303,19 @@ mod tests {
         let a = url_key(&open, &uri, &h("a.com"), None).unwrap();
         let b = url_key(&open, &uri, &h("b.com"), None).unwrap();
         assert_ne!(a.key, b.key);
-        assert_ne!(a.url_tag, b.url_tag);
+        assert_ne!(a.url_tag(), b.url_tag());
         assert!(url_key(&open, &uri, &h("a.com\"x"), None).is_err());
         let u = url_key(&open, &uri, &h("a.com"), Some("u1")).unwrap();
         assert_ne!(u.key, a.key);
-        assert_eq!(u.url_tag, a.url_tag, "one URL tag for every user");
+        assert_eq!(u.url_tag(), a.url_tag(), "one URL tag for every user");
+        // The tag a stored entry carries is the one an unsafe method on the
+        // same URL invalidates, whatever the query.
+        let q: Uri = "/p?b=2&a=1".parse().unwrap();
+        let with_query = url_key(&open, &q, &h("a.com"), None).unwrap();
+        assert_eq!(
+            Some(with_query.url_tag()),
+            request_url_tag(&open, &uri, &h("a.com"))
+        );
     }
 
     #[test]

@@ -152,9 +152,19 @@ impl RouteRule {
 /// The compiled table.
 #[derive(Debug)]
 pub(crate) struct RouteTable {
-    rules: Vec<(RoutePattern, Arc<RouteRule>)>,
+    /// Each rule with its pattern and the label it reports under.
+    rules: Vec<(RoutePattern, Arc<RouteRule>, Arc<str>)>,
     default: Arc<RouteRule>,
+    /// Labels of route templates seen so far (bounded: templates are the
+    /// application's routes, never raw paths), so that a request does not
+    /// allocate one.
+    templates: std::sync::RwLock<std::collections::HashMap<String, Arc<str>>>,
 }
+
+/// Most distinct route templates whose labels are kept.
+const MAX_TEMPLATES: usize = 4096;
+/// The label of requests no rule matched and no template names.
+static OTHER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("other"));
 
 impl RouteTable {
     pub(crate) fn new(rules: Vec<RouteRule>, default: RouteRule) -> Result<Self, Error> {
@@ -179,9 +189,32 @@ impl RouteTable {
                 .then(rb.method.is_some().cmp(&ra.method.is_some()))
         });
         Ok(RouteTable {
-            rules: compiled,
+            rules: compiled
+                .into_iter()
+                .map(|(p, r)| {
+                    let label = Arc::from(p.as_str());
+                    (p, r, label)
+                })
+                .collect(),
             default: Arc::new(default),
+            templates: Default::default(),
         })
+    }
+
+    /// The shared label of a route template.
+    fn template_label(&self, template: &str) -> Arc<str> {
+        if let Ok(m) = self.templates.read()
+            && let Some(l) = m.get(template)
+        {
+            return l.clone();
+        }
+        let label: Arc<str> = Arc::from(template);
+        if let Ok(mut m) = self.templates.write()
+            && m.len() < MAX_TEMPLATES
+        {
+            m.insert(template.to_owned(), label.clone());
+        }
+        label
     }
 
     /// The rule for a request, and the label to report it under.
@@ -190,21 +223,23 @@ impl RouteTable {
         method: &Method,
         path: &str,
         template: Option<&str>,
-    ) -> (Arc<RouteRule>, String) {
+    ) -> (Arc<RouteRule>, Arc<str>) {
         let method = if method == Method::HEAD {
             &Method::GET
         } else {
             method
         };
         let probe = template.unwrap_or(path);
-        for (p, r) in &self.rules {
+        let label = |fallback: &Arc<str>| match template {
+            Some(t) => self.template_label(t),
+            None => fallback.clone(),
+        };
+        for (p, r, l) in &self.rules {
             if r.method.as_ref().is_none_or(|m| m == method) && p.matches(probe) {
-                let label = template.unwrap_or(p.as_str()).to_owned();
-                return (r.clone(), label);
+                return (r.clone(), label(l));
             }
         }
-        let label = template.unwrap_or("other").to_owned();
-        (self.default.clone(), label)
+        (self.default.clone(), label(&OTHER))
     }
 }
 
@@ -237,14 +272,14 @@ mod tests {
         .unwrap();
         let (r, label) = t.lookup(&Method::GET, "/api/users/7", None);
         assert!(!r.enabled);
-        assert_eq!(label, "/api/users/{id}");
+        assert_eq!(&*label, "/api/users/{id}");
         let (r, _) = t.lookup(&Method::POST, "/api/users/7", None);
         assert_eq!(r.ttl, Some(Duration::from_secs(2)));
         let (r, label) = t.lookup(&Method::GET, "/api/x", None);
         assert_eq!(r.ttl, Some(Duration::from_secs(1)));
-        assert_eq!(label, "/api/*");
+        assert_eq!(&*label, "/api/*");
         let (_, label) = t.lookup(&Method::GET, "/elsewhere", None);
-        assert_eq!(label, "other", "raw paths never become labels");
+        assert_eq!(&*label, "other", "raw paths never become labels");
         assert!(RouteTable::new(vec![RouteRule::new("x")], RouteRule::new("/")).is_err());
     }
 }

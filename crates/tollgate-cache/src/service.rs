@@ -74,32 +74,45 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let shared = self.shared.clone();
+        let ctx = match *req.method() {
+            Method::GET | Method::HEAD => Some(flow::prepare(&shared, &req)),
+            _ => None,
+        };
+        // An L1 hit is answered here: no task, no inner call (the readied
+        // inner service stays readied for the next call).
+        if let Some(Ok(ctx)) = &ctx
+            && let Some(res) = flow::l1_hit(&shared, ctx)
+        {
+            return ResponseFuture::ready(res);
+        }
         // The readied service goes into the future; `self` keeps a fresh
         // clone that will be polled ready before its own call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let shared = self.shared.clone();
         let tag_header = shared.tag_header.clone();
         match *req.method() {
-            Method::GET | Method::HEAD => match flow::prepare(&shared, &req) {
-                Err((why, label)) => {
-                    flow::count_bypass(&label);
-                    ResponseFuture::passthrough(
-                        inner.call(req),
-                        Some(Report::bypass(why)),
-                        tag_header,
-                    )
+            Method::GET | Method::HEAD => {
+                match ctx.unwrap_or_else(|| Err(("method", Arc::from("other")))) {
+                    Err((why, label)) => {
+                        flow::count_bypass(&label);
+                        ResponseFuture::passthrough(
+                            inner.call(req),
+                            Some(Report::bypass(why)),
+                            tag_header,
+                        )
+                    }
+                    Ok(ctx) if !shared.cache.is_available() => {
+                        flow::count_bypass(&ctx.label);
+                        ResponseFuture::passthrough(
+                            inner.call(req),
+                            Some(Report::bypass("store-unavailable")),
+                            tag_header,
+                        )
+                    }
+                    Ok(ctx) => ResponseFuture::flow(Box::pin(flow::serve(shared, inner, req, ctx))),
                 }
-                Ok(ctx) if !shared.cache.is_available() => {
-                    flow::count_bypass(&ctx.label);
-                    ResponseFuture::passthrough(
-                        inner.call(req),
-                        Some(Report::bypass("store-unavailable")),
-                        tag_header,
-                    )
-                }
-                Ok(ctx) => ResponseFuture::flow(Box::pin(flow::serve(shared, inner, req, ctx))),
-            },
+            }
             Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
                 match key::request_url_tag(&shared.keys, req.uri(), req.headers()) {
                     Some(tag) => {

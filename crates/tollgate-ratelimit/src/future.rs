@@ -9,7 +9,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::decision::Report;
-use crate::headers;
+use crate::headers::{self, HeaderOptions};
 use crate::limiter::{Pending, RateLimiter};
 
 pin_project! {
@@ -42,7 +42,7 @@ pin_project! {
             #[pin]
             fut: S::Future,
             report: Option<(Report, String)>,
-            limiter: Option<RateLimiter>,
+            opts: HeaderOptions,
         },
         /// Refused: the ready response (429, 503, 400).
         Ready {
@@ -60,7 +60,38 @@ where
             state: State::Calling {
                 fut,
                 report,
-                limiter: None,
+                opts: HeaderOptions::NONE,
+            },
+        }
+    }
+
+    /// A request decided without waiting: refused at once, or served.
+    pub(crate) fn decided<ResBody>(
+        limiter: &RateLimiter,
+        report: Report,
+        pending: Pending,
+        req: Request<ReqBody>,
+        mut inner: S,
+    ) -> Self
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: From<Bytes>,
+    {
+        let opts = limiter.inner.headers;
+        if !report.allowed() {
+            return Self::ready(headers::refusal(
+                &report,
+                &pending.identity,
+                opts,
+                pending.grpc,
+                limiter.inner.exceeds_status,
+            ));
+        }
+        ResponseFuture {
+            state: State::Calling {
+                fut: inner.call(req),
+                report: Some((report, pending.identity)),
+                opts,
             },
         }
     }
@@ -127,29 +158,17 @@ where
                         // Polled after completion: nothing sensible to do.
                         return Poll::Pending;
                     };
-                    let limiter = limiter.clone();
                     let fut = svc.call(req);
                     state.set(State::Calling {
                         fut,
                         report: Some((report, pending.identity)),
-                        limiter: Some(limiter),
+                        opts,
                     });
                 }
-                Proj::Calling {
-                    fut,
-                    report,
-                    limiter,
-                } => {
+                Proj::Calling { fut, report, opts } => {
                     let mut res = ready!(fut.poll(cx))?;
-                    if let (Some((report, identity)), Some(limiter)) =
-                        (report.take(), limiter.as_ref())
-                    {
-                        headers::apply(
-                            &report,
-                            identity.as_str(),
-                            limiter.inner.headers,
-                            res.headers_mut(),
-                        );
+                    if let Some((report, identity)) = report.take() {
+                        headers::apply(&report, identity.as_str(), *opts, res.headers_mut());
                     }
                     return Poll::Ready(Ok(res));
                 }

@@ -27,8 +27,28 @@ pub(crate) struct HeaderOptions {
     pub ietf: bool,
 }
 
+impl HeaderOptions {
+    /// No header at all.
+    pub(crate) const NONE: HeaderOptions = HeaderOptions {
+        legacy: false,
+        ietf: false,
+    };
+}
+
+/// Header values of the small numbers most responses carry (remaining
+/// tokens, seconds to reset), made once: cloning one copies a pointer.
+static SMALL: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
+    (0..SMALL_NUMBERS)
+        .map(|n| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str())))
+        .collect()
+});
+const SMALL_NUMBERS: u64 = 1024;
+
 fn num(n: u64) -> HeaderValue {
-    HeaderValue::from(n)
+    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(n),
+    }
 }
 
 /// Adds the rate-limit headers of `report` (most constraining policy).
@@ -37,6 +57,7 @@ pub(crate) fn apply(report: &Report, identity: &str, opts: HeaderOptions, h: &mu
         return;
     };
     if opts.legacy {
+        h.reserve(4);
         h.insert(X_RATELIMIT_LIMIT.clone(), num(d.limit));
         h.insert(X_RATELIMIT_REMAINING.clone(), num(d.remaining));
         h.insert(X_RATELIMIT_RESET.clone(), num(d.reset));

@@ -176,7 +176,18 @@ impl PeerIp {
     /// The key of an address: `ip:1.2.3.4` or `ip:2001:db8:1200::/56`.
     pub fn key_of(&self, ip: IpAddr) -> String {
         match unmap(ip) {
-            IpAddr::V4(v4) if self.v4_prefix >= 32 => format!("ip:{v4}"),
+            IpAddr::V4(v4) if self.v4_prefix >= 32 => {
+                // The common case, without the formatting machinery.
+                let mut k = String::with_capacity(18);
+                k.push_str("ip:");
+                for (i, o) in v4.octets().iter().enumerate() {
+                    if i > 0 {
+                        k.push('.');
+                    }
+                    push_u8(&mut k, *o);
+                }
+                k
+            }
             IpAddr::V4(v4) => match ipnet::Ipv4Net::new(v4, self.v4_prefix) {
                 Ok(n) => format!("ip:{}", n.trunc()),
                 Err(_) => format!("ip:{v4}"),
@@ -194,6 +205,16 @@ impl KeyExtractor for PeerIp {
     fn key(&self, req: &RequestView<'_>) -> Option<String> {
         self.client_ip(req).map(|ip| self.key_of(ip))
     }
+}
+
+fn push_u8(s: &mut String, n: u8) {
+    if n >= 100 {
+        s.push(char::from(b'0' + n / 100));
+    }
+    if n >= 10 {
+        s.push(char::from(b'0' + n / 10 % 10));
+    }
+    s.push(char::from(b'0' + n % 10));
 }
 
 /// IPv4-mapped IPv6 (`::ffff:1.2.3.4`) is the IPv4 address.

@@ -464,14 +464,48 @@ impl RateLimiter {
         }
     }
 
+    /// Decides a prepared request without waiting, when that is possible:
+    /// no Redis configured, the breaker open (fallback), the deny cache
+    /// or this instance's lease answers. `None`: Redis must be asked
+    /// ([`decide`](Self::decide)).
+    pub(crate) fn decide_now(&self, p: &Pending) -> Option<Report> {
+        let started = Instant::now();
+        let inner = &self.inner;
+        if let Some(hit) = inner.deny_cache.get(&p.identity, &p.checks, started) {
+            self.deny_cache_hit(p, &hit, started);
+            return Some(hit);
+        }
+        let (report, store) = match &inner.redis {
+            None => (self.decide_memory(p, Source::Memory), "memory"),
+            Some(r) if !r.handle.is_available() => (self.decide_degraded(p), "fallback"),
+            Some(_) => {
+                let chunk = self.lease_chunk(p);
+                if chunk == 0 {
+                    return None;
+                }
+                let key = DenyCache::entry_key(&p.identity, &p.checks);
+                (
+                    self.lease_spend(&key, u64::from(p.checks[0].cost))?,
+                    "redis",
+                )
+            }
+        };
+        self.record(p, &report, started, store);
+        Some(report)
+    }
+
+    fn deny_cache_hit(&self, p: &Pending, hit: &Report, started: Instant) {
+        metrics::counter!("tollgate_ratelimit_deny_cache_hits_total", "route" => metrics::SharedString::from(p.route.clone()))
+            .increment(1);
+        self.record(p, hit, started, "deny_cache");
+    }
+
     /// Decides a prepared request.
     pub(crate) async fn decide(&self, p: &Pending) -> Report {
         let started = Instant::now();
         let inner = &self.inner;
         if let Some(hit) = inner.deny_cache.get(&p.identity, &p.checks, started) {
-            metrics::counter!("tollgate_ratelimit_deny_cache_hits_total", "route" => metrics::SharedString::from(p.route.clone()))
-                .increment(1);
-            self.record(p, &hit, started, "deny_cache");
+            self.deny_cache_hit(p, &hit, started);
             return hit;
         }
         let (report, store) = match &inner.redis {
@@ -656,6 +690,19 @@ impl RateLimiter {
         }
         let verdicts = r.coalescer.submit(self.redis_item(r, p)).await?;
         Ok(self.report(p, &verdicts, Source::Redis))
+    }
+
+    /// Spends `cost` from this instance's live lease of `key`, if it holds
+    /// enough.
+    fn lease_spend(&self, key: &str, cost: u64) -> Option<Report> {
+        let mut m = self.inner.leases.lock().ok()?;
+        let l = m.get_mut(key)?;
+        if l.until > Instant::now() && l.tokens >= cost {
+            let report = l.report.clone()?;
+            l.tokens -= cost;
+            return Some(self.lease_report(report, l.tokens, Source::Lease));
+        }
+        None
     }
 
     /// The synchronous part of lease mode: spend, wait, lead or go exact.
@@ -864,6 +911,9 @@ fn verdict_of(decisions: &[Decision]) -> RequestVerdict {
 /// Identities Redis denied, until the time Redis gave: answered locally.
 struct DenyCache {
     capacity: usize,
+    /// Whether the map may hold anything: lets the common case (nobody
+    /// denied) skip the lock.
+    used: std::sync::atomic::AtomicBool,
     map: Mutex<HashMap<String, CachedDenial>>,
 }
 
@@ -878,6 +928,7 @@ impl DenyCache {
     fn new(capacity: usize) -> Self {
         DenyCache {
             capacity,
+            used: std::sync::atomic::AtomicBool::new(false),
             map: Mutex::new(HashMap::new()),
         }
     }
@@ -886,14 +937,14 @@ impl DenyCache {
         let mut k = String::with_capacity(identity.len() + 8);
         k.push_str(identity);
         for c in checks {
-            k.push('|');
-            k.push_str(&c.index.to_string());
+            use std::fmt::Write as _;
+            let _ = write!(k, "|{}", c.index);
         }
         k
     }
 
     fn get(&self, identity: &str, checks: &[PolicyCheck], now: Instant) -> Option<Report> {
-        if self.capacity == 0 {
+        if self.capacity == 0 || !self.used.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
         let cost = checks.first().map_or(0, |c| c.cost);
@@ -948,6 +999,7 @@ impl DenyCache {
                 return;
             }
         }
+        self.used.store(true, std::sync::atomic::Ordering::Relaxed);
         map.insert(
             Self::entry_key(identity, checks),
             CachedDenial {

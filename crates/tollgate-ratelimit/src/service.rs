@@ -85,9 +85,12 @@ where
                     grpc,
                 ))
             }
-            Prepared::Check(pending) => {
-                ResponseFuture::deciding(self.limiter.clone(), pending, req, inner)
-            }
+            Prepared::Check(pending) => match self.limiter.decide_now(&pending) {
+                // Decided in process (fallback, deny cache, lease): no
+                // boxed future, no task switch.
+                Some(report) => ResponseFuture::decided(&self.limiter, report, pending, req, inner),
+                None => ResponseFuture::deciding(self.limiter.clone(), pending, req, inner),
+            },
         }
     }
 }

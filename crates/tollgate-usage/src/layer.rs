@@ -12,27 +12,46 @@ type PlanFn = dyn Fn(&str, &Parts) -> Option<String> + Send + Sync;
 /// Where the tenant of a request comes from.
 #[derive(Clone)]
 pub struct TenantSource {
-    f: Arc<TenantFn>,
+    kind: SourceKind,
+}
+
+#[derive(Clone)]
+enum SourceKind {
+    /// A header's value, borrowed from the request (no allocation); `None`
+    /// for a name that is not a valid header name (matches nothing).
+    Header(Option<http::HeaderName>),
+    /// A function of the request head.
+    Fn(Arc<TenantFn>),
+    /// The rate limiter's key extractor.
+    #[cfg(feature = "ratelimit")]
+    Key(Arc<dyn tollgate_ratelimit::KeyExtractor>),
 }
 
 impl std::fmt::Debug for TenantSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TenantSource")
+        match &self.kind {
+            SourceKind::Header(h) => f.debug_tuple("TenantSource::Header").field(h).finish(),
+            SourceKind::Fn(_) => f.write_str("TenantSource::Fn"),
+            #[cfg(feature = "ratelimit")]
+            SourceKind::Key(_) => f.write_str("TenantSource::Key"),
+        }
     }
 }
 
+/// Longest tenant id taken from a header; a longer value counts as absent.
+const MAX_HEADER_TENANT: usize = 256;
+
 impl TenantSource {
-    /// The value of a header (an API key, say). Empty or non-UTF-8 values
-    /// count as absent.
-    pub fn header(name: &'static str) -> Self {
-        Self::from_fn(move |p| {
-            p.headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty() && v.len() <= 256)
-                .map(str::to_owned)
-        })
+    /// The value of a header (an API key, say), as it is. Empty, overlong
+    /// (> 256 bytes) or non-UTF-8 values count as absent. The value becomes
+    /// part of Redis key names and reports: for secrets, prefer
+    /// [`key`](Self::key) with the rate limiter's hashing
+    /// `HeaderKey`. The name is case-insensitive; one that is not a valid
+    /// header name matches nothing.
+    pub fn header(name: &str) -> Self {
+        TenantSource {
+            kind: SourceKind::Header(http::HeaderName::from_bytes(name.as_bytes()).ok()),
+        }
     }
 
     /// A request extension set by an auth layer, turned into the tenant id.
@@ -49,11 +68,50 @@ impl TenantSource {
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
-        TenantSource { f: Arc::new(f) }
+        TenantSource {
+            kind: SourceKind::Fn(Arc::new(f)),
+        }
     }
 
-    pub(crate) fn tenant(&self, parts: &Parts) -> Option<String> {
-        (self.f)(parts)
+    /// The same key extractors as rate limiting (`PeerIp`, `HeaderKey`,
+    /// `ExtensionKey`, `key_fn`): the tenant is the extracted key.
+    ///
+    /// ```
+    /// use tollgate_ratelimit::ExtensionKey;
+    /// use tollgate_usage::TenantSource;
+    ///
+    /// struct Org(String);
+    /// let source = TenantSource::key(ExtensionKey::new(|o: &Org| o.0.clone()));
+    /// # let _ = source;
+    /// ```
+    #[cfg(feature = "ratelimit")]
+    pub fn key(extractor: impl tollgate_ratelimit::KeyExtractor) -> Self {
+        TenantSource {
+            kind: SourceKind::Key(Arc::new(extractor)),
+        }
+    }
+
+    pub(crate) fn tenant<'a>(&self, parts: &'a Parts) -> Option<std::borrow::Cow<'a, str>> {
+        use std::borrow::Cow;
+        match &self.kind {
+            SourceKind::Header(name) => parts
+                .headers
+                .get(name.as_ref()?)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.len() <= MAX_HEADER_TENANT)
+                .map(Cow::Borrowed),
+            SourceKind::Fn(f) => f(parts).map(Cow::Owned),
+            #[cfg(feature = "ratelimit")]
+            SourceKind::Key(ex) => ex
+                .key(&tollgate_ratelimit::RequestView {
+                    method: &parts.method,
+                    uri: &parts.uri,
+                    headers: &parts.headers,
+                    extensions: &parts.extensions,
+                })
+                .map(Cow::Owned),
+        }
     }
 }
 

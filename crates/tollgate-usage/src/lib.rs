@@ -32,7 +32,7 @@ pub use error::UsageError;
 pub use layer::{TenantSource, UsageLayer};
 pub use period::{Period, PeriodKind, now_ms};
 pub use plan::{Bill, BillLine, Enforcement, MetricLimit, Micros, Plan, Plans, format_usd};
-pub use service::{Usage, UsageTracking};
+pub use service::{ResponseFuture, Usage, UsageTracking};
 pub use store::{Batch, MemoryStore, QuotaAnswer, QuotaOp, RedisStore, Store, TenantIncrements};
 pub use tracker::{QuotaOutcome, UsageConfig, UsageStats, UsageTracker, WriteMode};
 

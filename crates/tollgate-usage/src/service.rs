@@ -6,6 +6,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 
+use pin_project_lite::pin_project;
+
 use crate::layer::LayerConfig;
 use crate::plan::Enforcement;
 use crate::tracker::{QuotaOutcome, UsageTracker, WriteMode};
@@ -71,6 +73,88 @@ impl<S> std::fmt::Debug for UsageTracking<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// What is left to do once the inner service answered.
+pub(crate) struct Post {
+    cfg: Arc<LayerConfig>,
+    tenant: Arc<str>,
+    route: Option<String>,
+    /// The plan's `api_request` limit and the total after this request.
+    quota: Option<(i64, i64)>,
+}
+
+impl Post {
+    fn finish<B>(self, res: &mut Response<B>) {
+        let tracker = &self.cfg.tracker;
+        if let Some(route) = &self.route {
+            tracker.record(&self.tenant, route, 1);
+        }
+        if self.cfg.per_status_class {
+            tracker.record(&self.tenant, status_class(res.status()), 1);
+        }
+        if res.status() == StatusCode::TOO_MANY_REQUESTS
+            && res.headers().contains_key("x-ratelimit-limit")
+        {
+            tracker.record(&self.tenant, RATE_LIMITED, 1);
+        }
+        if let Some((limit, total)) = self.quota {
+            quota_headers(res.headers_mut(), tracker, limit, total);
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`UsageTracking`]. The common case (batched
+    /// counting, no hard quota) is this struct around the inner future:
+    /// the request was counted in process before the inner call, and
+    /// nothing is boxed.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        /// Counted; the inner service runs.
+        Counting {
+            #[pin]
+            fut: F,
+            post: Option<Post>,
+        },
+        /// A hard quota or a synchronous write is checked first.
+        Checking {
+            fut: BoxFuture<Result<Response<B>, E>>,
+        },
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Counting { fut, post } => {
+                let mut res = std::task::ready!(fut.poll(cx))?;
+                if let Some(post) = post.take() {
+                    post.finish(&mut res);
+                }
+                Poll::Ready(Ok(res))
+            }
+            KindProj::Checking { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResponseFuture")
+    }
+}
+
 impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for UsageTracking<S>
 where
     S: tower::Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -81,7 +165,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response<ResBody>, S::Error>>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -91,14 +175,20 @@ where
         // The readied service goes into the future; a fresh clone stays.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let cfg = self.cfg.clone();
+        let cfg = &self.cfg;
         let (parts, body) = req.into_parts();
-        let tenant = cfg.tenant.tenant(&parts).or_else(|| cfg.anonymous.clone());
-        let Some(tenant) = tenant else {
-            return Box::pin(inner.call(Request::from_parts(parts, body)));
+        let found = cfg.tenant.tenant(&parts);
+        let Some(tenant) = found.as_deref().or(cfg.anonymous.as_deref()) else {
+            drop(found);
+            return ResponseFuture {
+                kind: Kind::Counting {
+                    fut: inner.call(Request::from_parts(parts, body)),
+                    post: None,
+                },
+            };
         };
         let (limit, hard) = match &cfg.plans {
-            Some((plans, plan_of)) => match plan_of(&tenant, &parts).and_then(|n| plans.get(&n)) {
+            Some((plans, plan_of)) => match plan_of(tenant, &parts).and_then(|n| plans.get(&n)) {
                 Some(plan) => (
                     plan.included(API_REQUEST)
                         .map(|l| i64::try_from(l).unwrap_or(i64::MAX)),
@@ -113,52 +203,78 @@ where
         } else {
             None
         };
-        let tenant: Arc<str> = Arc::from(tenant);
+        let tracker = &cfg.tracker;
+        let checked = (limit.is_some() && hard) || tracker.config().mode == WriteMode::Sync;
+        // Counted here, before the inner call, in the common case: batched
+        // in process, no round trip.
+        let (total, tenant) = tracker.record_tenant(tenant, API_REQUEST, i64::from(!checked));
+        drop(found);
         let mut req = Request::from_parts(parts, body);
         req.extensions_mut()
-            .insert(Usage::new(cfg.tracker.clone(), tenant.clone()));
-
-        Box::pin(async move {
-            let tracker = &cfg.tracker;
-            let total = match (limit, hard) {
-                (Some(limit), true) => {
-                    match tracker.try_consume(&tenant, API_REQUEST, 1, limit).await {
-                        QuotaOutcome::Allowed { total } => Some(total),
-                        QuotaOutcome::Exceeded { total } => {
-                            return Ok(quota_response(cfg.quota_status, tracker, limit, total));
-                        }
-                        QuotaOutcome::Unavailable if cfg.fail_closed => {
-                            return Ok(unavailable_response());
-                        }
-                        QuotaOutcome::Unavailable => None,
-                    }
-                }
-                _ => Some(match tracker.config().mode {
-                    WriteMode::Batched => tracker.record(&tenant, API_REQUEST, 1),
-                    WriteMode::Sync => match tracker.record_now(&tenant, API_REQUEST, 1).await {
-                        Ok(t) => t,
-                        Err(_) => tracker.record(&tenant, API_REQUEST, 0),
-                    },
-                }),
+            .insert(Usage::new(tracker.clone(), tenant.clone()));
+        let post = Post {
+            cfg: cfg.clone(),
+            tenant,
+            route,
+            quota: limit.map(|l| (l, total)),
+        };
+        if !checked {
+            return ResponseFuture {
+                kind: Kind::Counting {
+                    fut: inner.call(req),
+                    post: Some(post),
+                },
             };
-            let mut res = inner.call(req).await?;
-            if let Some(route) = route {
-                tracker.record(&tenant, &route, 1);
-            }
-            if cfg.per_status_class {
-                tracker.record(&tenant, status_class(res.status()), 1);
-            }
-            if res.status() == StatusCode::TOO_MANY_REQUESTS
-                && res.headers().contains_key("x-ratelimit-limit")
-            {
-                tracker.record(&tenant, RATE_LIMITED, 1);
-            }
-            if let (Some(limit), Some(total)) = (limit, total) {
-                quota_headers(res.headers_mut(), tracker, limit, total);
-            }
-            Ok(res)
-        })
+        }
+        ResponseFuture {
+            kind: Kind::Checking {
+                fut: Box::pin(checked_call(inner, req, post, limit.filter(|_| hard))),
+            },
+        }
     }
+}
+
+/// The request path with a round trip before the inner call: a hard quota
+/// (check and consume atomically) or a synchronous write.
+async fn checked_call<S, ReqBody, ResBody>(
+    mut inner: S,
+    req: Request<ReqBody>,
+    mut post: Post,
+    hard_limit: Option<i64>,
+) -> Result<Response<ResBody>, S::Error>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: From<Bytes>,
+{
+    let cfg = post.cfg.clone();
+    let tracker = &cfg.tracker;
+    let tenant = post.tenant.clone();
+    let total = match hard_limit {
+        Some(limit) => match tracker.try_consume(&tenant, API_REQUEST, 1, limit).await {
+            QuotaOutcome::Allowed { total } => Some(total),
+            QuotaOutcome::Exceeded { total } => {
+                return Ok(quota_response(cfg.quota_status, tracker, limit, total));
+            }
+            QuotaOutcome::Unavailable if cfg.fail_closed => {
+                return Ok(unavailable_response());
+            }
+            QuotaOutcome::Unavailable => None,
+        },
+        None => Some(match tracker.config().mode {
+            WriteMode::Batched => tracker.record(&tenant, API_REQUEST, 1),
+            WriteMode::Sync => match tracker.record_now(&tenant, API_REQUEST, 1).await {
+                Ok(t) => t,
+                Err(_) => tracker.record(&tenant, API_REQUEST, 0),
+            },
+        }),
+    };
+    post.quota = match (post.quota, total) {
+        (Some((limit, _)), Some(total)) => Some((limit, total)),
+        _ => None,
+    };
+    let mut res = inner.call(req).await?;
+    post.finish(&mut res);
+    Ok(res)
 }
 
 fn status_class(s: StatusCode) -> &'static str {

@@ -160,8 +160,12 @@ struct PeriodBuf {
     counters: Vec<Counter>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TenantBuf {
+    /// The tenant id, shared with the map key: handed out by
+    /// [`UsageTracker::record_tenant`] so that a known tenant costs no
+    /// allocation per request.
+    name: Arc<str>,
     periods: Vec<PeriodBuf>,
     idle_flushes: u8,
 }
@@ -317,7 +321,17 @@ impl UsageTracker {
             return 0;
         }
         let (label, expire_at) = self.period_for(at_ms);
-        self.add(tenant, metric, &label, expire_at, n, false)
+        self.add(tenant, metric, &label, expire_at, n, false, None)
+    }
+
+    /// [`record`](Self::record), also returning the tenant id as a shared
+    /// string: the one the buffer already holds for a known tenant (no
+    /// allocation), a new one otherwise.
+    pub(crate) fn record_tenant(&self, tenant: &str, metric: &str, n: i64) -> (i64, Arc<str>) {
+        let (label, expire_at) = self.period_for(now_ms());
+        let mut name = None;
+        let total = self.add(tenant, metric, &label, expire_at, n, false, Some(&mut name));
+        (total, name.unwrap_or_else(|| Arc::from(tenant)))
     }
 
     fn period_for(&self, at_ms: i64) -> (Arc<str>, i64) {
@@ -330,6 +344,9 @@ impl UsageTracker {
         (c.label, c.expire_at)
     }
 
+    // One private entry point for every kind of increment; a struct for the
+    // arguments would only move the same eight names around.
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &self,
         tenant: &str,
@@ -338,6 +355,7 @@ impl UsageTracker {
         expire_at: i64,
         n: i64,
         top_only: bool,
+        name: Option<&mut Option<Arc<str>>>,
     ) -> i64 {
         let inner = &self.inner;
         let Ok(mut buf) = inner.buffer.lock() else {
@@ -348,8 +366,27 @@ impl UsageTracker {
         let tb = match buf.tenants.get_mut(tenant) {
             Some(tb) => tb,
             None if full => return self.drop_units(n, top_only),
-            None => buf.tenants.entry(Arc::from(tenant)).or_default(),
+            None => {
+                let key: Arc<str> = Arc::from(tenant);
+                buf.tenants.entry(key.clone()).or_insert(TenantBuf {
+                    name: key,
+                    periods: Vec::new(),
+                    idle_flushes: 0,
+                })
+            }
         };
+        let peek = name.is_some() && n == 0;
+        if let Some(name) = name {
+            *name = Some(tb.name.clone());
+        }
+        if peek {
+            return tb
+                .periods
+                .iter()
+                .find(|p| p.label == *label)
+                .and_then(|p| p.counters.iter().find(|c| &*c.metric == metric))
+                .map_or(0, |c| c.known + c.pending);
+        }
         let pb = match tb.periods.iter().position(|p| p.label == *label) {
             Some(i) => &mut tb.periods[i],
             None if full => return self.drop_units(n, top_only),
@@ -435,7 +472,7 @@ impl UsageTracker {
                 Ok(totals.first().and_then(|t| t.2.first()).map_or(n, |m| m.1))
             }
             Err(e) if e.not_sent() => {
-                self.add(tenant, metric, &label, expire_at, n, false);
+                self.add(tenant, metric, &label, expire_at, n, false, None);
                 Err(e)
             }
             Err(e) => {
@@ -476,7 +513,7 @@ impl UsageTracker {
             }) => {
                 self.set_known(tenant, metric, &label, total);
                 if self.inner.config.top {
-                    self.add(tenant, metric, &label, expire_at, n, true);
+                    self.add(tenant, metric, &label, expire_at, n, true, None);
                 }
                 QuotaOutcome::Allowed { total }
             }
@@ -489,7 +526,7 @@ impl UsageTracker {
             }
             Err(e) if e.not_sent() => {
                 // Counted in the buffer like any other increment.
-                self.add(tenant, metric, &label, expire_at, n, false);
+                self.add(tenant, metric, &label, expire_at, n, false, None);
                 QuotaOutcome::Unavailable
             }
             Err(_) => {
@@ -612,10 +649,10 @@ impl UsageTracker {
                 self.inner
                     .buffered
                     .fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
-                self.add(&t.tenant, &m, &t.period, t.expire_at, n, false);
+                self.add(&t.tenant, &m, &t.period, t.expire_at, n, false, None);
             }
             for (m, n) in t.top_only {
-                self.add(&t.tenant, &m, &t.period, t.expire_at, n, true);
+                self.add(&t.tenant, &m, &t.period, t.expire_at, n, true, None);
             }
         }
     }
@@ -675,7 +712,15 @@ impl UsageTracker {
                         .flushed
                         .fetch_add(op.n.unsigned_abs(), Ordering::Relaxed);
                     if self.inner.config.top {
-                        self.add(&op.tenant, &op.metric, &op.period, op.expire_at, op.n, true);
+                        self.add(
+                            &op.tenant,
+                            &op.metric,
+                            &op.period,
+                            op.expire_at,
+                            op.n,
+                            true,
+                            None,
+                        );
                     }
                 }
                 Err(e) => {

@@ -470,3 +470,69 @@ async fn rate_limit_denials_and_custom_metrics_are_counted() {
     let hits = t.rate_limited(None, 10).await.expect("top");
     assert_eq!(hits, vec![("acme".to_owned(), 3)]);
 }
+
+/// The tenant can come from the rate limiter's key extractors: here an
+/// extension an auth layer set, and a closure; requests without one go to
+/// the anonymous bucket. Header names are case-insensitive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_from_the_rate_limiters_key_extractors() {
+    use tollgate_ratelimit::{ExtensionKey, RequestView, key_fn};
+
+    #[derive(Clone)]
+    struct Org(&'static str);
+
+    let t = UsageTracker::in_memory(quick());
+    let ok = || {
+        service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        })
+    };
+    let by_org = ServiceBuilder::new()
+        .layer(
+            UsageLayer::new(
+                t.clone(),
+                TenantSource::key(ExtensionKey::new(|o: &Org| format!("org:{}", o.0))),
+            )
+            .anonymous("anonymous"),
+        )
+        .service(ok());
+    let mut with_org = Request::new(());
+    with_org.extensions_mut().insert(Org("acme"));
+    by_org.clone().oneshot(with_org).await.expect("infallible");
+    by_org
+        .clone()
+        .oneshot(Request::new(()))
+        .await
+        .expect("infallible");
+
+    let by_fn = ServiceBuilder::new()
+        .layer(UsageLayer::new(
+            t.clone(),
+            TenantSource::key(key_fn(|r: &RequestView<'_>| {
+                r.uri.path().strip_prefix("/t/").map(str::to_owned)
+            })),
+        ))
+        .service(ok());
+    for _ in 0..2 {
+        let req = Request::get("/t/beta").body(()).expect("request");
+        by_fn.clone().oneshot(req).await.expect("infallible");
+    }
+
+    let by_header = ServiceBuilder::new()
+        .layer(UsageLayer::new(
+            t.clone(),
+            TenantSource::header("X-Api-Key"),
+        ))
+        .service(ok());
+    by_header
+        .clone()
+        .oneshot(req("gamma"))
+        .await
+        .expect("infallible");
+
+    t.flush().await.expect("flush");
+    for (tenant, n) in [("org:acme", 1), ("anonymous", 1), ("beta", 2), ("gamma", 1)] {
+        let u = t.usage(tenant, None).await.expect("usage");
+        assert_eq!(u.get("api_request"), Some(&n), "{tenant}");
+    }
+}

@@ -8,8 +8,9 @@
 //! charged (governor has no refund). That errs on the strict side.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher as _;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use governor::RateLimiter;
@@ -20,13 +21,16 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use super::PolicyCheck;
 use crate::quota::{Algorithm, Quota, Status, Verdict, WindowState, window};
 
-type Gov =
-    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+/// governor is keyed by a 64-bit keyed hash of the identity rather than
+/// the identity itself: no allocation per decision, and with a random
+/// per-process key two identities share a bucket with probability 2^-64.
+type Gov = RateLimiter<u64, DefaultKeyedStateStore<u64>, DefaultClock, StateInformationMiddleware>;
 
 /// The in-process store. Housekeeping runs by itself while it lives.
 pub(crate) struct MemoryStore {
     divisor: u32,
-    gcra: Mutex<HashMap<(usize, Quota), Arc<Gov>>>,
+    hasher: std::collections::hash_map::RandomState,
+    gcra: RwLock<HashMap<(usize, Quota), Arc<Gov>>>,
     windows: Mutex<HashMap<(usize, String), (WindowState, u64)>>,
 }
 
@@ -51,7 +55,8 @@ impl MemoryStore {
     pub(crate) fn new(divisor: u32, every: Duration) -> Arc<Self> {
         let store = Arc::new(MemoryStore {
             divisor: divisor.max(1),
-            gcra: Mutex::new(HashMap::new()),
+            hasher: std::collections::hash_map::RandomState::new(),
+            gcra: RwLock::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -71,7 +76,7 @@ impl MemoryStore {
 
     /// Forgets keys that are back to a full quota and frees memory.
     pub(crate) fn housekeep(&self) {
-        let govs: Vec<Arc<Gov>> = match self.gcra.lock() {
+        let govs: Vec<Arc<Gov>> = match self.gcra.read() {
             Ok(m) => m.values().cloned().collect(),
             Err(_) => return,
         };
@@ -91,13 +96,18 @@ impl MemoryStore {
     #[cfg(test)]
     pub(crate) fn gcra_keys(&self) -> usize {
         self.gcra
-            .lock()
+            .read()
             .map(|m| m.values().map(|g| g.len()).sum())
             .unwrap_or(0)
     }
 
     fn limiter(&self, index: usize, quota: Quota) -> Arc<Gov> {
-        let mut m = match self.gcra.lock() {
+        if let Ok(m) = self.gcra.read()
+            && let Some(g) = m.get(&(index, quota))
+        {
+            return g.clone();
+        }
+        let mut m = match self.gcra.write() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
@@ -118,13 +128,19 @@ impl MemoryStore {
 
     /// Decides one request against all its policies.
     pub(crate) fn decide(&self, identity: &str, checks: &[PolicyCheck]) -> Vec<Verdict> {
-        let now = wall_us();
         let mut out: Vec<Option<Verdict>> = vec![None; checks.len()];
         let mut writes = Vec::new();
         let mut denied = false;
-        let mut windows = match self.windows.lock() {
-            Ok(w) => w,
-            Err(p) => p.into_inner(),
+        // Only window policies need the map (and the wall clock).
+        let any_window = checks.iter().any(|c| c.algorithm != Algorithm::Gcra);
+        let now = if any_window { wall_us() } else { 0 };
+        let mut windows = if any_window {
+            Some(match self.windows.lock() {
+                Ok(w) => w,
+                Err(p) => p.into_inner(),
+            })
+        } else {
+            None
         };
         // Window policies first: they can be checked without writing.
         for (i, c) in checks.iter().enumerate() {
@@ -132,6 +148,9 @@ impl MemoryStore {
                 continue;
             }
             let (limit, period) = self.divided(&c.quota);
+            let Some(windows) = windows.as_mut() else {
+                continue;
+            };
             let key = (c.index, identity.to_owned());
             let state = windows.get(&key).map(|(s, _)| *s);
             let (mut v, next) = window(
@@ -173,7 +192,7 @@ impl MemoryStore {
             };
             out[i] = Some(v);
         }
-        if !denied {
+        if !denied && let Some(windows) = windows.as_mut() {
             for (k, s) in writes {
                 windows.insert(k, s);
             }
@@ -210,7 +229,7 @@ impl MemoryStore {
         let q = c.quota.to_governor(self.divisor);
         let t = u64::try_from(q.replenish_interval().as_micros()).unwrap_or(u64::MAX);
         let burst = u64::from(q.burst_size().get());
-        let key = identity.to_owned();
+        let key = self.hasher.hash_one(identity);
         match gov.check_key_n(&key, n) {
             Ok(Ok(snap)) => {
                 let rem = u64::from(snap.remaining_burst_capacity());
@@ -249,7 +268,7 @@ impl MemoryStore {
         }
         // governor cannot forget one key: drop the policy's limiters, which
         // resets every identity of that policy in this process.
-        if let Ok(mut m) = self.gcra.lock() {
+        if let Ok(mut m) = self.gcra.write() {
             m.retain(|(i, _), _| *i != index);
         }
     }
