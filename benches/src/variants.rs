@@ -105,17 +105,17 @@ pub const VARIANTS: &[VariantSpec] = &[
     VariantSpec {
         name: "session-read",
         needs_redis: true,
-        about: "tollgate SessionLayer, reused cookie, the handler reads the session",
+        about: "tollgate SessionLayer, 1,024 clients each reusing its cookie, the handler reads the session",
     },
     VariantSpec {
         name: "session-rw",
         needs_redis: true,
-        about: "tollgate SessionLayer, reused cookie, the handler reads and writes the session",
+        about: "tollgate SessionLayer, 1,024 clients each reusing its cookie, the handler reads and writes the session",
     },
     VariantSpec {
         name: "tower-sessions-rw",
         needs_redis: true,
-        about: "peer: tower-sessions + tower-sessions-redis-store (fred), reused cookie, read and write",
+        about: "peer: tower-sessions + tower-sessions-redis-store (fred), 1,024 clients each reusing its cookie, read and write",
     },
 ];
 
@@ -347,29 +347,42 @@ async fn session_router(redis: RedisHandle, write: bool) -> anyhow::Result<Route
     with_login_cookie(app).await
 }
 
-/// Logs in once through `app` (`GET /bench/login`) and returns `app` with
-/// that session cookie added to every request.
+/// How many clients the session variants simulate: each reuses its own
+/// session cookie, as browsers do. (With one cookie shared by all 64
+/// connections every write would race every other one: that measures
+/// contention on a single session, not session throughput.)
+const SESSION_CLIENTS: usize = 1_024;
+
+/// Logs in [`SESSION_CLIENTS`] times through `app` (`GET /bench/login`) and
+/// returns `app` with one of those session cookies added to each request,
+/// in turn.
 async fn with_login_cookie(app: Router) -> anyhow::Result<Router> {
-    let res = app
-        .clone()
-        .oneshot(
-            axum::http::Request::get("/bench/login")
-                .body(axum::body::Body::empty())
-                .context("login request")?,
-        )
-        .await
-        .context("login")?;
-    let cookie = res
-        .headers()
-        .get(header::SET_COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(str::to_owned)
-        .context("the session layer set no cookie")?;
-    let cookie = axum::http::HeaderValue::from_str(&cookie).context("cookie")?;
+    let mut cookies = Vec::with_capacity(SESSION_CLIENTS);
+    for _ in 0..SESSION_CLIENTS {
+        let res = app
+            .clone()
+            .oneshot(
+                axum::http::Request::get("/bench/login")
+                    .body(axum::body::Body::empty())
+                    .context("login request")?,
+            )
+            .await
+            .context("login")?;
+        let cookie = res
+            .headers()
+            .get(header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(str::to_owned)
+            .context("the session layer set no cookie")?;
+        cookies.push(axum::http::HeaderValue::from_str(&cookie).context("cookie")?);
+    }
+    let cookies: Arc<[axum::http::HeaderValue]> = cookies.into();
+    let next_client = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     Ok(
         app.layer(middleware::from_fn(move |mut req: Request, next: Next| {
-            let cookie = cookie.clone();
+            let i = next_client.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let cookie = cookies[i % cookies.len()].clone();
             async move {
                 req.headers_mut().insert(header::COOKIE, cookie);
                 next.run(req).await

@@ -94,6 +94,52 @@ impl<'a> BatchConn<'a> {
     }
 }
 
+/// Coalesced `GET`s: the keys of concurrent callers go out as one `MGET`
+/// per round trip (grouped by slot on a cluster, so no `MGET` spans two
+/// slots). Values come back as raw bytes.
+///
+/// ```no_run
+/// # async fn f(handle: tollgate_redis::RedisHandle) -> Result<(), tollgate_redis::Error> {
+/// use tollgate_redis::{CoalesceConfig, Coalescer, GetOp};
+/// let gets = Coalescer::new(handle, GetOp, CoalesceConfig::default());
+/// let value = gets.submit("app:cache:{k}:e".to_owned()).await?;
+/// # let _ = value; Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GetOp;
+
+impl BatchOp for GetOp {
+    type Item = String;
+    type Output = Option<bytes::Bytes>;
+
+    fn slot(&self, key: &String) -> u16 {
+        crate::slot(key)
+    }
+
+    async fn execute(
+        &self,
+        conn: BatchConn<'_>,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<bytes::Bytes>>, Error> {
+        use fred::interfaces::KeysInterface as _;
+        use fred::types::Value;
+        let n = keys.len();
+        let values: Vec<Value> = conn.client().mget(keys).await.map_err(Error::Redis)?;
+        if values.len() != n {
+            return Err(Error::Protocol(
+                format!("MGET of {n} keys answered {} values", values.len()).into(),
+            ));
+        }
+        Ok(values
+            .into_iter()
+            .map(|v| match v {
+                Value::Null => None,
+                v => v.into_bytes(),
+            })
+            .collect())
+    }
+}
+
 struct Pending<T, O> {
     item: T,
     tx: oneshot::Sender<Result<O, Error>>,

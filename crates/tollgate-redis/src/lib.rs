@@ -37,7 +37,7 @@ mod route;
 mod script;
 
 pub use breaker::{BreakerState, CircuitBreaker};
-pub use coalesce::{BatchConn, BatchOp, CoalesceConfig, Coalescer};
+pub use coalesce::{BatchConn, BatchOp, CoalesceConfig, Coalescer, GetOp};
 pub use config::{RedisConfig, Topology};
 pub use error::Error;
 pub use handle::RedisHandle;

@@ -446,7 +446,7 @@ impl Session {
                     _ => None,
                 };
                 let saved = on_store!(shared, backend, |s| {
-                    s.save(&hash, user_hash.as_deref(), &diff, record.generation)
+                    s.save_from(&hash, user_hash.as_deref(), &diff, &record)
                         .await
                 });
                 let label = shared.label(backend);

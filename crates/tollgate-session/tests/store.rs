@@ -51,6 +51,7 @@ conformance!(
     create_is_nx_and_loads_back,
     values_round_trip_exactly,
     concurrent_saves_merge,
+    saves_from_a_loaded_record_merge_when_raced,
     never_resurrects,
     remove_and_clear,
     read_inside_touch_window_writes_nothing,
@@ -186,6 +187,53 @@ async fn concurrent_saves_merge<S: SessionStore>(mk: impl Fn(Timeouts) -> S) {
     let r = s.load(&h).await.unwrap().unwrap();
     assert_eq!(r.data.len(), 3, "{:?}", r.data);
     assert_eq!(r.generation, 3);
+}
+
+/// `save_from`: the request holds the record it loaded. Nobody saved since:
+/// the merged record is written. Another save came first: entries both
+/// wrote survive (merged), and a tricky entry value that spells the
+/// generation field cannot fool the check. Gone: nothing written.
+async fn saves_from_a_loaded_record_merge_when_raced<S: SessionStore>(mk: impl Fn(Timeouts) -> S) {
+    let s = mk(long());
+    let h = hash();
+    let tricky = r#"""generation":1,""#;
+    assert!(
+        s.create(
+            &h,
+            None,
+            &new_record(&[("generation", "1"), ("x", tricky)], None)
+        )
+        .await
+        .unwrap()
+    );
+    let a = s.load(&h).await.unwrap().expect("record");
+    let b = s.load(&h).await.unwrap().expect("record");
+    assert_eq!(
+        s.save_from(&h, None, &set("a", "1"), &a).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(
+        s.save_from(&h, None, &set("b", "2"), &b).await.unwrap(),
+        SaveOutcome::Merged,
+        "b loaded before a saved"
+    );
+    let r = s.load(&h).await.unwrap().expect("record");
+    assert_eq!(r.generation, 3);
+    assert_eq!(r.data.get("a").map(String::as_str), Some("1"));
+    assert_eq!(r.data.get("b").map(String::as_str), Some("2"));
+    assert_eq!(r.data.get("x").map(String::as_str), Some(tricky));
+    assert_eq!(r.data.get("generation").map(String::as_str), Some("1"));
+    // A third save from the fresh record is a plain save again.
+    assert_eq!(
+        s.save_from(&h, None, &set("c", "3"), &r).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert!(s.delete(&h).await.unwrap());
+    assert_eq!(
+        s.save_from(&h, None, &set("d", "4"), &r).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    assert!(s.load(&h).await.unwrap().is_none());
 }
 
 async fn never_resurrects<S: SessionStore>(mk: impl Fn(Timeouts) -> S) {

@@ -5,9 +5,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use tollgate_redis::fred::interfaces::{KeysInterface, SortedSetsInterface};
 use tollgate_redis::fred::types::{Expiration, ExpireOptions, Value};
-use tollgate_redis::{
-    BatchConn, BatchOp, CoalesceConfig, Coalescer, KeySpace, RedisHandle, Script,
-};
+use tollgate_redis::{CoalesceConfig, Coalescer, GetOp, KeySpace, RedisHandle, Script};
 
 use super::{Store, now_ms};
 use crate::error::Error;
@@ -36,35 +34,6 @@ pub struct RedisStore {
     keys: KeySpace,
     /// Started on first use (inside the runtime).
     gets: Arc<OnceLock<Coalescer<GetOp>>>,
-}
-
-/// The batch of concurrent lookups: one `MGET`.
-#[derive(Debug)]
-struct GetOp;
-
-impl BatchOp for GetOp {
-    type Item = (String, u16);
-    type Output = Option<Bytes>;
-
-    fn slot(&self, item: &(String, u16)) -> u16 {
-        item.1
-    }
-
-    async fn execute(
-        &self,
-        conn: BatchConn<'_>,
-        items: Vec<(String, u16)>,
-    ) -> Result<Vec<Option<Bytes>>, tollgate_redis::Error> {
-        let keys: Vec<String> = items.into_iter().map(|(k, _)| k).collect();
-        let values: Vec<Value> = conn.client().mget(keys).await?;
-        Ok(values
-            .into_iter()
-            .map(|v| match v {
-                Value::Null => None,
-                v => v.into_bytes(),
-            })
-            .collect())
-    }
 }
 
 impl RedisStore {
@@ -134,11 +103,10 @@ impl Store for RedisStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Error>> {
         Box::pin(async move {
             let k = self.entry_key(key);
-            let slot = tollgate_redis::slot(&k);
             let gets = self.gets.get_or_init(|| {
                 Coalescer::new(self.handle.clone(), GetOp, CoalesceConfig::default())
             });
-            Ok(gets.submit((k, slot)).await?)
+            Ok(gets.submit(k).await?)
         })
     }
 

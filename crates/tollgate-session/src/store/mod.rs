@@ -226,6 +226,20 @@ pub trait SessionStore: Send + Sync + 'static {
         generation: u64,
     ) -> impl Future<Output = Result<SaveOutcome, Error>> + Send;
 
+    /// [`save`](Self::save) for a request that holds the record it loaded
+    /// (`base`, at `base.generation`): a store may write the merged record
+    /// as a whole when nobody saved since, and merge entry by entry
+    /// otherwise. The default merges.
+    fn save_from(
+        &self,
+        id_hash: &str,
+        user_hash: Option<&str>,
+        diff: &Diff,
+        base: &Record,
+    ) -> impl Future<Output = Result<SaveOutcome, Error>> + Send {
+        self.save(id_hash, user_hash, diff, base.generation)
+    }
+
     /// Atomically removes a live record and returns it (id rotation: the
     /// entries move to the new id, the old id is dead, and a record that
     /// was destroyed meanwhile is not brought back).

@@ -1,21 +1,21 @@
 //! The Redis store: one JSON string per session, written by Lua scripts.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use futures::future::join_all;
 use tollgate_redis::fred::interfaces::{KeysInterface, SortedSetsInterface};
-use tollgate_redis::fred::types::Value;
-use tollgate_redis::{KeySpace, RedisHandle, Script};
+use tollgate_redis::fred::types::{Expiration, SetOptions, Value};
+use tollgate_redis::{
+    BatchConn, BatchOp, CoalesceConfig, Coalescer, GetOp, KeySpace, RedisHandle, Script,
+};
 
 use super::{Diff, NewRecord, Record, SaveOutcome, SessionInfo, SessionStore, Timeouts, millis};
 use crate::error::Error;
 
-static CREATE: LazyLock<Script> =
-    LazyLock::new(|| Script::new("session_create", include_str!("create.lua")));
-static LOAD: LazyLock<Script> =
-    LazyLock::new(|| Script::new("session_load", include_str!("load.lua")));
 static SAVE: LazyLock<Script> =
     LazyLock::new(|| Script::new("session_save", include_str!("save.lua")));
+static SAVE_FAST: LazyLock<Script> =
+    LazyLock::new(|| Script::new("session_save_fast", include_str!("save_fast.lua")));
 static INDEX_ADD: LazyLock<Script> =
     LazyLock::new(|| Script::new("session_index_add", include_str!("index_add.lua")));
 static INDEX_LIST: LazyLock<Script> =
@@ -39,11 +39,61 @@ const INDEX_SLACK_MS: u64 = 5 * 60 * 1000;
 ///
 /// Round trips: load 1 (a read inside the touch window writes nothing),
 /// save 1, create 1 (+1 when a user is bound), delete 1.
+///
+/// Redis does no JSON work on the common paths: a load is a plain `GET`
+/// (the loads of concurrent requests go out as one `MGET`), the record is
+/// decoded and its timeouts checked here, a create is `SET NX PX`, and a
+/// save from a loaded record writes the merged record whole when nobody
+/// saved since the load (a short script compares the generation). Only a
+/// save that raced another one merges inside Redis, entry by entry. Both
+/// timeouts are also enforced by Redis itself: every write sets the key's
+/// expiry to min(idle, absolute expiry - now).
 #[derive(Clone, Debug)]
 pub struct RedisStore {
     handle: RedisHandle,
     keys: KeySpace,
     timeouts: Timeouts,
+    /// Coalesced loads, started on first use (inside the runtime).
+    gets: Arc<OnceLock<Coalescer<GetOp>>>,
+    /// Coalesced whole-record writes (saves and touches).
+    writes: Arc<OnceLock<Coalescer<WriteOp>>>,
+}
+
+/// One whole-record write: key, loaded generation, record JSON, TTL (ms).
+#[derive(Debug)]
+struct Write {
+    key: String,
+    loaded: u64,
+    json: String,
+    ttl: i64,
+}
+
+/// Concurrent whole-record writes in one script call (per slot on a
+/// cluster).
+#[derive(Debug)]
+struct WriteOp;
+
+impl BatchOp for WriteOp {
+    type Item = Write;
+    type Output = i64;
+
+    fn slot(&self, w: &Write) -> u16 {
+        tollgate_redis::slot(&w.key)
+    }
+
+    async fn execute(
+        &self,
+        conn: BatchConn<'_>,
+        writes: Vec<Write>,
+    ) -> Result<Vec<i64>, tollgate_redis::Error> {
+        let mut keys = Vec::with_capacity(writes.len());
+        let mut args = Vec::with_capacity(writes.len() * 3);
+        for w in writes {
+            keys.push(w.key);
+            args.extend([w.loaded.to_string(), w.json, w.ttl.to_string()]);
+        }
+        conn.eval(&SAVE_FAST, keys, args).await
+    }
 }
 
 impl RedisStore {
@@ -53,6 +103,8 @@ impl RedisStore {
             keys: handle.keys("session"),
             handle,
             timeouts,
+            gets: Arc::new(OnceLock::new()),
+            writes: Arc::new(OnceLock::new()),
         }
     }
 
@@ -97,6 +149,41 @@ impl RedisStore {
                 vec![self.index_key(user_hash)],
                 Vec::<String>::new(),
             )
+            .await?)
+    }
+
+    /// How long a record written at `now` may live in Redis: the smaller
+    /// of the idle timeout and what is left of its absolute lifetime;
+    /// `None` when that is nothing.
+    fn ttl_of(&self, r: &Record, now: u64) -> Option<i64> {
+        let ttl = millis(self.timeouts.idle).min(r.expires_at.saturating_sub(now));
+        (ttl > 0).then(|| i64::try_from(ttl).unwrap_or(i64::MAX))
+    }
+
+    /// Writes `record` whole if the stored one is still at `loaded`: 1
+    /// written, 0 gone (or past its absolute expiry), 2 another save came
+    /// first.
+    async fn write_if_unchanged(
+        &self,
+        id_hash: &str,
+        record: &Record,
+        loaded: u64,
+        now: u64,
+    ) -> Result<i64, Error> {
+        let Some(ttl) = self.ttl_of(record, now) else {
+            return Ok(0);
+        };
+        let json = serde_json::to_string(record).map_err(Error::Corrupt)?;
+        let writes = self.writes.get_or_init(|| {
+            Coalescer::new(self.handle.clone(), WriteOp, CoalesceConfig::default())
+        });
+        Ok(writes
+            .submit(Write {
+                key: self.record_key(id_hash),
+                loaded,
+                json,
+                ttl,
+            })
             .await?)
     }
 
@@ -152,38 +239,76 @@ impl SessionStore for RedisStore {
                 .unwrap_or_else(|| super::now_ms().saturating_add(millis(self.timeouts.absolute)));
             self.index_add(u, id_hash, expires).await?;
         }
-        let json = serde_json::to_string(new).map_err(Error::Corrupt)?;
-        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
-        let code: i64 = self
+        let now = super::now_ms();
+        let record = Record {
+            v: super::RECORD_VERSION,
+            generation: 1,
+            created_at: new.created_at.unwrap_or(now),
+            last_seen: now,
+            expires_at: new
+                .expires_at
+                .unwrap_or_else(|| now.saturating_add(millis(self.timeouts.absolute))),
+            user: new.user.clone(),
+            user_agent: new.user_agent.clone(),
+            ip: new.ip.clone(),
+            data: new.data.clone(),
+        };
+        let Some(ttl) = self.ttl_of(&record, now) else {
+            // A rotation whose absolute expiry has passed: nothing written.
+            return Ok(false);
+        };
+        let json = serde_json::to_string(&record).map_err(Error::Corrupt)?;
+        let key = self.record_key(id_hash);
+        let set: Option<String> = self
             .handle
-            .eval(
-                &CREATE,
-                vec![self.record_key(id_hash)],
-                vec![
-                    millis(self.timeouts.idle).to_string(),
-                    millis(self.timeouts.absolute).to_string(),
+            .call(|c| async move {
+                c.set(
+                    key,
                     json,
-                    opt(new.created_at),
-                    opt(new.expires_at),
-                ],
-            )
+                    Some(Expiration::PX(ttl)),
+                    Some(SetOptions::NX),
+                    false,
+                )
+                .await
+            })
             .await?;
-        Ok(code == 1)
+        Ok(set.is_some())
     }
 
     async fn load(&self, id_hash: &str) -> Result<Option<Record>, Error> {
-        let raw: Option<String> = self
-            .handle
-            .eval(
-                &LOAD,
-                vec![self.record_key(id_hash)],
-                vec![
-                    millis(self.timeouts.idle).to_string(),
-                    millis(self.timeouts.touch_after).to_string(),
-                ],
-            )
-            .await?;
-        raw.as_deref().map(Record::from_json).transpose()
+        let key = self.record_key(id_hash);
+        let gets = self
+            .gets
+            .get_or_init(|| Coalescer::new(self.handle.clone(), GetOp, CoalesceConfig::default()));
+        let Some(raw) = gets.submit(key.clone()).await? else {
+            return Ok(None);
+        };
+        let raw =
+            std::str::from_utf8(&raw).map_err(|e| Error::Corrupt(serde::de::Error::custom(e)))?;
+        let mut record = Record::from_json(raw)?;
+        let now = super::now_ms();
+        if record.is_expired(now, self.timeouts.idle) {
+            // Redis's own expiry would drop it soon; drop it now.
+            let _: i64 = self
+                .handle
+                .call(|c| async move { c.del(key).await })
+                .await?;
+            return Ok(None);
+        }
+        if now.saturating_sub(record.last_seen) >= millis(self.timeouts.touch_after) {
+            let loaded = record.generation;
+            record.last_seen = now;
+            // A save that came first refreshed the record itself; a record
+            // gone meanwhile stays gone.
+            if self
+                .write_if_unchanged(id_hash, &record, loaded, now)
+                .await?
+                == 0
+            {
+                return Ok(None);
+            }
+        }
+        Ok(Some(record))
     }
 
     async fn save(
@@ -224,6 +349,33 @@ impl SessionStore for RedisStore {
             2 => SaveOutcome::Merged,
             _ => SaveOutcome::Missing,
         })
+    }
+
+    async fn save_from(
+        &self,
+        id_hash: &str,
+        user_hash: Option<&str>,
+        diff: &Diff,
+        base: &Record,
+    ) -> Result<SaveOutcome, Error> {
+        if let (Some(u), Some(Some(_))) = (user_hash, &diff.user) {
+            self.index_add(u, id_hash, base.expires_at).await?;
+        }
+        let mut record = base.clone();
+        diff.apply(&mut record);
+        record.generation = base.generation + 1;
+        let now = super::now_ms();
+        record.last_seen = now;
+        match self
+            .write_if_unchanged(id_hash, &record, base.generation, now)
+            .await?
+        {
+            0 => Ok(SaveOutcome::Missing),
+            1 => Ok(SaveOutcome::Saved),
+            // Another save came first: merge entry by entry in Redis (the
+            // index entry, if any, is already there).
+            _ => self.save(id_hash, None, diff, base.generation).await,
+        }
     }
 
     async fn take(&self, id_hash: &str) -> Result<Option<Record>, Error> {

@@ -45,10 +45,9 @@ pub enum Topo {
     Cluster(RedisCluster),
 }
 
-const SCRIPTS: [&str; 5] = [
-    include_str!("../../src/store/create.lua"),
-    include_str!("../../src/store/load.lua"),
+const SCRIPTS: [&str; 4] = [
     include_str!("../../src/store/save.lua"),
+    include_str!("../../src/store/save_fast.lua"),
     include_str!("../../src/store/index_add.lua"),
     include_str!("../../src/store/index_list.lua"),
 ];
