@@ -14,6 +14,7 @@
 pub mod runner;
 pub mod server;
 pub mod variants;
+pub mod zipf;
 
 /// The Redis URL used when none is given: `$REDIS_URL`, else
 /// `redis://127.0.0.1:6379`.

@@ -2,6 +2,8 @@
 //!
 //! Run with: `cargo run -p tollgate-benches --release -- --rounds 3 --duration 10s`
 //! (`-- --help` for every option, `benches/README.md` for the columns).
+//! `cargo run -p tollgate-benches --release -- zipf` reports the response
+//! cache's hit rate on a Zipf-distributed key workload.
 //!
 //! For each round and each variant it starts a server on a free loopback
 //! port, warms it up, drives it with `wrk`, measures the server's and
@@ -20,6 +22,9 @@ fn main() -> ExitCode {
     let result = if args.peek().map(String::as_str) == Some("serve") {
         args.next();
         tollgate_benches::server::main_with_args(args)
+    } else if args.peek().map(String::as_str) == Some("zipf") {
+        args.next();
+        tollgate_benches::zipf::main_with_args(args)
     } else {
         tollgate_benches::runner::main_with_args(args)
     };

@@ -255,12 +255,12 @@ async fn drain<B: BatchOp>(
             join_all(
                 groups
                     .into_iter()
-                    .map(|(_, g)| run_group(&handle, op.as_ref(), g)),
+                    .map(|(_, g)| run_group(&handle, op.as_ref(), g.into_iter())),
             )
             .await;
         } else {
-            let group = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
-            run_group(&handle, op.as_ref(), group).await;
+            // Drained in place: the batch buffer is reused, not reallocated.
+            run_group(&handle, op.as_ref(), batch.drain(..)).await;
         }
     }
 }
@@ -268,7 +268,7 @@ async fn drain<B: BatchOp>(
 async fn run_group<B: BatchOp>(
     handle: &RedisHandle,
     op: &B,
-    group: Vec<Pending<B::Item, B::Output>>,
+    group: impl ExactSizeIterator<Item = Pending<B::Item, B::Output>>,
 ) {
     let mut items = Vec::with_capacity(group.len());
     let mut txs = Vec::with_capacity(group.len());
