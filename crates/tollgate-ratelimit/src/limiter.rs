@@ -162,12 +162,18 @@ impl RateLimiterBuilder {
     /// refuses a chunk, that identity is decided exactly until a chunk
     /// would conform again (the last tokens are not lost).
     ///
-    /// Bound: tokens are debited in Redis before they are spent, and a
-    /// lease is spent for at most `chunk × T` after it was taken; so in any
+    /// Once three quarters of a lease are spent, the instance tops it up in
+    /// the background with what was spent, so requests keep spending while
+    /// the next tokens are on their way instead of waiting for them.
+    ///
+    /// Bound: tokens are debited in Redis before they are spent and an
+    /// instance never holds more than one chunk per identity, so in any
     /// window at most `chunk × instances` requests beyond what exact mode
-    /// admits may be admitted. Conversely a lease an instance does not use
-    /// up is lost when it expires (under-admission of at most a chunk per
-    /// instance and identity).
+    /// admits may be admitted. A lease may be spent for `chunk × T` after
+    /// it was taken, and at least 1 s (a chunk of a generous quota would
+    /// otherwise last a millisecond). Conversely a lease an instance does
+    /// not use up is lost when it expires (under-admission of at most a
+    /// chunk per instance and identity).
     pub fn lease(mut self, chunk: u32) -> Self {
         self.lease = chunk;
         self
@@ -372,7 +378,7 @@ pub(crate) enum Prepared {
 }
 
 /// An owned, ready-to-decide request.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Pending {
     pub route: Arc<str>,
     pub identity: String,
@@ -484,10 +490,7 @@ impl RateLimiter {
                     return None;
                 }
                 let key = DenyCache::entry_key(&p.identity, &p.checks);
-                (
-                    self.lease_spend(&key, u64::from(p.checks[0].cost))?,
-                    "redis",
-                )
+                (self.lease_spend(&key, p, chunk)?, "redis")
             }
         };
         self.record(p, &report, started, store);
@@ -626,7 +629,7 @@ impl RateLimiter {
         let key = DenyCache::entry_key(&p.identity, &p.checks);
         let cost = u64::from(p.checks[0].cost);
         loop {
-            match self.lease_step(&key, cost) {
+            match self.lease_step(&key, p, chunk) {
                 LeaseStep::Spent(report) => return Ok(report),
                 LeaseStep::Exact => break,
                 LeaseStep::Wait(mut rx) => {
@@ -657,16 +660,10 @@ impl RateLimiter {
                     };
                     let report = self.report(&leased, &verdicts, Source::Redis);
                     if report.allowed() {
-                        let life = p
-                            .checks
-                            .iter()
-                            .map(|c| c.quota.t_us().saturating_mul(u64::from(chunk)))
-                            .min()
-                            .unwrap_or(0);
                         let left = u64::from(chunk) - cost;
                         flight.granted(Lease {
                             tokens: left,
-                            until: Instant::now() + Duration::from_micros(life),
+                            until: Instant::now() + lease_life(p, chunk),
                             report: Some(report.clone()),
                             exact_until: None,
                             flight: None,
@@ -676,14 +673,7 @@ impl RateLimiter {
                     // No chunk until Redis says one conforms: until then
                     // this key is decided exactly (one coalesced call per
                     // request, no doomed chunk request first).
-                    let retry = report
-                        .decisions
-                        .iter()
-                        .filter(|d| d.outcome == Outcome::Denied)
-                        .map(|d| d.retry_us)
-                        .max()
-                        .unwrap_or(0);
-                    flight.denied(Instant::now() + Duration::from_micros(retry));
+                    flight.denied(Instant::now() + Duration::from_micros(retry_of(&report)));
                     break;
                 }
             }
@@ -692,21 +682,97 @@ impl RateLimiter {
         Ok(self.report(p, &verdicts, Source::Redis))
     }
 
-    /// Spends `cost` from this instance's live lease of `key`, if it holds
-    /// enough.
-    fn lease_spend(&self, key: &str, cost: u64) -> Option<Report> {
+    /// Spends the request's cost from this instance's live lease of `key`,
+    /// if it holds enough.
+    fn lease_spend(&self, key: &str, p: &Pending, chunk: u32) -> Option<Report> {
+        let cost = u64::from(p.checks[0].cost);
         let mut m = self.inner.leases.lock().ok()?;
         let l = m.get_mut(key)?;
-        if l.until > Instant::now() && l.tokens >= cost {
+        let now = Instant::now();
+        if l.until > now && l.tokens >= cost {
             let report = l.report.clone()?;
             l.tokens -= cost;
+            self.maybe_renew(l, key, p, chunk, now);
             return Some(self.lease_report(report, l.tokens, Source::Lease));
         }
         None
     }
 
+    /// Tops the lease up in the background once three quarters of it are
+    /// spent, so that requests keep spending while the next tokens are on
+    /// their way instead of waiting for them. The top-up asks only for what
+    /// was spent (`chunk` minus what is left), so the instance never holds
+    /// more than one chunk: the `chunk × instances` bound stands.
+    fn maybe_renew(&self, l: &mut Lease, key: &str, p: &Pending, chunk: u32, now: Instant) {
+        let chunk64 = u64::from(chunk);
+        if l.flight.is_some()
+            || l.tokens * 4 >= chunk64
+            || l.exact_until.is_some_and(|t| t > now)
+            || l.tokens >= chunk64
+        {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let want = u32::try_from(chunk64 - l.tokens).unwrap_or(chunk);
+        let (tx, rx) = tokio::sync::watch::channel(FlightEnd::Pending);
+        l.flight = Some(rx);
+        let limiter = self.clone();
+        let (key, p) = (key.to_owned(), p.clone());
+        rt.spawn(async move { limiter.top_up(key, p, want, tx).await });
+    }
+
+    /// The background top-up started by [`maybe_renew`](Self::maybe_renew).
+    async fn top_up(
+        &self,
+        key: String,
+        p: Pending,
+        want: u32,
+        tx: tokio::sync::watch::Sender<FlightEnd>,
+    ) {
+        let Some(r) = &self.inner.redis else { return };
+        let mut leased = p;
+        for c in &mut leased.checks {
+            c.cost = want;
+        }
+        let deadline = r.handle.deadline();
+        let answer =
+            tokio::time::timeout(deadline, r.coalescer.submit(self.redis_item(r, &leased)))
+                .await
+                .unwrap_or(Err(tollgate_redis::Error::Timeout(deadline)));
+        let Ok(mut m) = self.inner.leases.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let end = match answer {
+            Ok(verdicts) => {
+                let report = self.report(&leased, &verdicts, Source::Redis);
+                if let Some(l) = m.get_mut(&key) {
+                    if report.allowed() {
+                        l.tokens += u64::from(want);
+                        l.until = now + lease_life(&leased, want);
+                        l.report = Some(report);
+                    } else {
+                        // Redis refused: spend what is left, then decide
+                        // exactly until a chunk would conform again.
+                        l.exact_until = Some(now + Duration::from_micros(retry_of(&report)));
+                    }
+                }
+                FlightEnd::Done
+            }
+            Err(e) => FlightEnd::Failed(e),
+        };
+        if let Some(l) = m.get_mut(&key) {
+            l.flight = None;
+        }
+        // Under the lock, so a woken waiter sees the updated slot.
+        tx.send_replace(end);
+    }
+
     /// The synchronous part of lease mode: spend, wait, lead or go exact.
-    fn lease_step(&self, key: &str, cost: u64) -> LeaseStep<'_> {
+    fn lease_step(&self, key: &str, p: &Pending, chunk: u32) -> LeaseStep<'_> {
+        let cost = u64::from(p.checks[0].cost);
         let Ok(mut m) = self.inner.leases.lock() else {
             return LeaseStep::Exact;
         };
@@ -717,6 +783,7 @@ impl RateLimiter {
                 && let Some(report) = l.report.clone()
             {
                 l.tokens -= cost;
+                self.maybe_renew(l, key, p, chunk, now);
                 return LeaseStep::Spent(self.lease_report(report, l.tokens, Source::Lease));
             }
             if let Some(rx) = &l.flight {
@@ -893,6 +960,37 @@ impl RateLimiter {
         }
         Ok(())
     }
+}
+
+/// Shortest life of a lease: a chunk of a generous quota (1,000,000/s, say)
+/// would otherwise be spendable for a millisecond only, and every instance
+/// would ask Redis for tokens every few requests. Holding tokens longer does
+/// not loosen the bound: an instance holds at most one chunk at any moment,
+/// so in any window at most `chunk × instances` requests beyond what Redis
+/// admits are let through, however long a chunk lives.
+const MIN_LEASE_LIFE: Duration = Duration::from_secs(1);
+
+/// How long a lease of `n` tokens for `p` may be spent: `n × T` of its
+/// tightest policy, and at least [`MIN_LEASE_LIFE`].
+fn lease_life(p: &Pending, n: u32) -> Duration {
+    let us = p
+        .checks
+        .iter()
+        .map(|c| c.quota.t_us().saturating_mul(u64::from(n)))
+        .min()
+        .unwrap_or(0);
+    Duration::from_micros(us).max(MIN_LEASE_LIFE)
+}
+
+/// How long until every denying policy of `report` conforms again (µs).
+fn retry_of(report: &Report) -> u64 {
+    report
+        .decisions
+        .iter()
+        .filter(|d| d.outcome == Outcome::Denied)
+        .map(|d| d.retry_us)
+        .max()
+        .unwrap_or(0)
 }
 
 fn verdict_of(decisions: &[Decision]) -> RequestVerdict {
