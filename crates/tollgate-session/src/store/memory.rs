@@ -105,19 +105,7 @@ impl SessionStore for MemoryStore {
         new: &NewRecord,
     ) -> Result<bool, Error> {
         let now = now_ms();
-        let record = Record {
-            v: super::RECORD_VERSION,
-            generation: 1,
-            created_at: new.created_at.unwrap_or(now),
-            last_seen: now,
-            expires_at: new
-                .expires_at
-                .unwrap_or_else(|| now.saturating_add(millis(self.timeouts.absolute))),
-            user: new.user.clone(),
-            user_agent: new.user_agent.clone(),
-            ip: new.ip.clone(),
-            data: new.data.clone(),
-        };
+        let record = new.record_at(now, self.timeouts.absolute);
         if record.expires_at <= now {
             return Ok(false);
         }

@@ -93,6 +93,26 @@ pub struct NewRecord {
     pub expires_at: Option<u64>,
 }
 
+impl NewRecord {
+    /// The record created from this at `now` (ms): generation 1, seen now,
+    /// expiring after `absolute` unless a rotation keeps its own times.
+    pub fn record_at(&self, now: u64, absolute: Duration) -> Record {
+        Record {
+            v: RECORD_VERSION,
+            generation: 1,
+            created_at: self.created_at.unwrap_or(now),
+            last_seen: now,
+            expires_at: self
+                .expires_at
+                .unwrap_or_else(|| now.saturating_add(millis(absolute))),
+            user: self.user.clone(),
+            user_agent: self.user_agent.clone(),
+            ip: self.ip.clone(),
+            data: self.data.clone(),
+        }
+    }
+}
+
 /// Changes made by one request, merged into the stored record entry by
 /// entry so that concurrent requests writing different keys all survive.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -240,19 +240,7 @@ impl SessionStore for RedisStore {
             self.index_add(u, id_hash, expires).await?;
         }
         let now = super::now_ms();
-        let record = Record {
-            v: super::RECORD_VERSION,
-            generation: 1,
-            created_at: new.created_at.unwrap_or(now),
-            last_seen: now,
-            expires_at: new
-                .expires_at
-                .unwrap_or_else(|| now.saturating_add(millis(self.timeouts.absolute))),
-            user: new.user.clone(),
-            user_agent: new.user_agent.clone(),
-            ip: new.ip.clone(),
-            data: new.data.clone(),
-        };
+        let record = new.record_at(now, self.timeouts.absolute);
         let Some(ttl) = self.ttl_of(&record, now) else {
             // A rotation whose absolute expiry has passed: nothing written.
             return Ok(false);
