@@ -191,17 +191,21 @@ pub(crate) fn l1_hit<B>(shared: &Shared, ctx: &Ctx) -> Option<Response<CacheBody
     }
     let e = shared.cache.l1_entry(&ctx.url.key)?;
     let now = now_ms();
-    let ttl = e.ttl_ms(now);
-    if ttl <= 0 || !usable(ctx, &e) {
+    if e.ttl_ms(now) <= 0 || !usable(ctx, &e) {
         return None;
     }
+    Some(fresh_hit(shared, ctx, &e, now))
+}
+
+/// The response for a fresh hit on `e`, counted.
+fn fresh_hit<B>(shared: &Shared, ctx: &Ctx, e: &Entry, now: u64) -> Response<CacheBody<B>> {
     count(&ctx.label, "hit");
     let report = Report {
         x_cache: "HIT",
-        status: format!("tollgate; hit; ttl={}", ttl / 1000),
+        status: format!("tollgate; hit; ttl={}", e.ttl_ms(now) / 1000),
     }
     .with_key(shared, ctx);
-    Some(from_entry(&e, ctx, now, &report))
+    from_entry(e, ctx, now, &report)
 }
 
 /// Whether a stored response may answer this request.
@@ -299,13 +303,7 @@ where
                 return fill(shared, inner, req, ctx, "request", Some(e)).await;
             }
             if ttl > 0 {
-                count(&ctx.label, "hit");
-                let report = Report {
-                    x_cache: "HIT",
-                    status: format!("tollgate; hit; ttl={}", ttl / 1000),
-                }
-                .with_key(&shared, &ctx);
-                return Ok(from_entry(&e, &ctx, now, &report));
+                return Ok(fresh_hit(&shared, &ctx, &e, now));
             }
             let stale_for = (-ttl) as u64;
             if stale_for <= e.meta.swr_ms {

@@ -79,9 +79,11 @@ where
             Method::GET | Method::HEAD => Some(flow::prepare(&shared, &req)),
             _ => None,
         };
+        let available = shared.cache.is_available();
         // An L1 hit is answered here: no task, no inner call (the readied
         // inner service stays readied for the next call).
-        if let Some(Ok(ctx)) = &ctx
+        if available
+            && let Some(Ok(ctx)) = &ctx
             && let Some(res) = flow::l1_hit(&shared, ctx)
         {
             return ResponseFuture::ready(res);
@@ -91,37 +93,30 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tag_header = shared.tag_header.clone();
-        match *req.method() {
-            Method::GET | Method::HEAD => {
-                match ctx.unwrap_or_else(|| Err(("method", Arc::from("other")))) {
-                    Err((why, label)) => {
-                        flow::count_bypass(&label);
-                        ResponseFuture::passthrough(
-                            inner.call(req),
-                            Some(Report::bypass(why)),
-                            tag_header,
-                        )
+        let bypass = |inner: &mut S, req, label: &Arc<str>, why| {
+            flow::count_bypass(label);
+            ResponseFuture::passthrough(
+                inner.call(req),
+                Some(Report::bypass(why)),
+                tag_header.clone(),
+            )
+        };
+        match ctx {
+            // GET and HEAD.
+            Some(Err((why, label))) => bypass(&mut inner, req, &label, why),
+            Some(Ok(ctx)) if !available => bypass(&mut inner, req, &ctx.label, "store-unavailable"),
+            Some(Ok(ctx)) => ResponseFuture::flow(Box::pin(flow::serve(shared, inner, req, ctx))),
+            None => match *req.method() {
+                Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
+                    match key::request_url_tag(&shared.keys, req.uri(), req.headers()) {
+                        Some(tag) => ResponseFuture::flow(Box::pin(flow::invalidating(
+                            shared, inner, req, tag,
+                        ))),
+                        None => ResponseFuture::passthrough(inner.call(req), None, tag_header),
                     }
-                    Ok(ctx) if !shared.cache.is_available() => {
-                        flow::count_bypass(&ctx.label);
-                        ResponseFuture::passthrough(
-                            inner.call(req),
-                            Some(Report::bypass("store-unavailable")),
-                            tag_header,
-                        )
-                    }
-                    Ok(ctx) => ResponseFuture::flow(Box::pin(flow::serve(shared, inner, req, ctx))),
                 }
-            }
-            Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
-                match key::request_url_tag(&shared.keys, req.uri(), req.headers()) {
-                    Some(tag) => {
-                        ResponseFuture::flow(Box::pin(flow::invalidating(shared, inner, req, tag)))
-                    }
-                    None => ResponseFuture::passthrough(inner.call(req), None, tag_header),
-                }
-            }
-            _ => ResponseFuture::passthrough(inner.call(req), None, tag_header),
+                _ => ResponseFuture::passthrough(inner.call(req), None, tag_header),
+            },
         }
     }
 }

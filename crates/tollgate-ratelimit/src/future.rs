@@ -102,6 +102,8 @@ where
         }
     }
 
+    /// A request [`RateLimiter::decide_now`] could not answer: it waits
+    /// for Redis.
     pub(crate) fn deciding(
         limiter: RateLimiter,
         pending: Pending,
@@ -110,7 +112,7 @@ where
     ) -> Self {
         let l = limiter.clone();
         let decide: BoxFuture<'static, (Report, Pending)> = Box::pin(async move {
-            let report = l.decide(&pending).await;
+            let report = l.decide_remote(&pending).await;
             (report, pending)
         });
         ResponseFuture {

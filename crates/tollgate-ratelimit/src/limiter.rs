@@ -505,12 +505,17 @@ impl RateLimiter {
 
     /// Decides a prepared request.
     pub(crate) async fn decide(&self, p: &Pending) -> Report {
+        match self.decide_now(p) {
+            Some(report) => report,
+            None => self.decide_remote(p).await,
+        }
+    }
+
+    /// The part of a decision that waits for Redis, for a request
+    /// [`decide_now`](Self::decide_now) could not answer.
+    pub(crate) async fn decide_remote(&self, p: &Pending) -> Report {
         let started = Instant::now();
         let inner = &self.inner;
-        if let Some(hit) = inner.deny_cache.get(&p.identity, &p.checks, started) {
-            self.deny_cache_hit(p, &hit, started);
-            return hit;
-        }
         let (report, store) = match &inner.redis {
             None => (self.decide_memory(p, Source::Memory), "memory"),
             Some(r) => match self.decide_redis(r, p).await {
@@ -685,17 +690,27 @@ impl RateLimiter {
     /// Spends the request's cost from this instance's live lease of `key`,
     /// if it holds enough.
     fn lease_spend(&self, key: &str, p: &Pending, chunk: u32) -> Option<Report> {
-        let cost = u64::from(p.checks[0].cost);
         let mut m = self.inner.leases.lock().ok()?;
-        let l = m.get_mut(key)?;
-        let now = Instant::now();
-        if l.until > now && l.tokens >= cost {
-            let report = l.report.clone()?;
-            l.tokens -= cost;
-            self.maybe_renew(l, key, p, chunk, now);
-            return Some(self.lease_report(report, l.tokens, Source::Lease));
+        self.spend(m.get_mut(key)?, key, p, chunk, Instant::now())
+    }
+
+    /// Spends from `l` (live, holding enough), starting a top-up when due.
+    fn spend(
+        &self,
+        l: &mut Lease,
+        key: &str,
+        p: &Pending,
+        chunk: u32,
+        now: Instant,
+    ) -> Option<Report> {
+        let cost = u64::from(p.checks[0].cost);
+        if l.until <= now || l.tokens < cost {
+            return None;
         }
-        None
+        let report = l.report.clone()?;
+        l.tokens -= cost;
+        self.maybe_renew(l, key, p, chunk, now);
+        Some(self.lease_report(report, l.tokens, Source::Lease))
     }
 
     /// Tops the lease up in the background once three quarters of it are
@@ -705,11 +720,7 @@ impl RateLimiter {
     /// more than one chunk: the `chunk × instances` bound stands.
     fn maybe_renew(&self, l: &mut Lease, key: &str, p: &Pending, chunk: u32, now: Instant) {
         let chunk64 = u64::from(chunk);
-        if l.flight.is_some()
-            || l.tokens * 4 >= chunk64
-            || l.exact_until.is_some_and(|t| t > now)
-            || l.tokens >= chunk64
-        {
+        if l.flight.is_some() || l.tokens * 4 >= chunk64 || l.exact_until.is_some_and(|t| t > now) {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -736,11 +747,8 @@ impl RateLimiter {
         for c in &mut leased.checks {
             c.cost = want;
         }
-        let deadline = r.handle.deadline();
-        let answer =
-            tokio::time::timeout(deadline, r.coalescer.submit(self.redis_item(r, &leased)))
-                .await
-                .unwrap_or(Err(tollgate_redis::Error::Timeout(deadline)));
+        // `submit` keeps the handle's deadline.
+        let answer = r.coalescer.submit(self.redis_item(r, &leased)).await;
         let Ok(mut m) = self.inner.leases.lock() else {
             return;
         };
@@ -772,19 +780,13 @@ impl RateLimiter {
 
     /// The synchronous part of lease mode: spend, wait, lead or go exact.
     fn lease_step(&self, key: &str, p: &Pending, chunk: u32) -> LeaseStep<'_> {
-        let cost = u64::from(p.checks[0].cost);
         let Ok(mut m) = self.inner.leases.lock() else {
             return LeaseStep::Exact;
         };
         let now = Instant::now();
         if let Some(l) = m.get_mut(key) {
-            if l.until > now
-                && l.tokens >= cost
-                && let Some(report) = l.report.clone()
-            {
-                l.tokens -= cost;
-                self.maybe_renew(l, key, p, chunk, now);
-                return LeaseStep::Spent(self.lease_report(report, l.tokens, Source::Lease));
+            if let Some(report) = self.spend(l, key, p, chunk, now) {
+                return LeaseStep::Spent(report);
             }
             if let Some(rx) = &l.flight {
                 return LeaseStep::Wait(rx.clone());

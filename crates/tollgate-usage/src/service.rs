@@ -206,8 +206,13 @@ where
         let tracker = &cfg.tracker;
         let checked = (limit.is_some() && hard) || tracker.config().mode == WriteMode::Sync;
         // Counted here, before the inner call, in the common case: batched
-        // in process, no round trip.
-        let (total, tenant) = tracker.record_tenant(tenant, API_REQUEST, i64::from(!checked));
+        // in process, no round trip. The checked path counts after its
+        // round trip.
+        let (total, tenant) = if checked {
+            (0, Arc::from(tenant))
+        } else {
+            tracker.record_tenant(tenant, API_REQUEST, 1)
+        };
         drop(found);
         let mut req = Request::from_parts(parts, body);
         req.extensions_mut()

@@ -375,17 +375,8 @@ impl UsageTracker {
                 })
             }
         };
-        let peek = name.is_some() && n == 0;
         if let Some(name) = name {
             *name = Some(tb.name.clone());
-        }
-        if peek {
-            return tb
-                .periods
-                .iter()
-                .find(|p| p.label == *label)
-                .and_then(|p| p.counters.iter().find(|c| &*c.metric == metric))
-                .map_or(0, |c| c.known + c.pending);
         }
         let pb = match tb.periods.iter().position(|p| p.label == *label) {
             Some(i) => &mut tb.periods[i],

@@ -264,11 +264,10 @@ impl SessionStore for RedisStore {
     }
 
     async fn load(&self, id_hash: &str) -> Result<Option<Record>, Error> {
-        let key = self.record_key(id_hash);
         let gets = self
             .gets
             .get_or_init(|| Coalescer::new(self.handle.clone(), GetOp, CoalesceConfig::default()));
-        let Some(raw) = gets.submit(key.clone()).await? else {
+        let Some(raw) = gets.submit(self.record_key(id_hash)).await? else {
             return Ok(None);
         };
         let raw =
@@ -277,10 +276,7 @@ impl SessionStore for RedisStore {
         let now = super::now_ms();
         if record.is_expired(now, self.timeouts.idle) {
             // Redis's own expiry would drop it soon; drop it now.
-            let _: i64 = self
-                .handle
-                .call(|c| async move { c.del(key).await })
-                .await?;
+            self.delete(id_hash).await?;
             return Ok(None);
         }
         if now.saturating_sub(record.last_seen) >= millis(self.timeouts.touch_after) {
