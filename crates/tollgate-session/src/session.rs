@@ -322,17 +322,29 @@ impl Session {
     }
 
     /// Whether the request needs nothing written or sent (checked without
-    /// waiting: a handler still holding the state is not idle).
+    /// waiting: a handler still holding the state is not idle). Mirrors
+    /// the cases of [`commit`](Self::commit) that neither touch the store
+    /// nor set a cookie: nothing read, or a record read and left as it
+    /// was (the common read-only request).
     pub(crate) fn is_idle(&self) -> bool {
-        match self.inner.state.try_lock() {
-            Ok(st) => {
-                matches!(st.phase, Phase::Unloaded)
-                    && matches!(
-                        st.incoming,
-                        Incoming::Absent | Incoming::Valid { resign: false, .. }
-                    )
+        let Ok(st) = self.inner.state.try_lock() else {
+            return false;
+        };
+        let resign = matches!(st.incoming, Incoming::Valid { resign: true, .. });
+        match &st.phase {
+            Phase::Unloaded => matches!(
+                st.incoming,
+                Incoming::Absent | Incoming::Valid { resign: false, .. }
+            ),
+            Phase::Loaded { .. } => {
+                let max_age = matches!(
+                    &self.shared().transport,
+                    crate::Transport::Cookie(c) if c.max_age.is_some()
+                );
+                !st.rotate && st.diff.is_empty() && !resign && !max_age
             }
-            Err(_) => false,
+            Phase::Fresh { .. } => st.diff.is_empty() && matches!(st.incoming, Incoming::Absent),
+            Phase::Destroyed => false,
         }
     }
 
