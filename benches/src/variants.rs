@@ -58,6 +58,11 @@ pub const VARIANTS: &[VariantSpec] = &[
         about: "plain axum, no layer: the baseline",
     },
     VariantSpec {
+        name: "bare-handoff",
+        needs_redis: false,
+        about: "plain axum, each request waits for an answer from another task (no Redis): the floor of any layer that waits on a batched round trip",
+    },
+    VariantSpec {
         name: "governor",
         needs_redis: false,
         about: "tower_governor per-IP limiter (in process), limit never reached",
@@ -175,6 +180,20 @@ pub async fn build(name: &str, deps: &Deps) -> anyhow::Result<Router> {
     let router = match name {
         "bare" => ping_router(),
 
+        "bare-handoff" => {
+            let echo = handoff_echo();
+            ping_router().layer(middleware::from_fn(move |req: Request, next: Next| {
+                let echo = echo.clone();
+                async move {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if echo.send(tx).is_err() || rx.await.is_err() {
+                        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                    }
+                    next.run(req).await
+                }
+            }))
+        }
+
         "governor" => {
             // 1,000,000 per second, burst 1,000,000: never denies under the
             // benchmark, so the table shows the cost of the layer alone.
@@ -257,6 +276,21 @@ pub async fn build(name: &str, deps: &Deps) -> anyhow::Result<Router> {
         ),
     };
     Ok(router)
+}
+
+/// A task answering every queued request at once, in batches, the way a
+/// coalescer's drainer does, but without any round trip.
+fn handoff_echo() -> tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<()>>();
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(256);
+        while rx.recv_many(&mut batch, 256).await > 0 {
+            for reply in batch.drain(..) {
+                let _ = reply.send(());
+            }
+        }
+    });
+    tx
 }
 
 /// A limit the naive counter never reaches (a trillion per window): it pays

@@ -385,7 +385,9 @@ impl Session {
                     created_at: None,
                     expires_at: None,
                 };
-                match self.create(id, backend, &new, true).await {
+                // Boxed, as below: creating is the rare end of a request,
+                // and its store futures would enlarge every commit's.
+                match Box::pin(self.create(id, backend, &new, true)).await {
                     Some(id) => Commit {
                         out: Some(Outgoing::Set(id)),
                         failed: false,
@@ -401,7 +403,7 @@ impl Session {
                 // kill the old id in one command; a session destroyed
                 // meanwhile stays dead.
                 let old = shared.hasher.session(&id);
-                let taken = on_store!(shared, backend, |s| s.take(&old).await);
+                let taken = on_store!(shared, backend, |s| Box::pin(s.take(&old)).await);
                 let mut record = match taken {
                     Ok(Some(r)) => r,
                     Ok(None) => {
@@ -428,9 +430,8 @@ impl Session {
                     expires_at: Some(record.expires_at),
                 };
                 // No fallback here: the record came from `backend`.
-                let created = self
-                    .create(SessionId::generate(), backend, &new, false)
-                    .await;
+                let created =
+                    Box::pin(self.create(SessionId::generate(), backend, &new, false)).await;
                 if created.is_some() {
                     metrics::counter!("tollgate_session_rotations_total", "store" => shared.label(backend))
                         .increment(1);
@@ -570,5 +571,45 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Session {
             http::StatusCode::INTERNAL_SERVER_ERROR,
             "Session extractor used without SessionLayer",
         ))
+    }
+}
+
+#[cfg(test)]
+mod future_size {
+    /// Every request moves these futures (axum boxes the handler's), so
+    /// their size is paid per request. Rare store steps are boxed to keep
+    /// them small: a fred command's future alone is kilobytes, and with it
+    /// inline a session read was a 14 KB future.
+    #[test]
+    fn request_path_futures_stay_small() {
+        let sessions = crate::Sessions::builder()
+            .secret("a test secret of at least thirty-two bytes")
+            .build()
+            .expect("sessions");
+        let s = super::Session::new(
+            sessions,
+            super::Incoming::Absent,
+            super::ClientInfo::default(),
+        );
+        let get = s.get::<u64>("n");
+        assert!(
+            std::mem::size_of_val(&get) < 2048,
+            "get: {}",
+            std::mem::size_of_val(&get)
+        );
+        drop(get);
+        let insert = s.insert("n", &1u64);
+        assert!(
+            std::mem::size_of_val(&insert) < 2048,
+            "insert: {}",
+            std::mem::size_of_val(&insert)
+        );
+        drop(insert);
+        let commit = s.commit();
+        assert!(
+            std::mem::size_of_val(&commit) < 2048,
+            "commit: {}",
+            std::mem::size_of_val(&commit)
+        );
     }
 }

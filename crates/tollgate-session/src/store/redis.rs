@@ -275,8 +275,10 @@ impl SessionStore for RedisStore {
         let mut record = Record::from_json(raw)?;
         let now = super::now_ms();
         if record.is_expired(now, self.timeouts.idle) {
-            // Redis's own expiry would drop it soon; drop it now.
-            self.delete(id_hash).await?;
+            // Redis's own expiry would drop it soon; drop it now. (Boxed,
+            // as is the touch below: rare steps kept out of the size of
+            // every load's future, which callers move and box.)
+            Box::pin(self.delete(id_hash)).await?;
             return Ok(None);
         }
         if now.saturating_sub(record.last_seen) >= millis(self.timeouts.touch_after) {
@@ -284,11 +286,7 @@ impl SessionStore for RedisStore {
             record.last_seen = now;
             // A save that came first refreshed the record itself; a record
             // gone meanwhile stays gone.
-            if self
-                .write_if_unchanged(id_hash, &record, loaded, now)
-                .await?
-                == 0
-            {
+            if Box::pin(self.write_if_unchanged(id_hash, &record, loaded, now)).await? == 0 {
                 return Ok(None);
             }
         }
@@ -342,8 +340,11 @@ impl SessionStore for RedisStore {
         diff: &Diff,
         base: &Record,
     ) -> Result<SaveOutcome, Error> {
+        // The rare steps (a login's index entry, the merge after a race)
+        // are boxed: their fred futures would make every save's future
+        // kilobytes larger, and callers move and box it.
         if let (Some(u), Some(Some(_))) = (user_hash, &diff.user) {
-            self.index_add(u, id_hash, base.expires_at).await?;
+            Box::pin(self.index_add(u, id_hash, base.expires_at)).await?;
         }
         let mut record = base.clone();
         diff.apply(&mut record);
@@ -358,7 +359,7 @@ impl SessionStore for RedisStore {
             1 => Ok(SaveOutcome::Saved),
             // Another save came first: merge entry by entry in Redis (the
             // index entry, if any, is already there).
-            _ => self.save(id_hash, None, diff, base.generation).await,
+            _ => Box::pin(self.save(id_hash, None, diff, base.generation)).await,
         }
     }
 
