@@ -107,10 +107,63 @@ impl Fetched {
     }
 }
 
+/// Entries decoded from recent store reads, each with the exact bytes it
+/// was decoded from. A read that returns the same bytes again reuses the
+/// decoded entry (header map included) instead of parsing it anew: the
+/// store still answers every lookup, only the decoding is skipped, so
+/// nothing here can be staler than the store. An entry is a function of
+/// its bytes alone, so the key only picks the slot. Bounded: 256 slots of
+/// at most 16 KiB each (larger entries are not kept).
+struct DecodeMemo {
+    slots: Box<[MemoSlot]>,
+    hasher: std::hash::RandomState,
+}
+
+/// The bytes last decoded in a slot, and what they decoded to.
+type MemoSlot = Mutex<Option<(Bytes, Arc<Entry>)>>;
+
+const MEMO_SLOTS: usize = 256;
+const MEMO_MAX_BYTES: usize = 16 * 1024;
+
+impl Default for DecodeMemo {
+    fn default() -> Self {
+        DecodeMemo {
+            slots: (0..MEMO_SLOTS).map(|_| Mutex::new(None)).collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+impl DecodeMemo {
+    fn slot(&self, key: &str) -> &MemoSlot {
+        use std::hash::BuildHasher as _;
+        let i = self.hasher.hash_one(key) as usize % MEMO_SLOTS;
+        &self.slots[i]
+    }
+
+    fn get(&self, key: &str, raw: &Bytes) -> Option<Arc<Entry>> {
+        if raw.len() > MEMO_MAX_BYTES {
+            return None;
+        }
+        let slot = self.slot(key).lock().ok()?;
+        match &*slot {
+            Some((bytes, entry)) if bytes == raw => Some(entry.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, key: &str, raw: Bytes, entry: &Arc<Entry>) {
+        if let Ok(mut slot) = self.slot(key).lock() {
+            *slot = Some((raw, entry.clone()));
+        }
+    }
+}
+
 pub(crate) struct Inner {
     store: Arc<dyn Store>,
     handle: Option<RedisHandle>,
     l1: Option<L1>,
+    memo: DecodeMemo,
     flights: Flights<Bytes>,
     coalesce_timeout: Duration,
     channel: String,
@@ -244,7 +297,20 @@ impl Cache {
         let Some(raw) = self.inner.store.get(key).await? else {
             return Ok(None);
         };
-        let fetched = Fetched::decode(&raw)?;
+        let fetched = match self.inner.memo.get(key, &raw) {
+            Some(e) => Fetched::Response(e),
+            None if raw.len() <= MEMO_MAX_BYTES => {
+                // A copy of its own: a slice of the client's read buffer
+                // would keep all of that buffer alive in the memo.
+                let own = Bytes::copy_from_slice(&raw);
+                let fetched = Fetched::decode(&own)?;
+                if let Fetched::Response(e) = &fetched {
+                    self.inner.memo.put(key, own, e);
+                }
+                fetched
+            }
+            None => Fetched::decode(&raw)?,
+        };
         if let Some(l1) = &self.inner.l1 {
             let entry = match &fetched {
                 Fetched::Response(e) => Some(e.clone()),
@@ -551,6 +617,7 @@ impl CacheBuilder {
                 store,
                 handle: self.handle,
                 l1,
+                memo: DecodeMemo::default(),
                 flights: Flights::default(),
                 coalesce_timeout: self.coalesce_timeout,
                 channel,
@@ -562,5 +629,68 @@ impl CacheBuilder {
         };
         cache.start_listener();
         cache
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::Meta;
+
+    fn encoded(body: &'static [u8], etag: &str) -> Bytes {
+        Stored::Response(Entry::new(
+            Meta {
+                status: 200,
+                headers: vec![("etag".into(), etag.into())],
+                stored_at_ms: 1,
+                initial_age_s: 0,
+                fresh_ms: 1000,
+                swr_ms: 0,
+                sie_ms: 0,
+                public: false,
+                vary: vec![],
+            },
+            Bytes::from_static(body),
+        ))
+        .encode()
+        .expect("encode")
+    }
+
+    fn response(f: Option<Fetched>) -> Arc<Entry> {
+        match f {
+            Some(Fetched::Response(e)) => e,
+            _ => panic!("no response entry"),
+        }
+    }
+
+    /// The same stored bytes are decoded once; new bytes under the same
+    /// key are decoded anew, never answered from the old entry.
+    #[tokio::test]
+    async fn decoded_entries_are_reused_only_for_identical_bytes() {
+        let cache = Cache::memory();
+        let ttl = Duration::from_secs(60);
+        cache
+            .put_raw("k", encoded(b"one", "\"1\""), ttl, &[])
+            .await
+            .expect("put");
+        let a = response(cache.get_stored("k").await.expect("get"));
+        let b = response(cache.get_stored("k").await.expect("get"));
+        assert!(Arc::ptr_eq(&a, &b), "identical bytes: one decoding");
+        cache
+            .put_raw("k", encoded(b"two", "\"2\""), ttl, &[])
+            .await
+            .expect("put");
+        let c = response(cache.get_stored("k").await.expect("get"));
+        assert_eq!(c.body, Bytes::from_static(b"two"));
+        assert_eq!(c.header("etag"), Some("\"2\""));
+        // Another key whose slot may be the same one.
+        cache
+            .put_raw("other", encoded(b"three", "\"3\""), ttl, &[])
+            .await
+            .expect("put");
+        let d = response(cache.get_stored("other").await.expect("get"));
+        assert_eq!(d.body, Bytes::from_static(b"three"));
+        let e = response(cache.get_stored("k").await.expect("get"));
+        assert_eq!(e.body, Bytes::from_static(b"two"));
     }
 }

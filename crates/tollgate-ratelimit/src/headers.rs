@@ -1,5 +1,8 @@
 //! Response headers and the ready-made denial responses.
 
+use std::cell::RefCell;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
@@ -51,6 +54,39 @@ fn num(n: u64) -> HeaderValue {
     }
 }
 
+thread_local! {
+    /// The last policy-name and limit values this thread wrote: the same
+    /// few repeat on every response, and a clone is a reference count
+    /// where building one validates and allocates.
+    static LAST_POLICY: RefCell<Option<(Arc<str>, HeaderValue)>> = const { RefCell::new(None) };
+    static LAST_LIMIT: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+}
+
+fn limit_value(n: u64) -> HeaderValue {
+    if n < SMALL_NUMBERS {
+        return num(n);
+    }
+    LAST_LIMIT.with_borrow_mut(|last| match last {
+        Some((k, v)) if *k == n => v.clone(),
+        _ => {
+            let v = HeaderValue::from(n);
+            *last = Some((n, v.clone()));
+            v
+        }
+    })
+}
+
+fn policy_value(name: &Arc<str>) -> Option<HeaderValue> {
+    LAST_POLICY.with_borrow_mut(|last| match last {
+        Some((k, v)) if Arc::ptr_eq(k, name) => Some(v.clone()),
+        _ => {
+            let v = HeaderValue::from_str(name).ok()?;
+            *last = Some((name.clone(), v.clone()));
+            Some(v)
+        }
+    })
+}
+
 /// Adds the rate-limit headers of `report` (most constraining policy).
 pub(crate) fn apply(report: &Report, identity: &str, opts: HeaderOptions, h: &mut HeaderMap) {
     let Some(d) = report.most_constraining() else {
@@ -58,10 +94,10 @@ pub(crate) fn apply(report: &Report, identity: &str, opts: HeaderOptions, h: &mu
     };
     if opts.legacy {
         h.reserve(4);
-        h.insert(X_RATELIMIT_LIMIT.clone(), num(d.limit));
+        h.insert(X_RATELIMIT_LIMIT.clone(), limit_value(d.limit));
         h.insert(X_RATELIMIT_REMAINING.clone(), num(d.remaining));
         h.insert(X_RATELIMIT_RESET.clone(), num(d.reset));
-        if let Ok(v) = HeaderValue::from_str(&d.policy) {
+        if let Some(v) = policy_value(&d.policy) {
             h.insert(X_RATELIMIT_POLICY.clone(), v);
         }
     }
@@ -270,5 +306,46 @@ mod tests {
         );
         assert!(!pk.contains("1.2.3.4"));
         assert_eq!(sf_string("a\"b"), "\"a\\\"b\"");
+    }
+
+    fn report(policy: &Arc<str>, limit: u64) -> Report {
+        let quota = crate::Quota::per_second(u32::try_from(limit).expect("limit"))
+            .with_burst(u32::try_from(limit).expect("limit"));
+        let v = crate::quota::Verdict {
+            status: crate::quota::Status::Allowed,
+            remaining: limit - 1,
+            reset_us: 0,
+            retry_us: 0,
+        };
+        Report {
+            route: Arc::from("/"),
+            verdict: RequestVerdict::Allow,
+            decisions: vec![Decision::from_verdict(
+                policy,
+                &quota,
+                crate::Algorithm::Gcra,
+                v,
+                crate::Source::Redis,
+            )],
+        }
+    }
+
+    /// The values remembered between responses follow the policy and the
+    /// limit of each response, in any order.
+    #[test]
+    fn remembered_values_follow_each_response() {
+        let a: Arc<str> = Arc::from("burst");
+        let b: Arc<str> = Arc::from("sustained");
+        let opts = HeaderOptions {
+            legacy: true,
+            ietf: false,
+        };
+        for (policy, limit) in [(&a, 5_000), (&a, 5_000), (&b, 70_000), (&a, 5_000), (&b, 3)] {
+            let mut h = HeaderMap::new();
+            apply(&report(policy, limit), "k", opts, &mut h);
+            assert_eq!(h[&X_RATELIMIT_POLICY], policy.as_ref());
+            assert_eq!(h[&X_RATELIMIT_LIMIT], limit.to_string().as_str());
+            assert_eq!(h[&X_RATELIMIT_REMAINING], (limit - 1).to_string().as_str());
+        }
     }
 }
