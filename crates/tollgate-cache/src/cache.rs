@@ -635,25 +635,11 @@ impl CacheBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entry::Meta;
 
     fn encoded(body: &'static [u8], etag: &str) -> Bytes {
-        Stored::Response(Entry::new(
-            Meta {
-                status: 200,
-                headers: vec![("etag".into(), etag.into())],
-                stored_at_ms: 1,
-                initial_age_s: 0,
-                fresh_ms: 1000,
-                swr_ms: 0,
-                sie_ms: 0,
-                public: false,
-                vary: vec![],
-            },
-            Bytes::from_static(body),
-        ))
-        .encode()
-        .expect("encode")
+        Stored::Response(crate::entry::test_entry(etag, body))
+            .encode()
+            .expect("encode")
     }
 
     fn response(f: Option<Fetched>) -> Arc<Entry> {

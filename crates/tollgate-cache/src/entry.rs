@@ -133,26 +133,32 @@ impl Entry {
     }
 }
 
+/// A fresh 200 response with one `ETag`, for tests.
+#[cfg(test)]
+pub(crate) fn test_entry(etag: &str, body: &'static [u8]) -> Entry {
+    Entry::new(
+        Meta {
+            status: 200,
+            headers: vec![("etag".into(), etag.into())],
+            stored_at_ms: 1,
+            initial_age_s: 0,
+            fresh_ms: 1000,
+            swr_ms: 0,
+            sie_ms: 0,
+            public: false,
+            vary: vec![],
+        },
+        Bytes::from_static(body),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn roundtrip() {
-        let e = Stored::Response(Entry::new(
-            Meta {
-                status: 200,
-                headers: vec![("etag".into(), "\"x\"".into())],
-                stored_at_ms: 1,
-                initial_age_s: 0,
-                fresh_ms: 1000,
-                swr_ms: 0,
-                sie_ms: 0,
-                public: false,
-                vary: vec![],
-            },
-            Bytes::from_static(b"\0body"),
-        ));
+        let e = Stored::Response(test_entry("\"x\"", b"\0body"));
         let b = e.encode().unwrap();
         let Stored::Response(d) = Stored::decode(&b).unwrap() else {
             panic!()

@@ -77,6 +77,12 @@ macro_rules! on_store {
 pub(crate) use on_store;
 
 impl Shared {
+    /// Whether every response carrying a live session re-sends its cookie
+    /// (a cookie with Max-Age, whose expiry slides).
+    pub(crate) fn refreshes_cookie(&self) -> bool {
+        matches!(&self.transport, Transport::Cookie(c) if c.max_age.is_some())
+    }
+
     /// The store for a new operation, or `Unavailable` when failing closed.
     pub(crate) fn backend(&self) -> Result<Backend, Error> {
         match &self.redis {

@@ -337,11 +337,7 @@ impl Session {
                 Incoming::Absent | Incoming::Valid { resign: false, .. }
             ),
             Phase::Loaded { .. } => {
-                let max_age = matches!(
-                    &self.shared().transport,
-                    crate::Transport::Cookie(c) if c.max_age.is_some()
-                );
-                !st.rotate && st.diff.is_empty() && !resign && !max_age
+                !st.rotate && st.diff.is_empty() && !resign && !self.shared().refreshes_cookie()
             }
             Phase::Fresh { .. } => st.diff.is_empty() && matches!(st.incoming, Incoming::Absent),
             Phase::Destroyed => false,
@@ -357,8 +353,7 @@ impl Session {
         let removal = || had_cookie.then_some(Outgoing::Remove);
         let phase = std::mem::replace(&mut st.phase, Phase::Destroyed);
         let diff = std::mem::take(&mut st.diff);
-        let max_age =
-            matches!(&shared.transport, crate::Transport::Cookie(c) if c.max_age.is_some());
+        let max_age = shared.refreshes_cookie();
         match phase {
             Phase::Unloaded => Commit {
                 out: match &st.incoming {

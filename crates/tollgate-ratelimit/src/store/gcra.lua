@@ -48,6 +48,17 @@ local function fmt(x)
 end
 
 -- Written with comparisons rather than math.max/min: each C call costs.
+-- Tokens left when the theoretical arrival time is `at`.
+local function left(at, t, cap)
+  local r = now + cap - at
+  if r < 0 then
+    return 0
+  elseif r > cap then
+    r = cap
+  end
+  return floor(r / t)
+end
+
 local function gcra(v, t, tau, cost)
   local tat = tonumber(v) or now
   local cap = tau + t
@@ -56,13 +67,7 @@ local function gcra(v, t, tau, cost)
     reset = 0
   end
   if cost == 0 then
-    local r = now + tau + t - tat
-    if r < 0 then
-      r = 0
-    elseif r > cap then
-      r = cap
-    end
-    return 1, floor(r / t), reset, 0
+    return 1, left(tat, t, cap), reset, 0
   end
   local extra = t * (cost - 1)
   if extra > tau then
@@ -77,13 +82,7 @@ local function gcra(v, t, tau, cost)
     nxt = now
   end
   nxt = nxt + t * cost
-  local r = now + tau + t - nxt
-  if r < 0 then
-    r = 0
-  elseif r > cap then
-    r = cap
-  end
-  return 1, floor(r / t), nxt - now, 0, nxt, nxt - now
+  return 1, left(nxt, t, cap), nxt - now, 0, nxt, nxt - now
 end
 
 local function win(v, sliding, limit, period, cost)
