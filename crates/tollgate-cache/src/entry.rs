@@ -110,8 +110,14 @@ impl Entry {
         StatusCode::from_u16(self.meta.status).unwrap_or(StatusCode::OK)
     }
 
-    pub(crate) fn headers(&self) -> HeaderMap {
-        self.head.clone()
+    /// A copy of the stored headers with room for `extra` more, so the
+    /// headers a hit adds (`Age`, `X-Cache`, ...) never grow the map.
+    pub(crate) fn headers(&self, extra: usize) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(self.head.len() + extra);
+        for (name, value) in &self.head {
+            h.append(name.clone(), value.clone());
+        }
+        h
     }
 
     pub(crate) fn header(&self, name: &str) -> Option<&str> {

@@ -48,6 +48,9 @@ pub(crate) struct Ctx {
     pub url: UrlKey,
     pub rule: Arc<RouteRule>,
     pub label: Arc<str>,
+    /// The request's URI and headers: empty until [`Ctx::attach`] copies
+    /// them, which an L1 hit (answered from the request itself) never
+    /// needs.
     pub uri: Uri,
     pub headers: HeaderMap,
     pub credentials: bool,
@@ -147,8 +150,8 @@ pub(crate) fn prepare<B>(
         per_user: user.is_some(),
         rule,
         label,
-        uri: req.uri().clone(),
-        headers: h.clone(),
+        uri: Uri::default(),
+        headers: HeaderMap::new(),
         credentials,
         head: req.method() == Method::HEAD,
         conditional: h.contains_key(header::IF_NONE_MATCH)
@@ -157,6 +160,16 @@ pub(crate) fn prepare<B>(
         no_store,
         epoch: shared.cache.epoch(),
     })
+}
+
+impl Ctx {
+    /// Keeps a copy of the request's URI and headers, for the steps after
+    /// the request went to the origin.
+    pub(crate) fn attach<B>(mut self, req: &Request<B>) -> Self {
+        self.uri = req.uri().clone();
+        self.headers = req.headers().clone();
+        self
+    }
 }
 
 enum Lookup {
@@ -185,31 +198,42 @@ async fn lookup(shared: &Shared, ctx: &Ctx) -> Result<Lookup, crate::Error> {
 
 /// A fresh, usable response in this instance's L1, answered without
 /// waiting.
-pub(crate) fn l1_hit<B>(shared: &Shared, ctx: &Ctx) -> Option<Response<CacheBody<B>>> {
+pub(crate) fn l1_hit<B>(
+    shared: &Shared,
+    ctx: &Ctx,
+    req: &HeaderMap,
+) -> Option<Response<CacheBody<B>>> {
     if ctx.refresh {
         return None;
     }
     let e = shared.cache.l1_entry(&ctx.url.key)?;
     let now = now_ms();
-    if e.ttl_ms(now) <= 0 || !usable(ctx, &e) {
+    if e.ttl_ms(now) <= 0 || !usable(ctx, req, &e) {
         return None;
     }
-    Some(fresh_hit(shared, ctx, &e, now))
+    Some(fresh_hit(shared, ctx, req, &e, now))
 }
 
 /// The response for a fresh hit on `e`, counted.
-fn fresh_hit<B>(shared: &Shared, ctx: &Ctx, e: &Entry, now: u64) -> Response<CacheBody<B>> {
+fn fresh_hit<B>(
+    shared: &Shared,
+    ctx: &Ctx,
+    req: &HeaderMap,
+    e: &Entry,
+    now: u64,
+) -> Response<CacheBody<B>> {
     count(&ctx.label, "hit");
     let report = Report {
         x_cache: "HIT",
         status: format!("tollgate; hit; ttl={}", e.ttl_ms(now) / 1000),
     }
     .with_key(shared, ctx);
-    from_entry(e, ctx, now, &report)
+    from_entry(e, ctx, req, now, report)
 }
 
-/// Whether a stored response may answer this request.
-fn usable(ctx: &Ctx, e: &Entry) -> bool {
+/// Whether a stored response may answer this request (`req`: its
+/// headers).
+fn usable(ctx: &Ctx, req: &HeaderMap, e: &Entry) -> bool {
     if ctx.credentials && !ctx.per_user && !e.meta.public {
         return false;
     }
@@ -217,7 +241,7 @@ fn usable(ctx: &Ctx, e: &Entry) -> bool {
         return true;
     }
     let names: Vec<String> = e.meta.vary.iter().map(|(n, _)| n.clone()).collect();
-    key::vary_values(&names, &ctx.headers).is_ok_and(|v| v == e.meta.vary)
+    key::vary_values(&names, req).is_ok_and(|v| v == e.meta.vary)
 }
 
 /// How the response is reported.
@@ -234,9 +258,10 @@ impl Report {
         }
     }
 
-    pub(crate) fn apply(&self, h: &mut HeaderMap) {
+    pub(crate) fn apply(self, h: &mut HeaderMap) {
         h.insert(X_CACHE.clone(), HeaderValue::from_static(self.x_cache));
-        if let Ok(v) = HeaderValue::try_from(self.status.as_str()) {
+        // The report's own bytes become the value (no copy).
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(self.status)) {
             h.insert(CACHE_STATUS.clone(), v);
         }
     }
@@ -294,7 +319,7 @@ where
             let report = Report::bypass("store-unavailable");
             passthrough(&shared, inner, req, report).await
         }
-        Ok(Lookup::Found(e)) if !usable(&ctx, &e) => {
+        Ok(Lookup::Found(e)) if !usable(&ctx, &ctx.headers, &e) => {
             fill(shared, inner, req, ctx, "vary-miss", None).await
         }
         Ok(Lookup::Found(e)) => {
@@ -303,7 +328,7 @@ where
                 return fill(shared, inner, req, ctx, "request", Some(e)).await;
             }
             if ttl > 0 {
-                return Ok(fresh_hit(&shared, &ctx, &e, now));
+                return Ok(fresh_hit(&shared, &ctx, &ctx.headers, &e, now));
             }
             let stale_for = (-ttl) as u64;
             if stale_for <= e.meta.swr_ms {
@@ -316,7 +341,7 @@ where
                     ),
                 }
                 .with_key(&shared, &ctx);
-                let res = from_entry(&e, &ctx, now, &report);
+                let res = from_entry(&e, &ctx, &ctx.headers, now, report);
                 refresh_in_background(shared, inner, req, ctx);
                 return Ok(res);
             }
@@ -378,7 +403,7 @@ where
         };
         if let Some(w) = waiter
             && let Some(e) = w.wait(shared.coalesce_timeout).await
-            && usable(&ctx, &e)
+            && usable(&ctx, &ctx.headers, &e)
         {
             count(&ctx.label, "coalesced");
             let now = now_ms();
@@ -391,7 +416,7 @@ where
                 ),
             }
             .with_key(&shared, &ctx);
-            return Ok(from_entry(&e, &ctx, now, &report));
+            return Ok(from_entry(&e, &ctx, &ctx.headers, now, report));
         }
     }
     count(
@@ -474,7 +499,7 @@ fn serve_stale<B>(
         status,
     }
     .with_key(shared, ctx);
-    from_entry(e, ctx, now, &report)
+    from_entry(e, ctx, &ctx.headers, now, report)
 }
 
 fn take_tags(h: &mut HeaderMap, name: &HeaderName) -> Vec<String> {
@@ -809,10 +834,20 @@ fn refresh_in_background<S, ReqBody, ResBody>(
 
 /// A response from a stored entry: `Age`, a 304 for a matching conditional
 /// request, no body for HEAD.
-fn from_entry<B>(e: &Entry, ctx: &Ctx, now: u64, report: &Report) -> Response<CacheBody<B>> {
-    let mut headers = e.headers();
-    headers.insert(header::AGE, HeaderValue::from(e.age_s(now)));
-    if not_modified(e, &ctx.headers) {
+fn from_entry<B>(
+    e: &Entry,
+    ctx: &Ctx,
+    req: &HeaderMap,
+    now: u64,
+    report: Report,
+) -> Response<CacheBody<B>> {
+    // Room for Age, Content-Length, X-Cache, Cache-Status and a tag.
+    let mut headers = e.headers(5);
+    headers.insert(
+        header::AGE,
+        tollgate_redis::header_value::number(e.age_s(now)),
+    );
+    if not_modified(e, req) {
         let mut res = Response::new(CacheBody::empty());
         *res.status_mut() = StatusCode::NOT_MODIFIED;
         for name in [
@@ -833,7 +868,10 @@ fn from_entry<B>(e: &Entry, ctx: &Ctx, now: u64, report: &Report) -> Response<Ca
         return res;
     }
     if !headers.contains_key(header::CONTENT_LENGTH) {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(e.body.len()));
+        headers.insert(
+            header::CONTENT_LENGTH,
+            tollgate_redis::header_value::number(e.body.len() as u64),
+        );
     }
     let body = if ctx.head {
         CacheBody::empty()

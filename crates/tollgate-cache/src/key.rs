@@ -60,18 +60,23 @@ pub(crate) fn host(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<String, &'static str> {
+    checked_host(cfg, uri, headers).map(str::to_ascii_lowercase)
+}
+
+/// [`host`] as the request spells it (not yet lowercased).
+fn checked_host<'a>(
+    cfg: &KeyConfig,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+) -> Result<&'a str, &'static str> {
     let raw = match uri.authority() {
-        Some(a) => a.as_str().to_owned(),
+        Some(a) => a.as_str(),
         None => headers
             .get(http::header::HOST)
             .and_then(|v| v.to_str().ok())
-            .ok_or("no-host")?
-            .to_owned(),
+            .ok_or("no-host")?,
     };
-    let host = raw
-        .rsplit_once('@')
-        .map_or(raw.as_str(), |(_, h)| h)
-        .to_ascii_lowercase();
+    let host = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
     if host.is_empty()
         || host.len() > 255
         || !host
@@ -81,11 +86,11 @@ pub(crate) fn host(
         return Err("bad-host");
     }
     if !cfg.allowed_hosts.is_empty() {
-        let name = strip_port(&host);
+        let name = strip_port(host);
         if !cfg
             .allowed_hosts
             .iter()
-            .any(|a| a.eq_ignore_ascii_case(&host) || a.eq_ignore_ascii_case(name))
+            .any(|a| a.eq_ignore_ascii_case(host) || a.eq_ignore_ascii_case(name))
         {
             return Err("unknown-host");
         }
@@ -138,14 +143,23 @@ pub(crate) fn url_key(
     headers: &HeaderMap,
     user: Option<&str>,
 ) -> Result<UrlKey, &'static str> {
-    let host = host(cfg, uri, headers)?;
+    let host = checked_host(cfg, uri, headers)?;
     let scheme = uri.scheme_str().unwrap_or(&cfg.default_scheme);
     let path = uri.path();
     let query = normalise_query(cfg, uri.query())?;
-    let material = format!(
-        "GET\n{scheme}\n{host}\n{path}\n{query}\n{}",
-        user.unwrap_or("")
+    let user = user.unwrap_or("");
+    let mut material = String::with_capacity(
+        10 + scheme.len() + host.len() + path.len() + query.len() + user.len(),
     );
+    for part in ["GET", scheme, host, path, &query, user] {
+        material.push_str(part);
+        material.push('\n');
+    }
+    // The line break after the last part is not part of the material.
+    material.pop();
+    // Lowercase the host in place (ASCII: same length).
+    let at = 5 + scheme.len();
+    material[at..at + host.len()].make_ascii_lowercase();
     Ok(UrlKey {
         key: prefixed_hash("r:", &material),
         material,

@@ -84,7 +84,7 @@ where
         // inner service stays readied for the next call).
         if available
             && let Some(Ok(ctx)) = &ctx
-            && let Some(res) = flow::l1_hit(&shared, ctx)
+            && let Some(res) = flow::l1_hit(&shared, ctx, req.headers())
         {
             return ResponseFuture::ready(res);
         }
@@ -105,7 +105,10 @@ where
             // GET and HEAD.
             Some(Err((why, label))) => bypass(&mut inner, req, &label, why),
             Some(Ok(ctx)) if !available => bypass(&mut inner, req, &ctx.label, "store-unavailable"),
-            Some(Ok(ctx)) => ResponseFuture::flow(Box::pin(flow::serve(shared, inner, req, ctx))),
+            Some(Ok(ctx)) => {
+                let ctx = ctx.attach(&req);
+                ResponseFuture::flow(Box::pin(flow::serve(shared, inner, req, ctx)))
+            }
             None => match *req.method() {
                 Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
                     match key::request_url_tag(&shared.keys, req.uri(), req.headers()) {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::quota::{Algorithm, Quota, Status, Verdict, ceil_secs};
 
 /// One policy's verdict on one request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// Within the limit.
     Allowed,

@@ -71,7 +71,7 @@ where
         report: Report,
         pending: Pending,
         req: Request<ReqBody>,
-        mut inner: S,
+        inner: &mut S,
     ) -> Self
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,

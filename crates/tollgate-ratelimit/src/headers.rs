@@ -38,21 +38,10 @@ impl HeaderOptions {
     };
 }
 
-/// Header values of the small numbers most responses carry (remaining
-/// tokens, seconds to reset), made once: cloning one copies a pointer.
-static SMALL: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
-    (0..SMALL_NUMBERS)
-        .map(|n| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str())))
-        .collect()
-});
-const SMALL_NUMBERS: u64 = 1024;
+use tollgate_redis::header_value::number as num;
 
-fn num(n: u64) -> HeaderValue {
-    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
-        Some(v) => v.clone(),
-        None => HeaderValue::from(n),
-    }
-}
+/// Below this, a limit's value is the shared one [`num`] gives.
+const SMALL_NUMBERS: u64 = 1024;
 
 thread_local! {
     /// The last policy-name and limit values this thread wrote: the same

@@ -96,6 +96,7 @@ mod quota;
 mod route;
 mod service;
 mod store;
+mod telemetry;
 
 pub use decision::{Decision, Outcome, Report, RequestVerdict, Source};
 pub use error::{ConfigError, Error};

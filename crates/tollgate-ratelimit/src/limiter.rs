@@ -15,9 +15,10 @@ use crate::key::{KeyExtractor, PeerIp, RequestView};
 use crate::policy::{FailureMode, PolicyTable};
 use crate::quota::{Status, Verdict};
 use crate::route::{RouteId, is_grpc, matched_path};
-use crate::store::PolicyCheck;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{DecideOp, Item};
+use crate::store::{Checks, PolicyCheck};
+use crate::telemetry::{self, Store};
 
 /// The caller's plan tier, set as a request extension by an earlier layer
 /// (authentication). Policies pick their quota by it
@@ -202,11 +203,12 @@ impl RateLimiterBuilder {
                 coalescer,
             }
         });
+        let memory = MemoryStore::new(self.table.len(), self.divisor, self.housekeeping);
         RateLimiter {
             inner: Arc::new(Inner {
                 table: self.table,
                 redis,
-                memory: MemoryStore::new(self.divisor, self.housekeeping),
+                memory,
                 extractor: self.extractor,
                 missing: self.missing,
                 shadow: self.shadow,
@@ -382,7 +384,7 @@ pub(crate) enum Prepared {
 pub(crate) struct Pending {
     pub route: Arc<str>,
     pub identity: String,
-    pub checks: Vec<PolicyCheck>,
+    pub checks: Checks,
     pub grpc: bool,
 }
 
@@ -427,7 +429,7 @@ impl RateLimiter {
         };
         let plan = view.extensions.get::<Plan>().map(|p| p.0.as_str());
         let cost = view.extensions.get::<Cost>().map_or(resolved.cost, |c| c.0);
-        let checks: Vec<PolicyCheck> = resolved
+        let checks: Checks = resolved
             .policies
             .iter()
             .filter_map(|&index| {
@@ -482,15 +484,17 @@ impl RateLimiter {
             return Some(hit);
         }
         let (report, store) = match &inner.redis {
-            None => (self.decide_memory(p, Source::Memory), "memory"),
-            Some(r) if !r.handle.is_available() => (self.decide_degraded(p), "fallback"),
+            None => (self.decide_memory(p, Source::Memory), Store::Memory),
+            Some(r) if !r.handle.is_available() => (self.decide_degraded(p), Store::Fallback),
             Some(_) => {
                 let chunk = self.lease_chunk(p);
                 if chunk == 0 {
                     return None;
                 }
-                let key = DenyCache::entry_key(&p.identity, &p.checks);
-                (self.lease_spend(&key, p, chunk)?, "redis")
+                let spent = DenyCache::with_entry_key(&p.identity, &p.checks, |key| {
+                    self.lease_spend(key, p, chunk)
+                });
+                (spent?, Store::Redis)
             }
         };
         self.record(p, &report, started, store);
@@ -498,9 +502,8 @@ impl RateLimiter {
     }
 
     fn deny_cache_hit(&self, p: &Pending, hit: &Report, started: Instant) {
-        metrics::counter!("tollgate_ratelimit_deny_cache_hits_total", "route" => metrics::SharedString::from(p.route.clone()))
-            .increment(1);
-        self.record(p, hit, started, "deny_cache");
+        telemetry::deny_cache_hit(&p.route);
+        self.record(p, hit, started, Store::DenyCache);
     }
 
     /// Decides a prepared request.
@@ -517,16 +520,16 @@ impl RateLimiter {
         let started = Instant::now();
         let inner = &self.inner;
         let (report, store) = match &inner.redis {
-            None => (self.decide_memory(p, Source::Memory), "memory"),
+            None => (self.decide_memory(p, Source::Memory), Store::Memory),
             Some(r) => match self.decide_redis(r, p).await {
-                Ok(report) => (report, "redis"),
+                Ok(report) => (report, Store::Redis),
                 Err(e) => {
                     tracing::debug!(error = %e, route = %p.route, "rate limit: Redis unavailable, using fallback");
-                    (self.decide_degraded(p), "fallback")
+                    (self.decide_degraded(p), Store::Fallback)
                 }
             },
         };
-        if store == "redis" && report.verdict == RequestVerdict::Deny {
+        if store == Store::Redis && report.verdict == RequestVerdict::Deny {
             inner
                 .deny_cache
                 .insert(&p.identity, &p.checks, &report, started);
@@ -535,35 +538,17 @@ impl RateLimiter {
         report
     }
 
-    fn record(&self, p: &Pending, report: &Report, started: Instant, store: &'static str) {
+    fn record(&self, p: &Pending, report: &Report, started: Instant, store: Store) {
         for d in &report.decisions {
-            let outcome = match d.outcome {
-                Outcome::Allowed => "allowed",
-                Outcome::Denied => "denied",
-                Outcome::ShadowDenied => "shadow_denied",
-                Outcome::ExceedsCapacity => "exceeds_capacity",
-            };
-            metrics::counter!(
-                "tollgate_ratelimit_decisions_total",
-                "policy" => metrics::SharedString::from(d.policy.clone()),
-                "route" => metrics::SharedString::from(p.route.clone()),
-                "outcome" => outcome,
-            )
-            .increment(1);
-            if matches!(d.source, Source::Memory | Source::FailOpen) && store == "fallback" {
-                metrics::counter!(
-                    "tollgate_ratelimit_fallback_total",
-                    "policy" => metrics::SharedString::from(d.policy.clone()),
-                    "route" => metrics::SharedString::from(p.route.clone()),
-                )
-                .increment(1);
+            telemetry::decision(&d.policy, &p.route, d.outcome);
+            if matches!(d.source, Source::Memory | Source::FailOpen) && store == Store::Fallback {
+                telemetry::fallback(&d.policy, &p.route);
             }
             if d.outcome == Outcome::ShadowDenied {
                 tracing::info!(policy = %d.policy, route = %p.route, "rate limit would deny (shadow mode)");
             }
         }
-        metrics::histogram!("tollgate_ratelimit_decision_seconds", "store" => store)
-            .record(started.elapsed().as_secs_f64());
+        telemetry::latency(store, started.elapsed().as_secs_f64());
     }
 
     fn redis_item(&self, r: &RedisBackend, p: &Pending) -> Item {
@@ -902,7 +887,7 @@ impl RateLimiter {
         Ok(Pending {
             route: Arc::from("admin"),
             identity: key.to_owned(),
-            checks: vec![PolicyCheck {
+            checks: smallvec::smallvec![PolicyCheck {
                 index,
                 quota: p.quota,
                 algorithm: p.algorithm,
@@ -1035,12 +1020,34 @@ impl DenyCache {
 
     fn entry_key(identity: &str, checks: &[PolicyCheck]) -> String {
         let mut k = String::with_capacity(identity.len() + 8);
+        Self::write_entry_key(&mut k, identity, checks);
+        k
+    }
+
+    fn write_entry_key(k: &mut String, identity: &str, checks: &[PolicyCheck]) {
         k.push_str(identity);
         for c in checks {
             use std::fmt::Write as _;
             let _ = write!(k, "|{}", c.index);
         }
-        k
+    }
+
+    /// Runs `f` on the entry key of `(identity, checks)`, built in this
+    /// thread's buffer: a lookup allocates nothing.
+    fn with_entry_key<T>(identity: &str, checks: &[PolicyCheck], f: impl FnOnce(&str) -> T) -> T {
+        thread_local! {
+            static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        BUF.with(|buf| match buf.try_borrow_mut() {
+            Ok(mut k) => {
+                k.clear();
+                Self::write_entry_key(&mut k, identity, checks);
+                f(&k)
+            }
+            // Re-entered from `f` (never on the request path): a key of
+            // its own.
+            Err(_) => f(&Self::entry_key(identity, checks)),
+        })
     }
 
     fn get(&self, identity: &str, checks: &[PolicyCheck], now: Instant) -> Option<Report> {
@@ -1051,19 +1058,21 @@ impl DenyCache {
         if cost == 0 {
             return None;
         }
-        let key = Self::entry_key(identity, checks);
         let mut map = self.map.lock().ok()?;
-        let e = map.get(&key)?;
-        if e.until <= now {
-            map.remove(&key);
-            return None;
-        }
-        // A cheaper request may conform earlier than the cached one.
-        if cost < e.cost || e.policies.len() != checks.len() {
-            return None;
-        }
-        let left = u64::try_from((e.until - now).as_micros()).unwrap_or(u64::MAX);
-        let mut report = e.report.clone();
+        let (mut report, left) = Self::with_entry_key(identity, checks, |key| {
+            let e = map.get(key)?;
+            if e.until <= now {
+                map.remove(key);
+                return None;
+            }
+            // A cheaper request may conform earlier than the cached one.
+            if cost < e.cost || e.policies.len() != checks.len() {
+                return None;
+            }
+            let left = u64::try_from((e.until - now).as_micros()).unwrap_or(u64::MAX);
+            Some((e.report.clone(), left))
+        })?;
+        drop(map);
         for d in &mut report.decisions {
             d.source = Source::DenyCache;
             if d.outcome == Outcome::Denied {

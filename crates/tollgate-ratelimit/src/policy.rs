@@ -411,6 +411,29 @@ pub(crate) struct Resolved {
     pub cost: u32,
 }
 
+/// Most route labels one thread keeps; past that a label is allocated per
+/// request (an application has a bounded set of route templates).
+const MAX_LABELS: usize = 1024;
+
+/// `s` as a shared string, from this thread's own set: no allocation for
+/// a label seen before, and no reference count shared with other threads.
+fn label(s: &str) -> Arc<str> {
+    thread_local! {
+        static LABELS: std::cell::RefCell<std::collections::HashSet<Arc<str>>> =
+            std::cell::RefCell::new(std::collections::HashSet::new());
+    }
+    LABELS.with_borrow_mut(|set| {
+        if let Some(l) = set.get(s) {
+            return l.clone();
+        }
+        let l: Arc<str> = Arc::from(s);
+        if set.len() < MAX_LABELS {
+            set.insert(l.clone());
+        }
+        l
+    })
+}
+
 impl PolicyTable {
     /// A builder.
     pub fn builder() -> PolicyTableBuilder {
@@ -466,12 +489,12 @@ impl PolicyTable {
         let rule = id.template.and_then(find).or_else(|| find(id.path));
         match rule {
             Some(r) => r.policies.as_ref().map(|p| Resolved {
-                route: r.label.clone(),
+                route: label(&r.label),
                 policies: p.clone(),
                 cost: r.cost,
             }),
             None => self.inner.default.as_ref().map(|p| Resolved {
-                route: Arc::from(id.template.unwrap_or("default")),
+                route: label(id.template.unwrap_or("default")),
                 policies: p.clone(),
                 cost: 1,
             }),

@@ -61,12 +61,11 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // The readied service goes into the future; `self` keeps a fresh
-        // clone that will be polled ready before its own call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // A request decided here calls the readied inner service at once; only
+        // one that waits for Redis takes the readied service into its future
+        // (leaving a fresh clone, polled ready before its own call).
         match self.limiter.prepare(&RequestView::of(&req)) {
-            Prepared::Pass => ResponseFuture::calling(inner.call(req), None),
+            Prepared::Pass => ResponseFuture::calling(self.inner.call(req), None),
             Prepared::NoKey(status) => {
                 let grpc = crate::route::is_grpc(req.headers());
                 let code = if status == http::StatusCode::TOO_MANY_REQUESTS {
@@ -87,9 +86,16 @@ where
             }
             Prepared::Check(pending) => match self.limiter.decide_now(&pending) {
                 // Decided in process (fallback, deny cache, lease): no
-                // boxed future, no task switch.
-                Some(report) => ResponseFuture::decided(&self.limiter, report, pending, req, inner),
-                None => ResponseFuture::deciding(self.limiter.clone(), pending, req, inner),
+                // boxed future, no task switch, no clone of the inner
+                // service.
+                Some(report) => {
+                    ResponseFuture::decided(&self.limiter, report, pending, req, &mut self.inner)
+                }
+                None => {
+                    let clone = self.inner.clone();
+                    let inner = std::mem::replace(&mut self.inner, clone);
+                    ResponseFuture::deciding(self.limiter.clone(), pending, req, inner)
+                }
             },
         }
     }

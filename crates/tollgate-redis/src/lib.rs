@@ -31,6 +31,7 @@ mod coalesce;
 mod config;
 mod error;
 mod handle;
+pub mod header_value;
 mod health;
 mod keys;
 mod route;

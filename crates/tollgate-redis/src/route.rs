@@ -69,25 +69,18 @@ impl RoutePattern {
 
     /// Whether `path` (a request path or an axum route template) matches.
     pub fn matches(&self, path: &str) -> bool {
-        let parts = split(path);
-        let mut i = 0;
+        // Walked segment by segment: a request's path is matched without
+        // an allocation.
+        let mut parts = segments(path);
         for seg in &self.segments {
-            match seg {
-                Segment::Wildcard => return true,
-                Segment::Param => {
-                    if i >= parts.len() || parts[i].is_empty() {
-                        return false;
-                    }
-                }
-                Segment::Literal(l) => {
-                    if parts.get(i) != Some(&l.as_str()) {
-                        return false;
-                    }
-                }
+            match (seg, parts.next()) {
+                (Segment::Wildcard, _) => return true,
+                (Segment::Param, Some(p)) if !p.is_empty() => {}
+                (Segment::Literal(l), Some(p)) if p == l => {}
+                _ => return false,
             }
-            i += 1;
         }
-        i == parts.len()
+        parts.next().is_none()
     }
 
     /// Orders overlapping matches: more literal segments first, then longer
@@ -104,13 +97,15 @@ impl RoutePattern {
 }
 
 fn split(path: &str) -> Vec<&str> {
+    segments(path).collect()
+}
+
+/// The segments of `path` between slashes, one leading and one trailing
+/// slash ignored; none for `/` or the empty path.
+fn segments(path: &str) -> impl Iterator<Item = &str> {
     let p = path.strip_prefix('/').unwrap_or(path);
     let p = p.strip_suffix('/').unwrap_or(p);
-    if p.is_empty() {
-        Vec::new()
-    } else {
-        p.split('/').collect()
-    }
+    (!p.is_empty()).then(|| p.split('/')).into_iter().flatten()
 }
 
 #[cfg(test)]

@@ -172,9 +172,6 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // The readied service goes into the future; a fresh clone stays.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let cfg = &self.cfg;
         let (parts, body) = req.into_parts();
         let found = cfg.tenant.tenant(&parts);
@@ -182,7 +179,7 @@ where
             drop(found);
             return ResponseFuture {
                 kind: Kind::Counting {
-                    fut: inner.call(Request::from_parts(parts, body)),
+                    fut: self.inner.call(Request::from_parts(parts, body)),
                     post: None,
                 },
             };
@@ -224,13 +221,18 @@ where
             quota: limit.map(|l| (l, total)),
         };
         if !checked {
+            // Called at once: the readied service itself, no clone.
             return ResponseFuture {
                 kind: Kind::Counting {
-                    fut: inner.call(req),
+                    fut: self.inner.call(req),
                     post: Some(post),
                 },
             };
         }
+        // The readied service goes into the future; a fresh clone stays,
+        // polled ready before its own call.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
             kind: Kind::Checking {
                 fut: Box::pin(checked_call(inner, req, post, limit.filter(|_| hard))),

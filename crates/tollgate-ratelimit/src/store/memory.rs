@@ -10,15 +10,17 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use governor::RateLimiter;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
+use smallvec::SmallVec;
 
-use super::PolicyCheck;
+use super::{PolicyCheck, Verdicts};
 use crate::quota::{Algorithm, Quota, Status, Verdict, WindowState, window};
 
 /// governor is keyed by a 64-bit keyed hash of the identity rather than
@@ -26,10 +28,20 @@ use crate::quota::{Algorithm, Quota, Status, Verdict, WindowState, window};
 /// per-process key two identities share a bucket with probability 2^-64.
 type Gov = RateLimiter<u64, DefaultKeyedStateStore<u64>, DefaultClock, StateInformationMiddleware>;
 
+/// A policy's first limiter, made on first use, and whether an admin
+/// reset retired it.
+type FirstSlot = (OnceLock<(Quota, Gov)>, AtomicBool);
+
 /// The in-process store. Housekeeping runs by itself while it lives.
 pub(crate) struct MemoryStore {
     divisor: u32,
     hasher: std::collections::hash_map::RandomState,
+    /// Per policy index, the limiter of the first quota seen for it (the
+    /// policy's own quota, unless plans change it): found without a lock
+    /// or a reference count. An admin reset retires it for good (the map
+    /// below takes over for that policy); housekeeping still shrinks it.
+    first: Box<[FirstSlot]>,
+    /// Every other (policy, quota) pair: plan tiers.
     gcra: RwLock<HashMap<(usize, Quota), Arc<Gov>>>,
     windows: Mutex<HashMap<(usize, String), (WindowState, u64)>>,
 }
@@ -50,11 +62,15 @@ fn wall_us() -> u64 {
 }
 
 impl MemoryStore {
-    /// A store whose quotas are divided by `divisor` (instances sharing the
-    /// limit while Redis is down), with housekeeping every `every`.
-    pub(crate) fn new(divisor: u32, every: Duration) -> Arc<Self> {
+    /// A store for `policies` policies whose quotas are divided by
+    /// `divisor` (instances sharing the limit while Redis is down), with
+    /// housekeeping every `every`.
+    pub(crate) fn new(policies: usize, divisor: u32, every: Duration) -> Arc<Self> {
         let store = Arc::new(MemoryStore {
             divisor: divisor.max(1),
+            first: (0..policies)
+                .map(|_| (OnceLock::new(), AtomicBool::new(false)))
+                .collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             gcra: RwLock::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
@@ -76,6 +92,10 @@ impl MemoryStore {
 
     /// Forgets keys that are back to a full quota and frees memory.
     pub(crate) fn housekeep(&self) {
+        for (_, g) in self.first.iter().filter_map(|(slot, _)| slot.get()) {
+            g.retain_recent();
+            g.shrink_to_fit();
+        }
         let govs: Vec<Arc<Gov>> = match self.gcra.read() {
             Ok(m) => m.values().cloned().collect(),
             Err(_) => return,
@@ -95,10 +115,37 @@ impl MemoryStore {
     /// How many GCRA keys are held (tests).
     #[cfg(test)]
     pub(crate) fn gcra_keys(&self) -> usize {
-        self.gcra
-            .read()
-            .map(|m| m.values().map(|g| g.len()).sum())
-            .unwrap_or(0)
+        let first: usize = self
+            .first
+            .iter()
+            .filter(|(_, retired)| !retired.load(Ordering::Relaxed))
+            .filter_map(|(slot, _)| slot.get())
+            .map(|(_, g)| g.len())
+            .sum();
+        first
+            + self
+                .gcra
+                .read()
+                .map(|m| m.values().map(|g| g.len()).sum::<usize>())
+                .unwrap_or(0)
+    }
+
+    fn new_gov(&self, quota: Quota) -> Gov {
+        RateLimiter::keyed(quota.to_governor(self.divisor))
+            .with_middleware::<StateInformationMiddleware>()
+    }
+
+    /// Runs `f` on the limiter of `(index, quota)`, made on first use.
+    fn with_limiter<T>(&self, index: usize, quota: Quota, f: impl FnOnce(&Gov) -> T) -> T {
+        if let Some((slot, retired)) = self.first.get(index)
+            && !retired.load(Ordering::Acquire)
+        {
+            let (q, g) = slot.get_or_init(|| (quota, self.new_gov(quota)));
+            if *q == quota {
+                return f(g);
+            }
+        }
+        f(&self.limiter(index, quota))
     }
 
     fn limiter(&self, index: usize, quota: Quota) -> Arc<Gov> {
@@ -112,12 +159,7 @@ impl MemoryStore {
             Err(p) => p.into_inner(),
         };
         m.entry((index, quota))
-            .or_insert_with(|| {
-                Arc::new(
-                    RateLimiter::keyed(quota.to_governor(self.divisor))
-                        .with_middleware::<StateInformationMiddleware>(),
-                )
-            })
+            .or_insert_with(|| Arc::new(self.new_gov(quota)))
             .clone()
     }
 
@@ -127,8 +169,8 @@ impl MemoryStore {
     }
 
     /// Decides one request against all its policies.
-    pub(crate) fn decide(&self, identity: &str, checks: &[PolicyCheck]) -> Vec<Verdict> {
-        let mut out: Vec<Option<Verdict>> = vec![None; checks.len()];
+    pub(crate) fn decide(&self, identity: &str, checks: &[PolicyCheck]) -> Verdicts {
+        let mut out: SmallVec<[Option<Verdict>; 2]> = smallvec::smallvec![None; checks.len()];
         let mut writes = Vec::new();
         let mut denied = false;
         // Only window policies need the map (and the wall clock).
@@ -225,11 +267,14 @@ impl MemoryStore {
         let Some(n) = NonZeroU32::new(c.cost) else {
             return self.gcra_peek(c);
         };
-        let gov = self.limiter(c.index, c.quota);
+        let key = self.hasher.hash_one(identity);
+        self.with_limiter(c.index, c.quota, |gov| self.gcra_verdict(gov, c, key, n))
+    }
+
+    fn gcra_verdict(&self, gov: &Gov, c: &PolicyCheck, key: u64, n: NonZeroU32) -> Verdict {
         let q = c.quota.to_governor(self.divisor);
         let t = u64::try_from(q.replenish_interval().as_micros()).unwrap_or(u64::MAX);
         let burst = u64::from(q.burst_size().get());
-        let key = self.hasher.hash_one(identity);
         match gov.check_key_n(&key, n) {
             Ok(Ok(snap)) => {
                 let rem = u64::from(snap.remaining_burst_capacity());
@@ -271,6 +316,11 @@ impl MemoryStore {
         if let Ok(mut m) = self.gcra.write() {
             m.retain(|(i, _), _| *i != index);
         }
+        if let Some((_, retired)) = self.first.get(index) {
+            // Its state cannot be cleared in place: from now on this
+            // policy's limiters live in the map, made fresh.
+            retired.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -290,7 +340,7 @@ mod tests {
 
     #[tokio::test]
     async fn governor_fallback_limits_and_is_all_or_nothing_for_windows() {
-        let store = MemoryStore::new(1, Duration::from_secs(60));
+        let store = MemoryStore::new(2, 1, Duration::from_secs(60));
         let checks = [
             check(0, Quota::per_hour(10), Algorithm::Gcra),
             check(1, Quota::per_hour(2), Algorithm::FixedWindow),
@@ -311,7 +361,7 @@ mod tests {
 
     #[tokio::test]
     async fn divisor_shares_the_quota() {
-        let store = MemoryStore::new(2, Duration::from_secs(60));
+        let store = MemoryStore::new(1, 2, Duration::from_secs(60));
         let c = [check(0, Quota::per_hour(10), Algorithm::Gcra)];
         let allowed = (0..10)
             .filter(|_| store.decide("k", &c)[0].status == Status::Allowed)

@@ -3,7 +3,15 @@
 pub(crate) mod memory;
 pub(crate) mod redis;
 
-use crate::quota::{Algorithm, Quota};
+use smallvec::SmallVec;
+
+use crate::quota::{Algorithm, Quota, Verdict};
+
+/// The policies of one request: inline for up to two (no allocation).
+pub(crate) type Checks = SmallVec<[PolicyCheck; 2]>;
+
+/// One verdict per policy of a request, in order.
+pub(crate) type Verdicts = SmallVec<[Verdict; 2]>;
 
 /// One policy of one request, as the stores see it.
 #[derive(Clone, Debug)]

@@ -7,7 +7,6 @@ use std::sync::LazyLock;
 
 use tollgate_redis::{BatchConn, BatchOp, Error, Script};
 
-use super::PolicyCheck;
 use crate::quota::{Status, Verdict};
 
 pub(crate) static SCRIPT: LazyLock<Script> =
@@ -17,7 +16,7 @@ pub(crate) static SCRIPT: LazyLock<Script> =
 #[derive(Debug)]
 pub(crate) struct Item {
     pub keys: Vec<String>,
-    pub checks: Vec<PolicyCheck>,
+    pub checks: super::Checks,
     pub slot: u16,
 }
 
@@ -142,6 +141,8 @@ impl BatchOp for DecideOp {
 mod tests {
     use std::time::Duration;
 
+    use crate::store::PolicyCheck;
+
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
     use tollgate_redis::{RedisConfig, RedisHandle};
@@ -240,7 +241,7 @@ mod tests {
         runner
             .run(&strategy, |(policies, steps, offset)| {
                 let case = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let checks: Vec<PolicyCheck> = policies
+                let checks: crate::store::Checks = policies
                     .iter()
                     .enumerate()
                     .map(|(i, &(a, limit, period_ms, burst, shadow))| PolicyCheck {
