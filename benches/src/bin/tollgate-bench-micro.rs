@@ -7,7 +7,10 @@
 //! per request here, not its batched cost.
 //!
 //! Run with: `cargo run -p tollgate-benches --release --bin tollgate-bench-micro -- bare,ratelimit-fallback`
-//! (`--requests N`, default 200,000; `--redis-url URL` for Redis variants).
+//! (`--requests N`, default 200,000; `--tasks N` to run N request loops at
+//! once, contending as the workers of a server do; `--redis-url URL` for
+//! Redis variants). The allocation counter is itself a shared atomic: for
+//! `--tasks 2`, build with `--no-default-features` (no counting).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -17,12 +20,20 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, header};
 use http_body_util::BodyExt as _;
-use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tollgate_benches::variants::{self, Deps};
 
 // The system allocator, counting allocations (all threads).
+#[cfg(feature = "count-allocs")]
 #[global_allocator]
-static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
+static GLOBAL: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
+
+/// Allocations so far (all threads); 0 without the `count-allocs` feature.
+fn allocations() -> u64 {
+    #[cfg(feature = "count-allocs")]
+    return GLOBAL.stats().allocations as u64;
+    #[cfg(not(feature = "count-allocs"))]
+    0
+}
 
 const USAGE: &str =
     "usage: tollgate-bench-micro [--requests N] [--redis-url URL] VARIANT[,VARIANT...]";
@@ -33,6 +44,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let mut requests: u64 = 200_000;
+    let mut tasks: u64 = 1;
     let mut redis_url = tollgate_benches::default_redis_url();
     let mut names = Vec::new();
     let mut args = args.into_iter();
@@ -45,6 +57,14 @@ fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                     .replace(['_', ','], "")
                     .parse()
                     .context("--requests")?;
+            }
+            "--tasks" => {
+                tasks = args
+                    .next()
+                    .context("--tasks needs a value")?
+                    .parse::<u64>()
+                    .context("--tasks")?
+                    .max(1);
             }
             "--redis-url" => redis_url = args.next().context("--redis-url needs a value")?,
             "-h" | "--help" => {
@@ -61,10 +81,15 @@ fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?
-        .block_on(measure_all(&names, requests, &redis_url))
+        .block_on(measure_all(&names, requests, tasks, &redis_url))
 }
 
-async fn measure_all(names: &[String], requests: u64, redis_url: &str) -> anyhow::Result<()> {
+async fn measure_all(
+    names: &[String],
+    requests: u64,
+    tasks: u64,
+    redis_url: &str,
+) -> anyhow::Result<()> {
     let mut base: Option<(f64, f64)> = None;
     println!(
         "| variant | ns/req | Δ ns vs bare | allocs/req | Δ allocs |\n| --- | ---: | ---: | ---: | ---: |"
@@ -90,14 +115,28 @@ async fn measure_all(names: &[String], requests: u64, redis_url: &str) -> anyhow
         // Warm up (caches filled, lazily built state built), then measure
         // three times and keep the fastest: the least disturbed.
         once(&app, requests / 10 + 1).await?;
-        let region = Region::new(GLOBAL);
+        let allocs = allocations();
         let mut ns = f64::MAX;
         for _ in 0..3 {
             let started = Instant::now();
-            once(&app, requests).await?;
-            ns = ns.min(started.elapsed().as_nanos() as f64 / requests as f64);
+            if tasks == 1 {
+                once(&app, requests).await?;
+            } else {
+                let all: Vec<_> = (0..tasks)
+                    .map(|_| {
+                        let app = app.clone();
+                        tokio::spawn(async move { once(&app, requests / tasks).await })
+                    })
+                    .collect();
+                for t in all {
+                    t.await.context("task")??;
+                }
+            }
+            // CPU time per request when the tasks keep every worker busy.
+            let busy = started.elapsed().as_nanos() as f64 * tasks.min(workers()) as f64;
+            ns = ns.min(busy / requests as f64);
         }
-        let per = region.change().allocations as f64 / (3 * requests) as f64;
+        let per = (allocations() - allocs) as f64 / (3 * requests) as f64;
         let (bns, ballocs) = *base.get_or_insert((ns, per));
         println!(
             "| {name} | {ns:.0} | {:+.0} | {per:.1} | {:+.1} |",
@@ -106,6 +145,11 @@ async fn measure_all(names: &[String], requests: u64, redis_url: &str) -> anyhow
         );
     }
     Ok(())
+}
+
+/// Worker threads of the runtime (one per core).
+fn workers() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
 
 /// Serves `n` requests through `app`, one after the other, reading each body.

@@ -112,50 +112,51 @@ impl Fetched {
 /// decoded entry (header map included) instead of parsing it anew: the
 /// store still answers every lookup, only the decoding is skipped, so
 /// nothing here can be staler than the store. An entry is a function of
-/// its bytes alone, so the key only picks the slot. Bounded: 256 slots of
-/// at most 16 KiB each (larger entries are not kept).
-struct DecodeMemo {
-    slots: Box<[MemoSlot]>,
-    hasher: std::hash::RandomState,
-}
+/// its bytes alone, so the key only picks the slot (and every cache in the
+/// process can share the slots).
+///
+/// Each thread has its own slots: no lock, and the reference counts of an
+/// entry, its body and its header values are touched by one thread only
+/// (a hot entry shared by every worker made each hit bounce their cache
+/// lines between cores). Bounded: 64 slots of at most 16 KiB per thread
+/// (larger entries are not kept).
+#[derive(Default)]
+struct DecodeMemo;
 
 /// The bytes last decoded in a slot, and what they decoded to.
-type MemoSlot = Mutex<Option<(Bytes, Arc<Entry>)>>;
+type MemoSlot = Option<(Bytes, Arc<Entry>)>;
 
-const MEMO_SLOTS: usize = 256;
+const MEMO_SLOTS: usize = 64;
 const MEMO_MAX_BYTES: usize = 16 * 1024;
 
-impl Default for DecodeMemo {
-    fn default() -> Self {
-        DecodeMemo {
-            slots: (0..MEMO_SLOTS).map(|_| Mutex::new(None)).collect(),
-            hasher: std::hash::RandomState::new(),
-        }
-    }
+thread_local! {
+    static MEMO: std::cell::RefCell<(std::hash::RandomState, Vec<MemoSlot>)> =
+        std::cell::RefCell::new((std::hash::RandomState::new(), vec![None; MEMO_SLOTS]));
 }
 
 impl DecodeMemo {
-    fn slot(&self, key: &str) -> &MemoSlot {
+    fn with_slot<T>(key: &str, f: impl FnOnce(&mut MemoSlot) -> T) -> Option<T> {
         use std::hash::BuildHasher as _;
-        let i = self.hasher.hash_one(key) as usize % MEMO_SLOTS;
-        &self.slots[i]
+        MEMO.with(|m| {
+            let mut m = m.try_borrow_mut().ok()?;
+            let (hasher, slots) = &mut *m;
+            let i = hasher.hash_one(key) as usize % MEMO_SLOTS;
+            Some(f(&mut slots[i]))
+        })
     }
 
     fn get(&self, key: &str, raw: &Bytes) -> Option<Arc<Entry>> {
         if raw.len() > MEMO_MAX_BYTES {
             return None;
         }
-        let slot = self.slot(key).lock().ok()?;
-        match &*slot {
+        Self::with_slot(key, |slot| match slot {
             Some((bytes, entry)) if bytes == raw => Some(entry.clone()),
             _ => None,
-        }
+        })?
     }
 
     fn put(&self, key: &str, raw: Bytes, entry: &Arc<Entry>) {
-        if let Ok(mut slot) = self.slot(key).lock() {
-            *slot = Some((raw, entry.clone()));
-        }
+        Self::with_slot(key, |slot| *slot = Some((raw, entry.clone())));
     }
 }
 
@@ -253,6 +254,12 @@ impl Cache {
     /// Whether the store can be asked now (false while the breaker is open).
     pub fn is_available(&self) -> bool {
         self.inner.store.is_available()
+    }
+
+    /// Whether the store's reads end by themselves within the lookup
+    /// deadline ([`Store::bounds_reads`]).
+    pub(crate) fn bounds_reads(&self) -> bool {
+        self.inner.store.bounds_reads()
     }
 
     /// How long a coalesced waiter waits for the leader's fill.
@@ -617,7 +624,7 @@ impl CacheBuilder {
                 store,
                 handle: self.handle,
                 l1,
-                memo: DecodeMemo::default(),
+                memo: DecodeMemo,
                 flights: Flights::default(),
                 coalesce_timeout: self.coalesce_timeout,
                 channel,

@@ -177,7 +177,13 @@ enum Lookup {
     Miss { vary: bool },
 }
 
+/// Looks the request up. With a store that bounds its reads, the first
+/// read ends within the deadline by itself (for Redis, the shared handle
+/// cuts each command off at it, and `lookup_timeout` is that deadline), so
+/// only a second read, for a variant, needs a timer: the time left. Other
+/// stores' lookups run whole under a timer (see `serve`).
 async fn lookup(shared: &Shared, ctx: &Ctx) -> Result<Lookup, crate::Error> {
+    let started = std::time::Instant::now();
     let Some(found) = shared.cache.get_stored(&ctx.url.key).await? else {
         return Ok(Lookup::Miss { vary: false });
     };
@@ -188,7 +194,13 @@ async fn lookup(shared: &Shared, ctx: &Ctx) -> Result<Lookup, crate::Error> {
                 return Ok(Lookup::Miss { vary: true });
             };
             let variant = key::variant_key(&ctx.url, &values);
-            match shared.cache.get_stored(&variant).await? {
+            let left = shared.lookup_timeout.saturating_sub(started.elapsed());
+            let second = tokio::time::timeout(left, shared.cache.get_stored(&variant))
+                .await
+                .map_err(|_| {
+                    crate::Error::Store(tollgate_redis::Error::Timeout(shared.lookup_timeout))
+                })?;
+            match second? {
                 Some(Fetched::Response(e)) => Ok(Lookup::Found(e)),
                 Some(Fetched::Vary(_)) | None => Ok(Lookup::Miss { vary: true }),
             }
@@ -303,11 +315,16 @@ where
         // A fill is under way: wait for it rather than ask the store.
         Ok(Lookup::Miss { vary: false })
     } else {
-        match tokio::time::timeout(shared.lookup_timeout, lookup(&shared, &ctx)).await {
-            Ok(r) => r,
-            Err(_) => Err(crate::Error::Store(tollgate_redis::Error::Timeout(
-                shared.lookup_timeout,
-            ))),
+        let looked = lookup(&shared, &ctx);
+        if shared.cache.bounds_reads() {
+            looked.await
+        } else {
+            match tokio::time::timeout(shared.lookup_timeout, looked).await {
+                Ok(r) => r,
+                Err(_) => Err(crate::Error::Store(tollgate_redis::Error::Timeout(
+                    shared.lookup_timeout,
+                ))),
+            }
         }
     };
     let now = now_ms();

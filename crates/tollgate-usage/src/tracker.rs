@@ -175,6 +175,27 @@ struct Buffer {
     tenants: std::collections::HashMap<Arc<str>, TenantBuf>,
     /// Counters with something pending.
     dirty: usize,
+    /// The period of the last increment made by time: the next one for a
+    /// time inside it finds its label here, under the lock it takes anyway
+    /// (no second lock, no reference count touched).
+    recent: Option<RecentPeriod>,
+}
+
+#[derive(Debug)]
+struct RecentPeriod {
+    start_ms: i64,
+    end_ms: i64,
+    label: Arc<str>,
+    expire_at: i64,
+}
+
+/// The period an increment is for.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    /// The period containing this time (Unix ms).
+    Time(i64),
+    /// This period (label, key expiry).
+    Period(&'a Arc<str>, i64),
 }
 
 struct CurrentPeriod {
@@ -320,39 +341,53 @@ impl UsageTracker {
         if n == 0 {
             return 0;
         }
-        let (label, expire_at) = self.period_for(at_ms);
-        self.add(tenant, metric, &label, expire_at, n, false, None)
+        self.add(tenant, metric, At::Time(at_ms), n, false, None)
     }
 
     /// [`record`](Self::record), also returning the tenant id as a shared
     /// string: the one the buffer already holds for a known tenant (no
     /// allocation), a new one otherwise.
     pub(crate) fn record_tenant(&self, tenant: &str, metric: &str, n: i64) -> (i64, Arc<str>) {
-        let (label, expire_at) = self.period_for(now_ms());
         let mut name = None;
-        let total = self.add(tenant, metric, &label, expire_at, n, false, Some(&mut name));
+        let total = self.add(
+            tenant,
+            metric,
+            At::Time(now_ms()),
+            n,
+            false,
+            Some(&mut name),
+        );
         (total, name.unwrap_or_else(|| Arc::from(tenant)))
     }
 
     fn period_for(&self, at_ms: i64) -> (Arc<str>, i64) {
-        let (cur, _) = self.current(at_ms);
-        if cur.period.contains(at_ms) {
-            return (cur.label.clone(), cur.expire_at);
-        }
-        drop(cur);
-        let c = Self::make_current(&self.inner.config, at_ms);
-        (c.label, c.expire_at)
+        let p = self.recent_period(at_ms);
+        (p.label, p.expire_at)
     }
 
-    // One private entry point for every kind of increment; a struct for the
-    // arguments would only move the same eight names around.
-    #[allow(clippy::too_many_arguments)]
+    fn recent_period(&self, at_ms: i64) -> RecentPeriod {
+        let (cur, _) = self.current(at_ms);
+        let c;
+        let c = if cur.period.contains(at_ms) {
+            &*cur
+        } else {
+            c = Self::make_current(&self.inner.config, at_ms);
+            &c
+        };
+        RecentPeriod {
+            start_ms: c.period.start_ms,
+            end_ms: c.period.end_ms,
+            label: c.label.clone(),
+            expire_at: c.expire_at,
+        }
+    }
+
+    /// The one entry point of every kind of increment.
     fn add(
         &self,
         tenant: &str,
         metric: &str,
-        label: &Arc<str>,
-        expire_at: i64,
+        at: At<'_>,
         n: i64,
         top_only: bool,
         name: Option<&mut Option<Arc<str>>>,
@@ -361,14 +396,33 @@ impl UsageTracker {
         let Ok(mut buf) = inner.buffer.lock() else {
             return 0;
         };
-        let buf = &mut *buf;
-        let full = buf.dirty >= inner.config.max_buffered;
-        let tb = match buf.tenants.get_mut(tenant) {
+        let Buffer {
+            tenants,
+            dirty,
+            recent,
+        } = &mut *buf;
+        let (label, expire_at) = match at {
+            At::Period(label, expire_at) => (label, expire_at),
+            At::Time(ms) => {
+                if !recent
+                    .as_ref()
+                    .is_some_and(|r| (r.start_ms..r.end_ms).contains(&ms))
+                {
+                    *recent = Some(self.recent_period(ms));
+                }
+                match recent.as_ref() {
+                    Some(r) => (&r.label, r.expire_at),
+                    None => return 0,
+                }
+            }
+        };
+        let full = *dirty >= inner.config.max_buffered;
+        let tb = match tenants.get_mut(tenant) {
             Some(tb) => tb,
             None if full => return self.drop_units(n, top_only),
             None => {
                 let key: Arc<str> = Arc::from(tenant);
-                buf.tenants.entry(key.clone()).or_insert(TenantBuf {
+                tenants.entry(key.clone()).or_insert(TenantBuf {
                     name: key,
                     periods: Vec::new(),
                     idle_flushes: 0,
@@ -407,7 +461,7 @@ impl UsageTracker {
             if full {
                 return self.drop_units(n, top_only);
             }
-            buf.dirty += 1;
+            *dirty += 1;
         }
         if top_only {
             c.top_only += n;
@@ -415,7 +469,7 @@ impl UsageTracker {
             c.pending += n;
         }
         let estimate = c.known + c.pending;
-        let dirty = buf.dirty;
+        let dirty = *dirty;
         if !top_only {
             inner
                 .buffered
@@ -463,7 +517,14 @@ impl UsageTracker {
                 Ok(totals.first().and_then(|t| t.2.first()).map_or(n, |m| m.1))
             }
             Err(e) if e.not_sent() => {
-                self.add(tenant, metric, &label, expire_at, n, false, None);
+                self.add(
+                    tenant,
+                    metric,
+                    At::Period(&label, expire_at),
+                    n,
+                    false,
+                    None,
+                );
                 Err(e)
             }
             Err(e) => {
@@ -504,7 +565,7 @@ impl UsageTracker {
             }) => {
                 self.set_known(tenant, metric, &label, total);
                 if self.inner.config.top {
-                    self.add(tenant, metric, &label, expire_at, n, true, None);
+                    self.add(tenant, metric, At::Period(&label, expire_at), n, true, None);
                 }
                 QuotaOutcome::Allowed { total }
             }
@@ -517,7 +578,14 @@ impl UsageTracker {
             }
             Err(e) if e.not_sent() => {
                 // Counted in the buffer like any other increment.
-                self.add(tenant, metric, &label, expire_at, n, false, None);
+                self.add(
+                    tenant,
+                    metric,
+                    At::Period(&label, expire_at),
+                    n,
+                    false,
+                    None,
+                );
                 QuotaOutcome::Unavailable
             }
             Err(_) => {
@@ -640,10 +708,24 @@ impl UsageTracker {
                 self.inner
                     .buffered
                     .fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
-                self.add(&t.tenant, &m, &t.period, t.expire_at, n, false, None);
+                self.add(
+                    &t.tenant,
+                    &m,
+                    At::Period(&t.period, t.expire_at),
+                    n,
+                    false,
+                    None,
+                );
             }
             for (m, n) in t.top_only {
-                self.add(&t.tenant, &m, &t.period, t.expire_at, n, true, None);
+                self.add(
+                    &t.tenant,
+                    &m,
+                    At::Period(&t.period, t.expire_at),
+                    n,
+                    true,
+                    None,
+                );
             }
         }
     }
@@ -706,8 +788,7 @@ impl UsageTracker {
                         self.add(
                             &op.tenant,
                             &op.metric,
-                            &op.period,
-                            op.expire_at,
+                            At::Period(&op.period, op.expire_at),
                             op.n,
                             true,
                             None,

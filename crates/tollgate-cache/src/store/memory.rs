@@ -167,6 +167,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn bounds_reads(&self) -> bool {
+        true
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Error>> {
         Box::pin(async move { Ok(self.get_now(key)) })
     }

@@ -44,6 +44,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn is_available(&self) -> bool {
         true
     }
+
+    /// Whether every [`get`](Self::get) ends by itself within the cache's
+    /// lookup deadline (the Redis store: the shared handle cuts each
+    /// command off at that deadline; the memory store never waits). When
+    /// false (the default, for stores written elsewhere), the layer runs
+    /// each lookup under a timer of its own, so a store that hangs cannot
+    /// hang requests.
+    fn bounds_reads(&self) -> bool {
+        false
+    }
 }
 
 /// Milliseconds since the Unix epoch.

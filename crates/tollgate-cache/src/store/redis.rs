@@ -100,6 +100,10 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
+    fn bounds_reads(&self) -> bool {
+        true
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Error>> {
         Box::pin(async move {
             let k = self.entry_key(key);
