@@ -47,7 +47,7 @@ impl UserKey {
 
     pub(crate) fn identity(&self, h: &HeaderMap, e: &Extensions) -> Option<String> {
         let raw = (self.0)(h, e)?;
-        Some(hex::encode(Sha256::digest(raw.as_bytes())))
+        Some(tollgate_redis::hex_lower(&Sha256::digest(raw.as_bytes())))
     }
 }
 

@@ -307,7 +307,11 @@ impl KeyExtractor for HeaderKey {
             return None;
         }
         let digest = Sha256::digest(v);
-        Some(format!("hdr:{}:{}", self.name, hex::encode(&digest[..16])))
+        Some(format!(
+            "hdr:{}:{}",
+            self.name,
+            tollgate_redis::hex_lower(&digest[..16])
+        ))
     }
 }
 

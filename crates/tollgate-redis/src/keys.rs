@@ -68,6 +68,17 @@ impl KeySpace {
     }
 }
 
+/// Lowercase hex of `bytes`, encoded in one pass (`hex::encode` builds its
+/// string a character at a time; hashed ids and keys are encoded on every
+/// request).
+pub fn hex_lower(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    // Cannot fail: the buffer is exactly twice the input's length.
+    let _ = hex::encode_to_slice(bytes, &mut out);
+    // Hex digits are ASCII.
+    String::from_utf8(out).unwrap_or_default()
+}
+
 /// The cluster hash slot (0..16384) of a key, honouring hash tags.
 pub fn slot(key: &str) -> u16 {
     fred::util::redis_keyslot(key.as_bytes())
@@ -94,6 +105,13 @@ fn push_escaped(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_matches_the_hex_crate() {
+        for v in [&b""[..], b"\x00\x01\xab\xff", b"tollgate"] {
+            assert_eq!(hex_lower(v), hex::encode(v));
+        }
+    }
 
     #[test]
     fn tagged_keys_share_a_slot() {

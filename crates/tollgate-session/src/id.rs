@@ -85,7 +85,7 @@ impl IdHasher {
         let mut m = self.mac.clone();
         m.update(domain);
         m.update(v);
-        hex::encode(m.finalize().into_bytes())
+        tollgate_redis::hex_lower(&m.finalize().into_bytes())
     }
 }
 

@@ -73,7 +73,7 @@ const _: fn() = || {
 fn hash() -> String {
     let mut b = [0u8; 32];
     rand::rng().fill_bytes(&mut b);
-    hex::encode(b)
+    tollgate_redis::hex_lower(&b)
 }
 
 fn long() -> Timeouts {
