@@ -360,6 +360,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reset_and_plan_quotas_get_limiters_of_their_own() {
+        let store = MemoryStore::new(1, 1, Duration::from_secs(60));
+        let free = [check(0, Quota::per_hour(2), Algorithm::Gcra)];
+        let pro = [check(0, Quota::per_hour(5), Algorithm::Gcra)];
+        let allowed = |c: &[PolicyCheck], id: &str| {
+            (0..10)
+                .filter(|_| store.decide(id, c)[0].status == Status::Allowed)
+                .count()
+        };
+        // The policy's first quota lives in its slot, a plan's other quota
+        // in the map: each keeps its own state.
+        assert_eq!(allowed(&free, "a"), 2);
+        assert_eq!(allowed(&pro, "a"), 5);
+        assert_eq!(store.gcra_keys(), 2);
+        // A reset retires the slot: both quotas start over for the policy.
+        store.reset(0, "a");
+        assert_eq!(allowed(&free, "a"), 2);
+        assert_eq!(allowed(&pro, "a"), 5);
+        // And a second reset clears the map's limiters again.
+        store.reset(0, "a");
+        assert_eq!(allowed(&free, "a"), 2);
+        store.housekeep();
+    }
+
+    #[tokio::test]
     async fn divisor_shares_the_quota() {
         let store = MemoryStore::new(1, 2, Duration::from_secs(60));
         let c = [check(0, Quota::per_hour(10), Algorithm::Gcra)];
