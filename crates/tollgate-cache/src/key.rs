@@ -43,14 +43,7 @@ impl UrlKey {
 
 /// `prefix` followed by the SHA-256 of `s` in hex.
 fn prefixed_hash(prefix: &str, s: &str) -> String {
-    let digest = Sha256::digest(s.as_bytes());
-    let mut hex = [0u8; 64];
-    // Cannot fail: the buffer is exactly twice the digest's length.
-    let _ = hex::encode_to_slice(digest, &mut hex);
-    let mut out = String::with_capacity(prefix.len() + hex.len());
-    out.push_str(prefix);
-    out.extend(hex.iter().map(|&b| char::from(b)));
-    out
+    tollgate_redis::prefixed_hex(prefix, &Sha256::digest(s.as_bytes()))
 }
 
 /// Host from the URI (HTTP/2) or the `Host` header, lowercased, when it is

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
 use sha2::{Digest, Sha256};
+use tollgate_redis::header_value::{SMALL_NUMBERS, number as num};
 
 use crate::decision::{Decision, Report, RequestVerdict};
 
@@ -37,11 +38,6 @@ impl HeaderOptions {
         ietf: false,
     };
 }
-
-use tollgate_redis::header_value::number as num;
-
-/// Below this, a limit's value is the shared one [`num`] gives.
-const SMALL_NUMBERS: u64 = 1024;
 
 thread_local! {
     /// The last policy-name and limit values this thread wrote: the same

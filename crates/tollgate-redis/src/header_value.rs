@@ -4,8 +4,9 @@ use std::sync::LazyLock;
 
 use http::HeaderValue;
 
-/// Numbers below this have a value made once.
-const SMALL_NUMBERS: u64 = 1024;
+/// Numbers below this have a value made once ([`number`] of one is a
+/// pointer copy).
+pub const SMALL_NUMBERS: u64 = 1024;
 
 /// The values of the small numbers most responses carry (remaining
 /// tokens, seconds to a reset, an `Age`), made once and static: a clone

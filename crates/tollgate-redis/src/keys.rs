@@ -72,10 +72,17 @@ impl KeySpace {
 /// string a character at a time; hashed ids and keys are encoded on every
 /// request).
 pub fn hex_lower(bytes: &[u8]) -> String {
-    let mut out = vec![0u8; bytes.len() * 2];
-    // Cannot fail: the buffer is exactly twice the input's length.
-    let _ = hex::encode_to_slice(bytes, &mut out);
-    // Hex digits are ASCII.
+    prefixed_hex("", bytes)
+}
+
+/// `prefix` followed by the lowercase hex of `bytes`, in one allocation.
+pub fn prefixed_hex(prefix: &str, bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(prefix.len() + 2 * bytes.len());
+    out.extend_from_slice(prefix.as_bytes());
+    out.resize(prefix.len() + 2 * bytes.len(), 0);
+    // Cannot fail: the tail is exactly twice the input's length.
+    let _ = hex::encode_to_slice(bytes, &mut out[prefix.len()..]);
+    // A `str` prefix and hex digits: valid UTF-8.
     String::from_utf8(out).unwrap_or_default()
 }
 
@@ -110,6 +117,7 @@ mod tests {
     fn hex_matches_the_hex_crate() {
         for v in [&b""[..], b"\x00\x01\xab\xff", b"tollgate"] {
             assert_eq!(hex_lower(v), hex::encode(v));
+            assert_eq!(prefixed_hex("r:", v), format!("r:{}", hex::encode(v)));
         }
     }
 

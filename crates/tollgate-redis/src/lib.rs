@@ -43,7 +43,7 @@ pub use config::{RedisConfig, Topology};
 pub use error::Error;
 pub use handle::RedisHandle;
 pub use health::{HealthReport, HealthService, HealthStatus, LayerHealth, LayerMode};
-pub use keys::{KeySpace, hex_lower, slot};
+pub use keys::{KeySpace, hex_lower, prefixed_hex, slot};
 pub use route::{RoutePattern, RoutePatternError};
 pub use script::Script;
 

@@ -382,6 +382,12 @@ impl UsageTracker {
         }
     }
 
+    /// Buffers `n` units that could not be written now, in the period
+    /// they were meant for: the flusher writes them later.
+    fn buffer_units(&self, tenant: &str, metric: &str, label: &Arc<str>, expire_at: i64, n: i64) {
+        self.add(tenant, metric, At::Period(label, expire_at), n, false, None);
+    }
+
     /// The one entry point of every kind of increment.
     fn add(
         &self,
@@ -517,14 +523,7 @@ impl UsageTracker {
                 Ok(totals.first().and_then(|t| t.2.first()).map_or(n, |m| m.1))
             }
             Err(e) if e.not_sent() => {
-                self.add(
-                    tenant,
-                    metric,
-                    At::Period(&label, expire_at),
-                    n,
-                    false,
-                    None,
-                );
+                self.buffer_units(tenant, metric, &label, expire_at, n);
                 Err(e)
             }
             Err(e) => {
@@ -578,14 +577,7 @@ impl UsageTracker {
             }
             Err(e) if e.not_sent() => {
                 // Counted in the buffer like any other increment.
-                self.add(
-                    tenant,
-                    metric,
-                    At::Period(&label, expire_at),
-                    n,
-                    false,
-                    None,
-                );
+                self.buffer_units(tenant, metric, &label, expire_at, n);
                 QuotaOutcome::Unavailable
             }
             Err(_) => {
@@ -708,14 +700,7 @@ impl UsageTracker {
                 self.inner
                     .buffered
                     .fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
-                self.add(
-                    &t.tenant,
-                    &m,
-                    At::Period(&t.period, t.expire_at),
-                    n,
-                    false,
-                    None,
-                );
+                self.buffer_units(&t.tenant, &m, &t.period, t.expire_at, n);
             }
             for (m, n) in t.top_only {
                 self.add(
