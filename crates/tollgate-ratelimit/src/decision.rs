@@ -77,7 +77,7 @@ impl Decision {
         };
         let limit = u64::from(quota.capacity(algorithm));
         Decision {
-            policy: policy.clone(),
+            policy: crate::policy::local_name(policy),
             allowed: matches!(outcome, Outcome::Allowed | Outcome::ShadowDenied),
             outcome,
             limit,
@@ -91,11 +91,20 @@ impl Decision {
         }
     }
 
+    /// A copy holding this thread's own reference to the policy name (see
+    /// [`local_name`](crate::policy::local_name)).
+    pub(crate) fn local_copy(&self) -> Self {
+        Decision {
+            policy: crate::policy::local_name(&self.policy),
+            ..*self
+        }
+    }
+
     /// A decision for a policy that fails open while Redis is down.
     pub(crate) fn fail_open(policy: &Arc<str>, quota: &Quota, algorithm: Algorithm) -> Self {
         let limit = u64::from(quota.capacity(algorithm));
         Decision {
-            policy: policy.clone(),
+            policy: crate::policy::local_name(policy),
             allowed: true,
             outcome: Outcome::Allowed,
             limit,

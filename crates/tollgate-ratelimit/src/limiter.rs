@@ -692,7 +692,14 @@ impl RateLimiter {
         if l.until <= now || l.tokens < cost {
             return None;
         }
-        let report = l.report.clone()?;
+        // Rebuilt rather than cloned: the stored report's `Arc`s are shared
+        // by every worker thread spending from this lease.
+        let stored = l.report.as_ref()?;
+        let report = Report {
+            route: p.route.clone(),
+            verdict: stored.verdict.clone(),
+            decisions: stored.decisions.iter().map(Decision::local_copy).collect(),
+        };
         l.tokens -= cost;
         self.maybe_renew(l, key, p, chunk, now);
         Some(self.lease_report(report, l.tokens, Source::Lease))

@@ -403,34 +403,40 @@ pub struct PolicyTable {
 
 /// What the table decided for one request.
 #[derive(Clone, Debug)]
-pub(crate) struct Resolved {
+pub(crate) struct Resolved<'a> {
     /// The metrics label: the rule's pattern, axum's template or `default`.
     pub route: Arc<str>,
-    /// Indexes into the table's policies (empty: not limited).
-    pub policies: Arc<[usize]>,
+    /// Indexes into the table's policies (empty: not limited), borrowed:
+    /// no reference count shared by every worker thread is touched.
+    pub policies: &'a [usize],
     pub cost: u32,
 }
 
-/// Most route labels one thread keeps; past that a label is allocated per
-/// request (an application has a bounded set of route templates).
-const MAX_LABELS: usize = 1024;
+/// Most policy names one thread keeps a copy of.
+const MAX_NAMES: usize = 64;
 
-/// `s` as a shared string, from this thread's own set: no allocation for
-/// a label seen before, and no reference count shared with other threads.
-fn label(s: &str) -> Arc<str> {
+/// This thread's own copy of a policy's name: a decision carries the name,
+/// and cloning the table's one `Arc` from every worker thread would bounce
+/// its reference count between cores on every request. Keyed by the
+/// table's `Arc` (kept alive here, so its address is never reused).
+pub(crate) fn local_name(name: &Arc<str>) -> Arc<str> {
     thread_local! {
-        static LABELS: std::cell::RefCell<std::collections::HashSet<Arc<str>>> =
-            std::cell::RefCell::new(std::collections::HashSet::new());
+        static NAMES: std::cell::RefCell<Vec<(Arc<str>, Arc<str>)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
     }
-    LABELS.with_borrow_mut(|set| {
-        if let Some(l) = set.get(s) {
-            return l.clone();
+    NAMES.with(|names| {
+        let Ok(mut names) = names.try_borrow_mut() else {
+            return name.clone();
+        };
+        if let Some((_, local)) = names.iter().find(|(shared, _)| Arc::ptr_eq(shared, name)) {
+            return local.clone();
         }
-        let l: Arc<str> = Arc::from(s);
-        if set.len() < MAX_LABELS {
-            set.insert(l.clone());
+        if names.len() >= MAX_NAMES {
+            return name.clone();
         }
-        l
+        let local: Arc<str> = Arc::from(&**name);
+        names.push((name.clone(), local.clone()));
+        local
     })
 }
 
@@ -480,7 +486,7 @@ impl PolicyTable {
             .unwrap_or_default()
     }
 
-    pub(crate) fn resolve(&self, id: &RouteId<'_>) -> Option<Resolved> {
+    pub(crate) fn resolve(&self, id: &RouteId<'_>) -> Option<Resolved<'_>> {
         let find = |path: &str| {
             self.inner.rules.iter().find(|r| {
                 r.method.as_ref().is_none_or(|m| m == id.method) && r.pattern.matches(path)
@@ -488,14 +494,14 @@ impl PolicyTable {
         };
         let rule = id.template.and_then(find).or_else(|| find(id.path));
         match rule {
-            Some(r) => r.policies.as_ref().map(|p| Resolved {
-                route: label(&r.label),
-                policies: p.clone(),
+            Some(r) => r.policies.as_deref().map(|p| Resolved {
+                route: tollgate_redis::local::local_str(&r.label),
+                policies: p,
                 cost: r.cost,
             }),
-            None => self.inner.default.as_ref().map(|p| Resolved {
-                route: label(id.template.unwrap_or("default")),
-                policies: p.clone(),
+            None => self.inner.default.as_deref().map(|p| Resolved {
+                route: tollgate_redis::local::local_str(id.template.unwrap_or("default")),
+                policies: p,
                 cost: 1,
             }),
         }

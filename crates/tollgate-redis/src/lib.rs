@@ -34,6 +34,7 @@ mod handle;
 pub mod header_value;
 mod health;
 mod keys;
+pub mod local;
 mod route;
 mod script;
 

@@ -206,7 +206,7 @@ where
         // in process, no round trip. The checked path counts after its
         // round trip.
         let (total, tenant) = if checked {
-            (0, Arc::from(tenant))
+            (0, tollgate_redis::local::local_str(tenant))
         } else {
             tracker.record_tenant(tenant, API_REQUEST, 1)
         };

@@ -162,10 +162,6 @@ struct PeriodBuf {
 
 #[derive(Debug)]
 struct TenantBuf {
-    /// The tenant id, shared with the map key: handed out by
-    /// [`UsageTracker::record_tenant`] so that a known tenant costs no
-    /// allocation per request.
-    name: Arc<str>,
     periods: Vec<PeriodBuf>,
     idle_flushes: u8,
 }
@@ -341,23 +337,18 @@ impl UsageTracker {
         if n == 0 {
             return 0;
         }
-        self.add(tenant, metric, At::Time(at_ms), n, false, None)
+        self.add(tenant, metric, At::Time(at_ms), n, false)
     }
 
     /// [`record`](Self::record), also returning the tenant id as a shared
     /// string: the one the buffer already holds for a known tenant (no
     /// allocation), a new one otherwise.
     pub(crate) fn record_tenant(&self, tenant: &str, metric: &str, n: i64) -> (i64, Arc<str>) {
-        let mut name = None;
-        let total = self.add(
-            tenant,
-            metric,
-            At::Time(now_ms()),
-            n,
-            false,
-            Some(&mut name),
-        );
-        (total, name.unwrap_or_else(|| Arc::from(tenant)))
+        let total = self.add(tenant, metric, At::Time(now_ms()), n, false);
+        // This thread's own copy of the name: the request's future and its
+        // `Usage` handle clone it without touching a count other worker
+        // threads share.
+        (total, tollgate_redis::local::local_str(tenant))
     }
 
     fn period_for(&self, at_ms: i64) -> (Arc<str>, i64) {
@@ -385,19 +376,11 @@ impl UsageTracker {
     /// Buffers `n` units that could not be written now, in the period
     /// they were meant for: the flusher writes them later.
     fn buffer_units(&self, tenant: &str, metric: &str, label: &Arc<str>, expire_at: i64, n: i64) {
-        self.add(tenant, metric, At::Period(label, expire_at), n, false, None);
+        self.add(tenant, metric, At::Period(label, expire_at), n, false);
     }
 
     /// The one entry point of every kind of increment.
-    fn add(
-        &self,
-        tenant: &str,
-        metric: &str,
-        at: At<'_>,
-        n: i64,
-        top_only: bool,
-        name: Option<&mut Option<Arc<str>>>,
-    ) -> i64 {
+    fn add(&self, tenant: &str, metric: &str, at: At<'_>, n: i64, top_only: bool) -> i64 {
         let inner = &self.inner;
         let Ok(mut buf) = inner.buffer.lock() else {
             return 0;
@@ -426,18 +409,11 @@ impl UsageTracker {
         let tb = match tenants.get_mut(tenant) {
             Some(tb) => tb,
             None if full => return self.drop_units(n, top_only),
-            None => {
-                let key: Arc<str> = Arc::from(tenant);
-                tenants.entry(key.clone()).or_insert(TenantBuf {
-                    name: key,
-                    periods: Vec::new(),
-                    idle_flushes: 0,
-                })
-            }
+            None => tenants.entry(Arc::from(tenant)).or_insert(TenantBuf {
+                periods: Vec::new(),
+                idle_flushes: 0,
+            }),
         };
-        if let Some(name) = name {
-            *name = Some(tb.name.clone());
-        }
         let pb = match tb.periods.iter().position(|p| p.label == *label) {
             Some(i) => &mut tb.periods[i],
             None if full => return self.drop_units(n, top_only),
@@ -564,7 +540,7 @@ impl UsageTracker {
             }) => {
                 self.set_known(tenant, metric, &label, total);
                 if self.inner.config.top {
-                    self.add(tenant, metric, At::Period(&label, expire_at), n, true, None);
+                    self.add(tenant, metric, At::Period(&label, expire_at), n, true);
                 }
                 QuotaOutcome::Allowed { total }
             }
@@ -703,14 +679,7 @@ impl UsageTracker {
                 self.buffer_units(&t.tenant, &m, &t.period, t.expire_at, n);
             }
             for (m, n) in t.top_only {
-                self.add(
-                    &t.tenant,
-                    &m,
-                    At::Period(&t.period, t.expire_at),
-                    n,
-                    true,
-                    None,
-                );
+                self.add(&t.tenant, &m, At::Period(&t.period, t.expire_at), n, true);
             }
         }
     }
@@ -776,7 +745,6 @@ impl UsageTracker {
                             At::Period(&op.period, op.expire_at),
                             op.n,
                             true,
-                            None,
                         );
                     }
                 }
