@@ -111,7 +111,12 @@ async fn measure_all(
         } else {
             None
         };
-        let app = variants::build(name, &Deps::new(redis).with_url(redis_url.to_owned())).await?;
+        // `with_state` turns every handler into its layered route once, as
+        // serving does (`into_make_service*`); without it the router
+        // would rebuild each route's layers on every request.
+        let app = variants::build(name, &Deps::new(redis).with_url(redis_url.to_owned()))
+            .await?
+            .with_state(());
         // Warm up (caches filled, lazily built state built), then measure
         // three times and keep the fastest: the least disturbed.
         once(&app, requests / 10 + 1).await?;

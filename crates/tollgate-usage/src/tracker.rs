@@ -175,6 +175,14 @@ struct Buffer {
     /// time inside it finds its label here, under the lock it takes anyway
     /// (no second lock, no reference count touched).
     recent: Option<RecentPeriod>,
+    /// Units buffered by increments, counted here under the lock they take
+    /// anyway: atomics shared by every worker thread would bounce between
+    /// cores on every request. [`UsageTracker::stats`] adds them to the
+    /// tracker's own counters.
+    added: u64,
+    /// Their share of the pending units (the rest is counted in
+    /// `Inner::pending_units`, by the paths that are not per request).
+    added_pending: i64,
 }
 
 #[derive(Debug)]
@@ -389,6 +397,8 @@ impl UsageTracker {
             tenants,
             dirty,
             recent,
+            added,
+            added_pending,
         } = &mut *buf;
         let (label, expire_at) = match at {
             At::Period(label, expire_at) => (label, expire_at),
@@ -453,10 +463,8 @@ impl UsageTracker {
         let estimate = c.known + c.pending;
         let dirty = *dirty;
         if !top_only {
-            inner
-                .buffered
-                .fetch_add(n.unsigned_abs(), Ordering::Relaxed);
-            inner.pending_units.fetch_add(n, Ordering::Relaxed);
+            *added += n.unsigned_abs();
+            *added_pending += n;
         }
         if dirty >= inner.config.flush_threshold {
             inner.notify.notify_one();
@@ -806,12 +814,19 @@ impl UsageTracker {
     /// The tracker's own counters.
     pub fn stats(&self) -> UsageStats {
         let i = &self.inner;
+        let (added, added_pending) = match i.buffer.lock() {
+            Ok(b) => (b.added, b.added_pending),
+            Err(p) => (p.get_ref().added, p.get_ref().added_pending),
+        };
+        let pending = i.pending_units.load(Ordering::Relaxed) + added_pending;
         UsageStats {
-            buffered: i.buffered.load(Ordering::Relaxed),
+            // Wrapping: a restored batch is subtracted from the shared counter
+            // and counted again in the buffer's share.
+            buffered: i.buffered.load(Ordering::Relaxed).wrapping_add(added),
             flushed: i.flushed.load(Ordering::Relaxed),
             flush_errors: i.flush_errors.load(Ordering::Relaxed),
             dropped: i.dropped.load(Ordering::Relaxed),
-            pending: u64::try_from(i.pending_units.load(Ordering::Relaxed).max(0)).unwrap_or(0),
+            pending: u64::try_from(pending.max(0)).unwrap_or(0),
         }
     }
 
@@ -834,6 +849,10 @@ impl UsageTracker {
                     "usage still unwritten at shutdown: counted as dropped"
                 );
                 self.inner.dropped.fetch_add(s.pending, Ordering::Relaxed);
+                // Nothing is pending any more, in either share.
+                if let Ok(mut b) = self.inner.buffer.lock() {
+                    b.added_pending = 0;
+                }
                 self.inner.pending_units.store(0, Ordering::Relaxed);
                 self.export();
                 break;
