@@ -122,6 +122,21 @@ pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
     })
 }
 
+/// The variant's req/s divided by `bare`'s, one ratio per round that
+/// measured both.
+fn round_ratios(samples: &[Sample], variant: &str) -> Vec<f64> {
+    samples
+        .iter()
+        .filter(|s| s.variant == variant)
+        .filter_map(|s| {
+            let bare = samples
+                .iter()
+                .find(|b| b.variant == "bare" && b.round == s.round)?;
+            (bare.rps > 0.0).then(|| s.rps / bare.rps)
+        })
+        .collect()
+}
+
 /// The results file: settings, the table of medians, notes, every round.
 pub(crate) fn render(
     settings: &Settings,
@@ -132,12 +147,12 @@ pub(crate) fn render(
     let med = |name: &'static str, f: &dyn Fn(&Sample) -> Option<f64>| -> Option<f64> {
         median(of(name).filter_map(f).collect())
     };
-    let bare_rps = med("bare", &|s| Some(s.rps));
 
     let mut rows = vec![vec![
         "variant".to_owned(),
         "req/s".to_owned(),
         "× bare".to_owned(),
+        "per round".to_owned(),
         "p50".to_owned(),
         "p99".to_owned(),
         "app CPU µs/req".to_owned(),
@@ -157,14 +172,20 @@ pub(crate) fn render(
                 v.name
             ));
         }
-        let ratio = match (rps, bare_rps) {
-            (Some(r), Some(b)) if b > 0.0 => format!("{:.2}×", r / b),
-            _ => "–".to_owned(),
+        let ratios = round_ratios(samples, v.name);
+        let ratio = median(ratios.clone()).map_or_else(dash, |r| format!("{r:.2}×"));
+        let range = match (
+            ratios.iter().copied().reduce(f64::min),
+            ratios.iter().copied().reduce(f64::max),
+        ) {
+            (Some(lo), Some(hi)) => format!("{lo:.2}–{hi:.2}"),
+            _ => dash(),
         };
         rows.push(vec![
             name,
             rps.map_or_else(dash, thousands),
             ratio,
+            range,
             med(v.name, &|s| Some(s.p50_ms)).map_or_else(dash, ms),
             med(v.name, &|s| Some(s.p99_ms)).map_or_else(dash, ms),
             med(v.name, &|s| Some(s.app_cpu_us)).map_or_else(dash, one_decimal),
@@ -177,8 +198,10 @@ pub(crate) fn render(
     let _ = writeln!(out, "{}.\n", settings.header());
     let _ = writeln!(
         out,
-        "Medians over rounds; `× bare` is the ratio of median req/s to `bare` in this run; \
-         `–` means not measured (no Redis involved).\n"
+        "Medians over rounds. `× bare` is the median over rounds of the variant's req/s \
+         divided by `bare`'s in the same round (runs minutes apart are not compared); \
+         `per round` gives the lowest and highest of those ratios. `–` means not measured \
+         (no Redis involved).\n"
     );
     out.push_str(&markdown_table(&rows, 1));
     let disturbed: Vec<String> = samples
@@ -311,6 +334,38 @@ mod tests {
         assert_eq!(median(vec![]), None);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+
+    fn sample(variant: &'static str, round: usize, rps: f64) -> Sample {
+        Sample {
+            variant,
+            round,
+            rps,
+            requests: 0,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            app_cpu_us: 0.0,
+            redis_cpu_us: None,
+            redis_cmds: None,
+            non_2xx: 0,
+            socket_errors: 0,
+            other_cpu_pct: 0.0,
+        }
+    }
+
+    #[test]
+    fn ratios_pair_each_round_with_its_own_bare() {
+        let samples = [
+            sample("bare", 1, 100.0),
+            sample("x", 1, 90.0),
+            sample("bare", 2, 50.0),
+            sample("x", 2, 40.0),
+            // No bare in round 3: not a ratio.
+            sample("x", 3, 10.0),
+        ];
+        assert_eq!(round_ratios(&samples, "x"), vec![0.9, 0.8]);
+        assert_eq!(round_ratios(&samples, "bare"), vec![1.0, 1.0]);
+        assert!(round_ratios(&samples, "y").is_empty());
     }
 
     #[test]

@@ -15,18 +15,50 @@ use crate::{API_REQUEST, RATE_LIMITED};
 
 /// The per-request handle handlers use to record custom metrics, found in
 /// the request extensions (`axum::Extension<Usage>`).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Usage {
-    tracker: UsageTracker,
+    tracker: TrackerRef,
     tenant: Arc<str>,
+}
+
+/// Where a [`Usage`] finds its tracker. The layer hands out its own
+/// configuration, which the request's future holds anyway: one reference
+/// count per request shared with other worker threads, not two.
+#[derive(Clone)]
+enum TrackerRef {
+    Tracker(UsageTracker),
+    Layer(Arc<LayerConfig>),
+}
+
+impl std::fmt::Debug for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Usage")
+            .field("tracker", self.tracker())
+            .field("tenant", &self.tenant)
+            .finish()
+    }
 }
 
 impl Usage {
     /// A handle for `tenant` on `tracker` (the layer builds these).
     pub fn new(tracker: UsageTracker, tenant: impl Into<Arc<str>>) -> Self {
         Usage {
-            tracker,
+            tracker: TrackerRef::Tracker(tracker),
             tenant: tenant.into(),
+        }
+    }
+
+    fn of_layer(cfg: Arc<LayerConfig>, tenant: Arc<str>) -> Self {
+        Usage {
+            tracker: TrackerRef::Layer(cfg),
+            tenant,
+        }
+    }
+
+    fn tracker(&self) -> &UsageTracker {
+        match &self.tracker {
+            TrackerRef::Tracker(t) => t,
+            TrackerRef::Layer(cfg) => &cfg.tracker,
         }
     }
 
@@ -38,13 +70,13 @@ impl Usage {
     /// Records `n` units of `metric` (e.g. `record("donation_cents", 2500)`);
     /// returns the estimated total.
     pub fn record(&self, metric: &str, n: i64) -> i64 {
-        self.tracker.record(&self.tenant, metric, n)
+        self.tracker().record(&self.tenant, metric, n)
     }
 
     /// Consumes `n` units of `metric` only if the total stays within
     /// `limit`, atomically across instances.
     pub async fn try_consume(&self, metric: &str, n: i64, limit: i64) -> QuotaOutcome {
-        self.tracker
+        self.tracker()
             .try_consume(&self.tenant, metric, n, limit)
             .await
     }
@@ -213,7 +245,7 @@ where
         drop(found);
         let mut req = Request::from_parts(parts, body);
         req.extensions_mut()
-            .insert(Usage::new(tracker.clone(), tenant.clone()));
+            .insert(Usage::of_layer(cfg.clone(), tenant.clone()));
         let post = Post {
             cfg: cfg.clone(),
             tenant,
