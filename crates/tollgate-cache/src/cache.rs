@@ -17,6 +17,7 @@ use tollgate_redis::fred::interfaces::{ClientLike, EventInterface, PubsubInterfa
 use crate::entry::{Entry, Stored};
 use crate::error::Error;
 use crate::flight::{Flights, Role};
+use crate::l1::{L1, L1Value};
 use crate::store::{MemoryStore, RedisStore, Store};
 
 /// Keys invalidated per pub/sub message.
@@ -54,40 +55,6 @@ const KEYS_PER_MESSAGE: usize = 1000;
 #[derive(Clone)]
 pub struct Cache {
     pub(crate) inner: Arc<Inner>,
-}
-
-/// The in-process L1: raw values, with HTTP entries decoded on first use.
-type L1 = moka::sync::Cache<String, L1Value>;
-
-/// One L1 value: the raw bytes, and the decoded response (memoised: every
-/// hit after the first shares it).
-#[derive(Clone)]
-pub(crate) struct L1Value {
-    raw: Bytes,
-    entry: Arc<std::sync::OnceLock<Option<Arc<Entry>>>>,
-}
-
-impl L1Value {
-    fn new(raw: Bytes, entry: Option<Arc<Entry>>) -> Self {
-        let memo = std::sync::OnceLock::new();
-        if let Some(e) = entry {
-            let _ = memo.set(Some(e));
-        }
-        L1Value {
-            raw,
-            entry: Arc::new(memo),
-        }
-    }
-
-    /// The stored response, when the value is one.
-    fn entry(&self) -> Option<Arc<Entry>> {
-        self.entry
-            .get_or_init(|| match Stored::decode(&self.raw) {
-                Ok(Stored::Response(e)) => Some(Arc::new(e)),
-                _ => None,
-            })
-            .clone()
-    }
 }
 
 /// What an HTTP cache key holds, decoded.
@@ -290,7 +257,7 @@ impl Cache {
     /// The stored response under `key` in this instance's L1, decoded once
     /// per L1 entry (not per hit). Synchronous: an L1 hit needs no task.
     pub(crate) fn l1_entry(&self, key: &str) -> Option<Arc<Entry>> {
-        self.inner.l1.as_ref()?.get(key)?.entry()
+        self.inner.l1.as_ref()?.entry(key)
     }
 
     /// What an HTTP cache key holds: L1 (decoded once), then the store.
@@ -599,15 +566,7 @@ impl CacheBuilder {
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::new(self.memory_bytes)));
         let l1 = match (&self.handle, self.l1) {
-            (Some(_), Some((ttl, bytes))) => Some(
-                moka::sync::Cache::builder()
-                    .max_capacity(bytes)
-                    .weigher(|k: &String, v: &L1Value| {
-                        u32::try_from(k.len() + v.raw.len()).unwrap_or(u32::MAX)
-                    })
-                    .time_to_live(ttl)
-                    .build(),
-            ),
+            (Some(_), Some((ttl, bytes))) => Some(L1::new(ttl, bytes)),
             _ => None,
         };
         let channel = self

@@ -86,6 +86,7 @@ mod flight;
 mod flow;
 mod future;
 mod key;
+mod l1;
 mod layer;
 mod route;
 mod service;
