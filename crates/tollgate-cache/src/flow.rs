@@ -287,8 +287,11 @@ impl Report {
 }
 
 fn count(label: &Arc<str>, outcome: &'static str) {
-    metrics::counter!("tollgate_cache_requests_total", "route" => metrics::SharedString::from(label.clone()), "outcome" => outcome)
-        .increment(1);
+    tollgate_redis::counters::increment(
+        "tollgate_cache_requests_total",
+        [Some(("route", label)), None],
+        [Some(("outcome", outcome)), None],
+    );
 }
 
 pub(crate) fn count_bypass(label: &Arc<str>) {

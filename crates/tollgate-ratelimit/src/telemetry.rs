@@ -1,86 +1,18 @@
 //! The rate limiter's metrics, through the `metrics` facade.
 //!
 //! Counters are labelled by policy and route template, never by key. Their
-//! keys are built once per thread and label set, then reused: a decision
-//! allocates nothing for its metrics. Only keys are kept, not handles, so
-//! a recorder installed after the first request still sees every
-//! increment.
+//! keys are built once per thread and label set
+//! ([`tollgate_redis::counters`]): a decision allocates nothing for its
+//! metrics.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use metrics::{Key, Label, Level, Metadata, SharedString};
+use metrics::{Key, Label, Level, Metadata};
+use tollgate_redis::counters::increment;
 
 use crate::decision::Outcome;
 
 static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
-
-/// A counter with route (and policy) labels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Kind {
-    /// `tollgate_ratelimit_decisions_total{policy, route, outcome}`.
-    Decision(Outcome),
-    /// `tollgate_ratelimit_fallback_total{policy, route}`.
-    Fallback,
-    /// `tollgate_ratelimit_deny_cache_hits_total{route}`.
-    DenyCacheHit,
-}
-
-/// Most keys one thread keeps; past that the set starts over (an
-/// application has a bounded number of routes and policies).
-const MAX_KEYS: usize = 4096;
-
-/// A key's identity: the addresses of its policy and route strings (the
-/// entry keeps both alive, so no other string can take those addresses
-/// while it exists) and the counter.
-type Id = (usize, usize, Kind);
-
-/// A built key, with the strings its identity points at.
-type Entry = (Arc<str>, Arc<str>, Key);
-
-thread_local! {
-    static KEYS: RefCell<HashMap<Id, Entry>> = RefCell::new(HashMap::new());
-}
-
-fn increment(kind: Kind, policy: &Arc<str>, route: &Arc<str>) {
-    let id = (
-        Arc::as_ptr(policy).cast::<u8>() as usize,
-        Arc::as_ptr(route).cast::<u8>() as usize,
-        kind,
-    );
-    KEYS.with_borrow_mut(|keys| {
-        if keys.len() >= MAX_KEYS && !keys.contains_key(&id) {
-            keys.clear();
-        }
-        let (_, _, key) = keys
-            .entry(id)
-            .or_insert_with(|| (policy.clone(), route.clone(), build(kind, policy, route)));
-        metrics::with_recorder(|r| r.register_counter(key, &META)).increment(1);
-    });
-}
-
-fn build(kind: Kind, policy: &Arc<str>, route: &Arc<str>) -> Key {
-    let label = |k: &'static str, v: &Arc<str>| Label::new(k, SharedString::from(v.clone()));
-    match kind {
-        Kind::Decision(outcome) => Key::from_parts(
-            "tollgate_ratelimit_decisions_total",
-            vec![
-                label("policy", policy),
-                label("route", route),
-                Label::from_static_parts("outcome", outcome_label(outcome)),
-            ],
-        ),
-        Kind::Fallback => Key::from_parts(
-            "tollgate_ratelimit_fallback_total",
-            vec![label("policy", policy), label("route", route)],
-        ),
-        Kind::DenyCacheHit => Key::from_parts(
-            "tollgate_ratelimit_deny_cache_hits_total",
-            vec![label("route", route)],
-        ),
-    }
-}
 
 fn outcome_label(o: Outcome) -> &'static str {
     match o {
@@ -93,17 +25,29 @@ fn outcome_label(o: Outcome) -> &'static str {
 
 /// Counts one policy's decision on one request.
 pub(crate) fn decision(policy: &Arc<str>, route: &Arc<str>, outcome: Outcome) {
-    increment(Kind::Decision(outcome), policy, route);
+    increment(
+        "tollgate_ratelimit_decisions_total",
+        [Some(("policy", policy)), Some(("route", route))],
+        [Some(("outcome", outcome_label(outcome))), None],
+    );
 }
 
 /// Counts a decision the in-process store made while Redis was down.
 pub(crate) fn fallback(policy: &Arc<str>, route: &Arc<str>) {
-    increment(Kind::Fallback, policy, route);
+    increment(
+        "tollgate_ratelimit_fallback_total",
+        [Some(("policy", policy)), Some(("route", route))],
+        [None, None],
+    );
 }
 
 /// Counts a request answered by the local deny cache.
 pub(crate) fn deny_cache_hit(route: &Arc<str>) {
-    increment(Kind::DenyCacheHit, route, route);
+    increment(
+        "tollgate_ratelimit_deny_cache_hits_total",
+        [Some(("route", route)), None],
+        [None, None],
+    );
 }
 
 /// Where a decision was made, for the latency histogram's `store` label.
@@ -141,7 +85,7 @@ mod tests {
     type Row = (
         metrics_util::CompositeKey,
         Option<metrics::Unit>,
-        Option<SharedString>,
+        Option<metrics::SharedString>,
         DebugValue,
     );
 

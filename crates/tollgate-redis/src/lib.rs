@@ -29,6 +29,7 @@
 mod breaker;
 mod coalesce;
 mod config;
+pub mod counters;
 mod error;
 mod handle;
 pub mod header_value;

@@ -301,12 +301,14 @@ impl Session {
                 (shared.memory.load(&hash).await?, Backend::Fallback)
             }
         };
-        metrics::counter!(
+        tollgate_redis::counters::increment(
             "tollgate_session_loads_total",
-            "store" => shared.label(backend),
-            "result" => if found.is_some() { "hit" } else { "miss" }
-        )
-        .increment(1);
+            [None, None],
+            [
+                Some(("store", shared.label(backend))),
+                Some(("result", if found.is_some() { "hit" } else { "miss" })),
+            ],
+        );
         st.phase = match found {
             Some(record) => Phase::Loaded {
                 id: id.clone(),
@@ -476,8 +478,11 @@ impl Session {
                         } else {
                             "saved"
                         };
-                        metrics::counter!("tollgate_session_saves_total", "store" => label, "result" => result)
-                            .increment(1);
+                        tollgate_redis::counters::increment(
+                            "tollgate_session_saves_total",
+                            [None, None],
+                            [Some(("store", label)), Some(("result", result))],
+                        );
                         Commit {
                             out: (resign || max_age).then_some(Outgoing::Set(id)),
                             failed: false,
