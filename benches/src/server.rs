@@ -126,7 +126,7 @@ pub async fn serve(args: ServerArgs) -> anyhow::Result<()> {
 
 /// Connects the shared handle. Unlike a real service, a benchmark must not
 /// start degraded: numbers from the fallback path would be mislabelled.
-async fn connect_redis(url: &str) -> anyhow::Result<RedisHandle> {
+pub async fn connect_redis(url: &str) -> anyhow::Result<RedisHandle> {
     let handle = RedisHandle::connect(
         RedisConfig::from_url(url)
             .namespace("bench")

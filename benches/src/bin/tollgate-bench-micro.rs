@@ -13,7 +13,7 @@
 //! `--tasks 2`, build with `--no-default-features` (no counting).
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use axum::body::Body;
@@ -99,15 +99,7 @@ async fn measure_all(
     {
         let spec = variants::find(name).with_context(|| format!("unknown variant {name:?}"))?;
         let redis = if spec.needs_redis {
-            Some(
-                tollgate_redis::RedisHandle::connect(
-                    tollgate_redis::RedisConfig::from_url(redis_url)
-                        .namespace("bench")
-                        .deadline(Duration::from_secs(1)),
-                )
-                .await
-                .context("connecting to Redis")?,
-            )
+            Some(tollgate_benches::server::connect_redis(redis_url).await?)
         } else {
             None
         };

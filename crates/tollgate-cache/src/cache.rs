@@ -17,7 +17,7 @@ use tollgate_redis::fred::interfaces::{ClientLike, EventInterface, PubsubInterfa
 use crate::entry::{Entry, Stored};
 use crate::error::Error;
 use crate::flight::{Flights, Role};
-use crate::l1::{L1, L1Value};
+use crate::l1::{L1, L1Value, LOCAL_MAX_BYTES};
 use crate::store::{MemoryStore, RedisStore, Store};
 
 /// Keys invalidated per pub/sub message.
@@ -94,7 +94,6 @@ struct DecodeMemo;
 type MemoSlot = Option<(Bytes, Arc<Entry>)>;
 
 const MEMO_SLOTS: usize = 64;
-const MEMO_MAX_BYTES: usize = 16 * 1024;
 
 thread_local! {
     static MEMO: std::cell::RefCell<(std::hash::RandomState, Vec<MemoSlot>)> =
@@ -113,7 +112,7 @@ impl DecodeMemo {
     }
 
     fn get(&self, key: &str, raw: &Bytes) -> Option<Arc<Entry>> {
-        if raw.len() > MEMO_MAX_BYTES {
+        if raw.len() > LOCAL_MAX_BYTES {
             return None;
         }
         Self::with_slot(key, |slot| match slot {
@@ -273,7 +272,7 @@ impl Cache {
         };
         let fetched = match self.inner.memo.get(key, &raw) {
             Some(e) => Fetched::Response(e),
-            None if raw.len() <= MEMO_MAX_BYTES => {
+            None if raw.len() <= LOCAL_MAX_BYTES => {
                 // A copy of its own: a slice of the client's read buffer
                 // would keep all of that buffer alive in the memo.
                 let own = Bytes::copy_from_slice(&raw);

@@ -35,7 +35,8 @@ const FRONT_SLOTS: usize = 16;
 /// Hits under one generation after which a slot holds a copy of its own.
 const LOCAL_AFTER_HITS: u32 = 8;
 
-/// Largest body a thread copies for itself.
+/// Largest entry a thread keeps a copy of its own of (here, and in the
+/// per-thread memo of decoded store reads).
 pub(crate) const LOCAL_MAX_BYTES: usize = 16 * 1024;
 
 /// One L1 value: the raw bytes, and the decoded response (memoised: every

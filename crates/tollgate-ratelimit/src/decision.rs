@@ -77,7 +77,7 @@ impl Decision {
         };
         let limit = u64::from(quota.capacity(algorithm));
         Decision {
-            policy: crate::policy::local_name(policy),
+            policy: tollgate_redis::local::local_str(policy),
             allowed: matches!(outcome, Outcome::Allowed | Outcome::ShadowDenied),
             outcome,
             limit,
@@ -91,11 +91,11 @@ impl Decision {
         }
     }
 
-    /// A copy holding this thread's own reference to the policy name (see
-    /// [`local_name`](crate::policy::local_name)).
+    /// A copy holding this thread's own copy of the policy name
+    /// ([`tollgate_redis::local`]).
     pub(crate) fn local_copy(&self) -> Self {
         Decision {
-            policy: crate::policy::local_name(&self.policy),
+            policy: tollgate_redis::local::local_str(&self.policy),
             ..*self
         }
     }
@@ -104,7 +104,7 @@ impl Decision {
     pub(crate) fn fail_open(policy: &Arc<str>, quota: &Quota, algorithm: Algorithm) -> Self {
         let limit = u64::from(quota.capacity(algorithm));
         Decision {
-            policy: crate::policy::local_name(policy),
+            policy: tollgate_redis::local::local_str(policy),
             allowed: true,
             outcome: Outcome::Allowed,
             limit,

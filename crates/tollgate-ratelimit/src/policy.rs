@@ -412,34 +412,6 @@ pub(crate) struct Resolved<'a> {
     pub cost: u32,
 }
 
-/// Most policy names one thread keeps a copy of.
-const MAX_NAMES: usize = 64;
-
-/// This thread's own copy of a policy's name: a decision carries the name,
-/// and cloning the table's one `Arc` from every worker thread would bounce
-/// its reference count between cores on every request. Keyed by the
-/// table's `Arc` (kept alive here, so its address is never reused).
-pub(crate) fn local_name(name: &Arc<str>) -> Arc<str> {
-    thread_local! {
-        static NAMES: std::cell::RefCell<Vec<(Arc<str>, Arc<str>)>> =
-            const { std::cell::RefCell::new(Vec::new()) };
-    }
-    NAMES.with(|names| {
-        let Ok(mut names) = names.try_borrow_mut() else {
-            return name.clone();
-        };
-        if let Some((_, local)) = names.iter().find(|(shared, _)| Arc::ptr_eq(shared, name)) {
-            return local.clone();
-        }
-        if names.len() >= MAX_NAMES {
-            return name.clone();
-        }
-        let local: Arc<str> = Arc::from(&**name);
-        names.push((name.clone(), local.clone()));
-        local
-    })
-}
-
 impl PolicyTable {
     /// A builder.
     pub fn builder() -> PolicyTableBuilder {

@@ -237,11 +237,15 @@ where
         // Counted here, before the inner call, in the common case: batched
         // in process, no round trip. The checked path counts after its
         // round trip.
-        let (total, tenant) = if checked {
-            (0, tollgate_redis::local::local_str(tenant))
+        let total = if checked {
+            0
         } else {
-            tracker.record_tenant(tenant, API_REQUEST, 1)
+            tracker.record(tenant, API_REQUEST, 1)
         };
+        // This thread's own copy of the id: the request's future and its
+        // `Usage` handle clone it without touching a reference count other
+        // worker threads share.
+        let tenant = tollgate_redis::local::local_str(tenant);
         drop(found);
         let mut req = Request::from_parts(parts, body);
         req.extensions_mut()

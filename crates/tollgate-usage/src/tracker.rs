@@ -175,10 +175,9 @@ struct Buffer {
     /// time inside it finds its label here, under the lock it takes anyway
     /// (no second lock, no reference count touched).
     recent: Option<RecentPeriod>,
-    /// Units buffered by increments, counted here under the lock they take
-    /// anyway: atomics shared by every worker thread would bounce between
-    /// cores on every request. [`UsageTracker::stats`] adds them to the
-    /// tracker's own counters.
+    /// Units buffered by increments ([`UsageStats::buffered`]), counted
+    /// here under the lock they take anyway: an atomic shared by every
+    /// worker thread would bounce between cores on every request.
     added: u64,
     /// Their share of the pending units (the rest is counted in
     /// `Inner::pending_units`, by the paths that are not per request).
@@ -228,7 +227,6 @@ struct Inner {
     flush_lock: tokio::sync::Mutex<()>,
     notify: Notify,
     closed: AtomicBool,
-    buffered: AtomicU64,
     flushed: AtomicU64,
     flush_errors: AtomicU64,
     dropped: AtomicU64,
@@ -272,7 +270,6 @@ impl UsageTracker {
             flush_lock: tokio::sync::Mutex::new(()),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
-            buffered: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             flush_errors: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -346,17 +343,6 @@ impl UsageTracker {
             return 0;
         }
         self.add(tenant, metric, At::Time(at_ms), n, false)
-    }
-
-    /// [`record`](Self::record), also returning the tenant id as a shared
-    /// string: the one the buffer already holds for a known tenant (no
-    /// allocation), a new one otherwise.
-    pub(crate) fn record_tenant(&self, tenant: &str, metric: &str, n: i64) -> (i64, Arc<str>) {
-        let total = self.add(tenant, metric, At::Time(now_ms()), n, false);
-        // This thread's own copy of the name: the request's future and its
-        // `Usage` handle clone it without touching a count other worker
-        // threads share.
-        (total, tollgate_redis::local::local_str(tenant))
     }
 
     fn period_for(&self, at_ms: i64) -> (Arc<str>, i64) {
@@ -680,10 +666,11 @@ impl UsageTracker {
     fn restore(&self, batch: Batch) {
         for t in batch.tenants {
             for (m, n) in t.metrics {
-                self.inner.pending_units.fetch_sub(n, Ordering::Relaxed);
-                self.inner
-                    .buffered
-                    .fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
+                // Counted when first recorded: counted again below.
+                if let Ok(mut b) = self.inner.buffer.lock() {
+                    b.added = b.added.saturating_sub(n.unsigned_abs());
+                    b.added_pending -= n;
+                }
                 self.buffer_units(&t.tenant, &m, &t.period, t.expire_at, n);
             }
             for (m, n) in t.top_only {
@@ -820,9 +807,7 @@ impl UsageTracker {
         };
         let pending = i.pending_units.load(Ordering::Relaxed) + added_pending;
         UsageStats {
-            // Wrapping: a restored batch is subtracted from the shared counter
-            // and counted again in the buffer's share.
-            buffered: i.buffered.load(Ordering::Relaxed).wrapping_add(added),
+            buffered: added,
             flushed: i.flushed.load(Ordering::Relaxed),
             flush_errors: i.flush_errors.load(Ordering::Relaxed),
             dropped: i.dropped.load(Ordering::Relaxed),
