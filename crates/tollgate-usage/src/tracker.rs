@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -166,10 +166,14 @@ struct TenantBuf {
     idle_flushes: u8,
 }
 
+/// One share of the in-process buffer. Each thread records into its own
+/// share, so worker threads do not take one lock (and move its cache line
+/// between cores) on every request; the flusher takes every share.
 #[derive(Debug, Default)]
 struct Buffer {
     tenants: std::collections::HashMap<Arc<str>, TenantBuf>,
-    /// Counters with something pending.
+    /// Counters of this share with something pending (the sum over the
+    /// shares is `Inner::dirty`).
     dirty: usize,
     /// The period of the last increment made by time: the next one for a
     /// time inside it finds its label here, under the lock it takes anyway
@@ -190,6 +194,38 @@ struct RecentPeriod {
     end_ms: i64,
     label: Arc<str>,
     expire_at: i64,
+}
+
+/// A buffer share on cache lines of its own.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Shard(Mutex<Buffer>);
+
+/// The next share index handed to a thread.
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's share index (modulo the number of shares).
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many shares a tracker has: a few per core, so that worker threads
+/// rarely share one.
+fn shard_count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get() * 2)
+        .clamp(2, 64)
+}
+
+/// What an increment is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Units {
+    /// New units: counted as buffered.
+    Fresh,
+    /// Units of a batch that never reached the store: already counted.
+    Restored,
+    /// Units for the top set only (the hash was written by a quota check).
+    TopOnly,
 }
 
 /// The period an increment is for.
@@ -218,7 +254,11 @@ pub struct UsageTracker {
 struct Inner {
     store: Store,
     config: UsageConfig,
-    buffer: Mutex<Buffer>,
+    shards: Box<[Shard]>,
+    /// Counters with something pending, over all shares: bounds the
+    /// buffer and triggers a flush. Written only when a counter becomes
+    /// pending or is flushed, not on every increment.
+    dirty: AtomicUsize,
     pending: Mutex<std::collections::VecDeque<Batch>>,
     replays: Mutex<Vec<QuotaOp>>,
     current: RwLock<CurrentPeriod>,
@@ -261,7 +301,8 @@ impl UsageTracker {
         let inner = Arc::new(Inner {
             store,
             config,
-            buffer: Mutex::new(Buffer::default()),
+            shards: (0..shard_count()).map(|_| Shard::default()).collect(),
+            dirty: AtomicUsize::new(0),
             pending: Mutex::new(Default::default()),
             replays: Mutex::new(Vec::new()),
             current: RwLock::new(current),
@@ -329,9 +370,10 @@ impl UsageTracker {
 
     /// Adds `n` units of `metric` for `tenant` in the current period, in
     /// process; the flusher writes them. Returns the tenant's estimated
-    /// total for the metric (the store's last known total plus what is
-    /// pending here). Recording for a counter already seen does not
-    /// allocate.
+    /// total for the metric: the store's total at the last flush plus what
+    /// this thread's share of the buffer holds (increments made since by
+    /// other threads or instances show after the next flush). Recording
+    /// for a counter already seen does not allocate.
     pub fn record(&self, tenant: &str, metric: &str, n: i64) -> i64 {
         self.record_at(tenant, metric, n, now_ms())
     }
@@ -342,7 +384,7 @@ impl UsageTracker {
         if n == 0 {
             return 0;
         }
-        self.add(tenant, metric, At::Time(at_ms), n, false)
+        self.add(tenant, metric, At::Time(at_ms), n, Units::Fresh)
     }
 
     fn period_for(&self, at_ms: i64) -> (Arc<str>, i64) {
@@ -370,13 +412,53 @@ impl UsageTracker {
     /// Buffers `n` units that could not be written now, in the period
     /// they were meant for: the flusher writes them later.
     fn buffer_units(&self, tenant: &str, metric: &str, label: &Arc<str>, expire_at: i64, n: i64) {
-        self.add(tenant, metric, At::Period(label, expire_at), n, false);
+        self.add(
+            tenant,
+            metric,
+            At::Period(label, expire_at),
+            n,
+            Units::Fresh,
+        );
+    }
+
+    /// This thread's share of the buffer.
+    fn shard(&self) -> &Mutex<Buffer> {
+        let shards = &self.inner.shards;
+        &shards[SHARD.with(|i| *i) % shards.len()].0
+    }
+
+    /// Every share of the buffer, in turn (one lock at a time).
+    fn each_shard(&self, mut f: impl FnMut(&mut Buffer)) {
+        for shard in &self.inner.shards {
+            match shard.0.lock() {
+                Ok(mut b) => f(&mut b),
+                Err(p) => f(&mut p.into_inner()),
+            }
+        }
+    }
+
+    /// The store total another share last saw for a counter this share
+    /// does not have yet (0 when none did, or its lock is busy): the
+    /// estimate of a new counter starts from it rather than from zero.
+    fn known_elsewhere(&self, own: &Mutex<Buffer>, tenant: &str, label: &str, metric: &str) -> i64 {
+        self.inner
+            .shards
+            .iter()
+            .filter(|s| !std::ptr::eq(&s.0, own))
+            // try_lock: this thread holds its own share's lock, and
+            // waiting for another's could deadlock with a thread doing the
+            // same the other way round.
+            .filter_map(|s| s.0.try_lock().ok())
+            .filter_map(|b| counter_in(&b, tenant, label, metric).map(|c| c.known))
+            .max()
+            .unwrap_or(0)
     }
 
     /// The one entry point of every kind of increment.
-    fn add(&self, tenant: &str, metric: &str, at: At<'_>, n: i64, top_only: bool) -> i64 {
+    fn add(&self, tenant: &str, metric: &str, at: At<'_>, n: i64, units: Units) -> i64 {
         let inner = &self.inner;
-        let Ok(mut buf) = inner.buffer.lock() else {
+        let shard = self.shard();
+        let Ok(mut buf) = shard.lock() else {
             return 0;
         };
         let Buffer {
@@ -401,10 +483,10 @@ impl UsageTracker {
                 }
             }
         };
-        let full = *dirty >= inner.config.max_buffered;
+        let full = inner.dirty.load(Ordering::Relaxed) >= inner.config.max_buffered;
         let tb = match tenants.get_mut(tenant) {
             Some(tb) => tb,
-            None if full => return self.drop_units(n, top_only),
+            None if full => return self.drop_units(n, units, added_pending),
             None => tenants.entry(Arc::from(tenant)).or_insert(TenantBuf {
                 periods: Vec::new(),
                 idle_flushes: 0,
@@ -412,7 +494,7 @@ impl UsageTracker {
         };
         let pb = match tb.periods.iter().position(|p| p.label == *label) {
             Some(i) => &mut tb.periods[i],
-            None if full => return self.drop_units(n, top_only),
+            None if full => return self.drop_units(n, units, added_pending),
             None => {
                 tb.periods.push(PeriodBuf {
                     label: label.clone(),
@@ -424,44 +506,52 @@ impl UsageTracker {
         };
         let c = match pb.counters.iter().position(|c| &*c.metric == metric) {
             Some(i) => &mut pb.counters[i],
-            None if full => return self.drop_units(n, top_only),
+            None if full => return self.drop_units(n, units, added_pending),
             None => {
+                let known = self.known_elsewhere(shard, tenant, label, metric);
                 pb.counters.push(Counter {
                     metric: Arc::from(metric),
                     pending: 0,
                     top_only: 0,
-                    known: 0,
+                    known,
                 });
                 pb.counters.last_mut().expect("just pushed")
             }
         };
+        let mut dirty_total = None;
         if c.pending == 0 && c.top_only == 0 {
             if full {
-                return self.drop_units(n, top_only);
+                return self.drop_units(n, units, added_pending);
             }
             *dirty += 1;
+            dirty_total = Some(inner.dirty.fetch_add(1, Ordering::Relaxed) + 1);
         }
-        if top_only {
+        if units == Units::TopOnly {
             c.top_only += n;
         } else {
             c.pending += n;
         }
         let estimate = c.known + c.pending;
-        let dirty = *dirty;
-        if !top_only {
+        if units == Units::Fresh {
             *added += n.unsigned_abs();
             *added_pending += n;
         }
-        if dirty >= inner.config.flush_threshold {
+        let dirty_total = dirty_total.unwrap_or_else(|| inner.dirty.load(Ordering::Relaxed));
+        if dirty_total >= inner.config.flush_threshold {
             inner.notify.notify_one();
         }
         estimate
     }
 
-    fn drop_units(&self, n: i64, top_only: bool) -> i64 {
+    /// Counts units the buffer has no room for as dropped; restored units
+    /// also stop being pending (`added_pending` is the share's).
+    fn drop_units(&self, n: i64, units: Units, added_pending: &mut i64) -> i64 {
+        if units == Units::Restored {
+            *added_pending -= n;
+        }
         // A top-only increment is already in the tenant's hash: only the
         // ranking misses it.
-        if !top_only {
+        if units != Units::TopOnly {
             self.inner
                 .dropped
                 .fetch_add(n.unsigned_abs(), Ordering::Relaxed);
@@ -534,7 +624,13 @@ impl UsageTracker {
             }) => {
                 self.set_known(tenant, metric, &label, total);
                 if self.inner.config.top {
-                    self.add(tenant, metric, At::Period(&label, expire_at), n, true);
+                    self.add(
+                        tenant,
+                        metric,
+                        At::Period(&label, expire_at),
+                        n,
+                        Units::TopOnly,
+                    );
                 }
                 QuotaOutcome::Allowed { total }
             }
@@ -563,38 +659,33 @@ impl UsageTracker {
         }
     }
 
+    /// Records the store's total for a counter, in every share that has it.
     fn set_known(&self, tenant: &str, metric: &str, label: &Arc<str>, total: i64) {
-        let Ok(mut buf) = self.inner.buffer.lock() else {
-            return;
-        };
-        if let Some(c) = buf
-            .tenants
-            .get_mut(tenant)
-            .and_then(|t| t.periods.iter_mut().find(|p| p.label == *label))
-            .and_then(|p| p.counters.iter_mut().find(|c| &*c.metric == metric))
-        {
-            c.known = total;
-        }
+        self.each_shard(|buf| {
+            if let Some(c) = counter_in_mut(buf, tenant, label, metric) {
+                c.known = total;
+            }
+        });
     }
 
+    /// Records the store's totals after a flush, in every share.
     fn learn(&self, totals: &Totals) {
-        let Ok(mut buf) = self.inner.buffer.lock() else {
-            return;
-        };
-        for (tenant, period, metrics) in totals {
-            let Some(pb) = buf
-                .tenants
-                .get_mut(tenant)
-                .and_then(|t| t.periods.iter_mut().find(|p| p.label == *period))
-            else {
-                continue;
-            };
-            for (m, total) in metrics {
-                if let Some(c) = pb.counters.iter_mut().find(|c| c.metric == *m) {
-                    c.known = *total;
+        self.each_shard(|buf| {
+            for (tenant, period, metrics) in totals {
+                let Some(pb) = buf
+                    .tenants
+                    .get_mut(tenant)
+                    .and_then(|t| t.periods.iter_mut().find(|p| p.label == *period))
+                else {
+                    continue;
+                };
+                for (m, total) in metrics {
+                    if let Some(c) = pb.counters.iter_mut().find(|c| c.metric == *m) {
+                        c.known = *total;
+                    }
                 }
             }
-        }
+        });
     }
 
     fn next_id(&self) -> String {
@@ -605,56 +696,77 @@ impl UsageTracker {
         )
     }
 
-    /// Takes everything pending out of the buffer as one batch (counters
-    /// stay, at zero, so recording for them again does not allocate).
+    /// Takes everything pending out of every share of the buffer as one
+    /// batch (counters stay, at zero, so recording for them again does not
+    /// allocate).
     fn take(&self) -> Option<Batch> {
-        let mut buf = self.inner.buffer.lock().ok()?;
-        if buf.dirty == 0 {
-            // Forget tenants idle for several flushes to bound memory.
-            buf.tenants.retain(|_, t| {
-                t.idle_flushes = t.idle_flushes.saturating_add(1);
-                t.idle_flushes < 3
-            });
+        let current: Option<Arc<str>> = self.inner.current.read().ok().map(|c| c.label.clone());
+        let mut tenants: Vec<TenantIncrements> = Vec::new();
+        // (tenant, period) → its place in `tenants`: shares holding the
+        // same counters merge into one entry.
+        let mut index: std::collections::HashMap<(Arc<str>, Arc<str>), usize> =
+            std::collections::HashMap::new();
+        self.each_shard(|buf| {
+            if buf.dirty == 0 {
+                // Forget tenants idle for several flushes to bound memory.
+                buf.tenants.retain(|_, t| {
+                    t.idle_flushes = t.idle_flushes.saturating_add(1);
+                    t.idle_flushes < 3
+                });
+                return;
+            }
+            for (tenant, tb) in &mut buf.tenants {
+                let mut any = false;
+                for pb in &mut tb.periods {
+                    let mut metrics = Vec::new();
+                    let mut top_only = Vec::new();
+                    for c in &mut pb.counters {
+                        if c.pending != 0 {
+                            metrics.push((c.metric.clone(), std::mem::take(&mut c.pending)));
+                        }
+                        if c.top_only != 0 {
+                            top_only.push((c.metric.clone(), std::mem::take(&mut c.top_only)));
+                        }
+                    }
+                    if metrics.is_empty() && top_only.is_empty() {
+                        continue;
+                    }
+                    any = true;
+                    match index.entry((tenant.clone(), pb.label.clone())) {
+                        std::collections::hash_map::Entry::Occupied(e) => {
+                            let t = &mut tenants[*e.get()];
+                            merge(&mut t.metrics, metrics);
+                            merge(&mut t.top_only, top_only);
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(tenants.len());
+                            tenants.push(TenantIncrements {
+                                tenant: tenant.clone(),
+                                period: pb.label.clone(),
+                                expire_at: pb.expire_at,
+                                metrics,
+                                top_only,
+                            });
+                        }
+                    }
+                }
+                tb.idle_flushes = if any {
+                    0
+                } else {
+                    tb.idle_flushes.saturating_add(1)
+                };
+            }
+            self.inner.dirty.fetch_sub(buf.dirty, Ordering::Relaxed);
+            buf.dirty = 0;
+            // Drop periods that are over and fully written.
+            for tb in buf.tenants.values_mut() {
+                tb.periods.retain(|p| Some(&p.label) == current.as_ref());
+            }
+            buf.tenants.retain(|_, t| t.idle_flushes < 3);
+        });
+        if tenants.is_empty() {
             return None;
         }
-        let mut tenants = Vec::new();
-        for (tenant, tb) in buf.tenants.iter_mut() {
-            let mut any = false;
-            for pb in &mut tb.periods {
-                let mut metrics = Vec::new();
-                let mut top_only = Vec::new();
-                for c in &mut pb.counters {
-                    if c.pending != 0 {
-                        metrics.push((c.metric.clone(), std::mem::take(&mut c.pending)));
-                    }
-                    if c.top_only != 0 {
-                        top_only.push((c.metric.clone(), std::mem::take(&mut c.top_only)));
-                    }
-                }
-                if !metrics.is_empty() || !top_only.is_empty() {
-                    any = true;
-                    tenants.push(TenantIncrements {
-                        tenant: tenant.clone(),
-                        period: pb.label.clone(),
-                        expire_at: pb.expire_at,
-                        metrics,
-                        top_only,
-                    });
-                }
-            }
-            tb.idle_flushes = if any {
-                0
-            } else {
-                tb.idle_flushes.saturating_add(1)
-            };
-        }
-        buf.dirty = 0;
-        let current: Option<Arc<str>> = self.inner.current.read().ok().map(|c| c.label.clone());
-        // Drop periods that are over and fully written.
-        for tb in buf.tenants.values_mut() {
-            tb.periods.retain(|p| Some(&p.label) == current.as_ref());
-        }
-        buf.tenants.retain(|_, t| t.idle_flushes < 3);
         Some(Batch {
             id: self.next_id(),
             tenants,
@@ -662,19 +774,16 @@ impl UsageTracker {
         })
     }
 
-    /// Puts a batch that never reached the store back into the buffer.
+    /// Puts a batch that never reached the store back into the buffer
+    /// (still counted as pending: it never stopped being).
     fn restore(&self, batch: Batch) {
         for t in batch.tenants {
+            let at = At::Period(&t.period, t.expire_at);
             for (m, n) in t.metrics {
-                // Counted when first recorded: counted again below.
-                if let Ok(mut b) = self.inner.buffer.lock() {
-                    b.added = b.added.saturating_sub(n.unsigned_abs());
-                    b.added_pending -= n;
-                }
-                self.buffer_units(&t.tenant, &m, &t.period, t.expire_at, n);
+                self.add(&t.tenant, &m, at, n, Units::Restored);
             }
             for (m, n) in t.top_only {
-                self.add(&t.tenant, &m, At::Period(&t.period, t.expire_at), n, true);
+                self.add(&t.tenant, &m, at, n, Units::TopOnly);
             }
         }
     }
@@ -739,7 +848,7 @@ impl UsageTracker {
                             &op.metric,
                             At::Period(&op.period, op.expire_at),
                             op.n,
-                            true,
+                            Units::TopOnly,
                         );
                     }
                 }
@@ -801,10 +910,11 @@ impl UsageTracker {
     /// The tracker's own counters.
     pub fn stats(&self) -> UsageStats {
         let i = &self.inner;
-        let (added, added_pending) = match i.buffer.lock() {
-            Ok(b) => (b.added, b.added_pending),
-            Err(p) => (p.get_ref().added, p.get_ref().added_pending),
-        };
+        let (mut added, mut added_pending) = (0, 0);
+        self.each_shard(|b| {
+            added += b.added;
+            added_pending += b.added_pending;
+        });
         let pending = i.pending_units.load(Ordering::Relaxed) + added_pending;
         UsageStats {
             buffered: added,
@@ -835,9 +945,7 @@ impl UsageTracker {
                 );
                 self.inner.dropped.fetch_add(s.pending, Ordering::Relaxed);
                 // Nothing is pending any more, in either share.
-                if let Ok(mut b) = self.inner.buffer.lock() {
-                    b.added_pending = 0;
-                }
+                self.each_shard(|b| b.added_pending = 0);
                 self.inner.pending_units.store(0, Ordering::Relaxed);
                 self.export();
                 break;
@@ -899,6 +1007,45 @@ impl UsageTracker {
             }
         }
         Ok(out)
+    }
+}
+
+/// The counter of `metric` for `tenant` in `label`, if the share has it.
+fn counter_in<'b>(buf: &'b Buffer, tenant: &str, label: &str, metric: &str) -> Option<&'b Counter> {
+    buf.tenants
+        .get(tenant)?
+        .periods
+        .iter()
+        .find(|p| &*p.label == label)?
+        .counters
+        .iter()
+        .find(|c| &*c.metric == metric)
+}
+
+/// [`counter_in`], mutably.
+fn counter_in_mut<'b>(
+    buf: &'b mut Buffer,
+    tenant: &str,
+    label: &str,
+    metric: &str,
+) -> Option<&'b mut Counter> {
+    buf.tenants
+        .get_mut(tenant)?
+        .periods
+        .iter_mut()
+        .find(|p| &*p.label == label)?
+        .counters
+        .iter_mut()
+        .find(|c| &*c.metric == metric)
+}
+
+/// Adds `more` into `into`, metric by metric.
+fn merge(into: &mut Vec<(Arc<str>, i64)>, more: Vec<(Arc<str>, i64)>) {
+    for (m, n) in more {
+        match into.iter_mut().find(|(k, _)| *k == m) {
+            Some((_, total)) => *total += n,
+            None => into.push((m, n)),
+        }
     }
 }
 

@@ -57,6 +57,7 @@ type Make = Box<dyn Fn() -> UsageTracker + Send + Sync>;
 
 store_suite!(
     records_flushes_and_reports,
+    increments_from_many_threads_flush_as_one,
     a_retried_batch_counts_once,
     a_replayed_quota_operation_counts_once,
     hard_quota_is_exact_across_instances,
@@ -85,6 +86,43 @@ async fn records_flushes_and_reports(make: Make) {
     assert_eq!(t.stats().pending, 0);
     // Recording again for a counter already seen returns the estimate.
     assert_eq!(t.record("acme", "api_request", 1), 4);
+}
+
+/// Each thread records into its own share of the buffer; a flush writes
+/// the sum, and a thread that never saw a counter starts its estimate from
+/// the store's total.
+async fn increments_from_many_threads_flush_as_one(make: Make) {
+    let t = make();
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                for _ in 0..1_000 {
+                    t.record("acme", "api_request", 1);
+                }
+                t.record(&format!("tenant-{i}"), "email_sent", 10);
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().expect("recording thread");
+    }
+    t.flush().await.expect("flush");
+    let acme = t.usage("acme", None).await.expect("usage");
+    assert_eq!(acme.get("api_request"), Some(&8_000));
+    let top = t.top("email_sent", None, 10).await.expect("top");
+    assert_eq!(top.len(), 8);
+    assert!(top.iter().all(|(_, n)| *n == 10), "{top:?}");
+    let stats = t.stats();
+    assert_eq!(
+        (stats.buffered, stats.flushed, stats.pending),
+        (8_080, 8_080, 0)
+    );
+    let t2 = t.clone();
+    let estimate = std::thread::spawn(move || t2.record("acme", "api_request", 1))
+        .join()
+        .expect("estimating thread");
+    assert_eq!(estimate, 8_001);
 }
 
 fn batch(period: &str, tenant: &str, n: i64) -> Batch {
