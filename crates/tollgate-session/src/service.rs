@@ -79,17 +79,13 @@ where
 }
 
 fn client_info<B>(req: &Request<B>) -> ClientInfo {
-    let user_agent = req
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let user_agent = req.headers().get(header::USER_AGENT).cloned();
     let ip = req
         .extensions()
         .get::<std::net::SocketAddr>()
         .copied()
         .or_else(|| connect_info(req))
-        .map(|a| a.ip().to_string());
+        .map(|a| a.ip());
     ClientInfo { user_agent, ip }
 }
 

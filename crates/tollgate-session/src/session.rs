@@ -42,11 +42,28 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// The client as seen at creation time.
+/// The client as seen by the request, kept as it came: it is written
+/// (as text) only when the request creates a session, so the requests that
+/// do not format nothing.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ClientInfo {
-    pub(crate) user_agent: Option<String>,
-    pub(crate) ip: Option<String>,
+    pub(crate) user_agent: Option<http::HeaderValue>,
+    pub(crate) ip: Option<std::net::IpAddr>,
+}
+
+impl ClientInfo {
+    /// The `User-Agent`, when it is text.
+    fn user_agent(&self) -> Option<String> {
+        self.user_agent
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// The IP address, as text.
+    fn ip(&self) -> Option<String> {
+        self.ip.map(|ip| ip.to_string())
+    }
 }
 
 struct State {
@@ -377,8 +394,8 @@ impl Session {
                 let new = NewRecord {
                     data: diff.set,
                     user: diff.user.flatten(),
-                    user_agent: self.inner.client.user_agent.clone(),
-                    ip: self.inner.client.ip.clone(),
+                    user_agent: self.inner.client.user_agent(),
+                    ip: self.inner.client.ip(),
                     created_at: None,
                     expires_at: None,
                 };
