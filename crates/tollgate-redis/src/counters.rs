@@ -45,7 +45,10 @@ fn static_id(s: &'static str) -> Static {
 type Entry = ([Option<Arc<str>>; 2], Key);
 
 thread_local! {
-    static KEYS: RefCell<HashMap<Id, Entry>> = RefCell::new(HashMap::new());
+    /// Keyed by addresses and lengths, never by request data: the fast
+    /// hasher is enough.
+    static KEYS: RefCell<HashMap<Id, Entry, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
 }
 
 /// Adds 1 to the counter `name` labelled by up to two `dynamic` labels,

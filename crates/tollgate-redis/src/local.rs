@@ -15,7 +15,10 @@ use std::sync::Arc;
 pub const MAX_LOCAL_STRINGS: usize = 4096;
 
 thread_local! {
-    static STRINGS: RefCell<HashSet<Arc<str>>> = RefCell::new(HashSet::new());
+    /// Strings may come from requests (a tenant's API key): the seeded
+    /// quality hasher, and the size bound, keep crafted collisions cheap.
+    static STRINGS: RefCell<HashSet<Arc<str>, foldhash::quality::RandomState>> =
+        RefCell::new(HashSet::default());
 }
 
 /// `s` as an `Arc<str>` from this thread's own set: no allocation for a
