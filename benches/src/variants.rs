@@ -68,6 +68,11 @@ pub const VARIANTS: &[VariantSpec] = &[
         about: "tower_governor per-IP limiter (in process), limit never reached",
     },
     VariantSpec {
+        name: "governor-headers",
+        needs_redis: false,
+        about: "tower_governor per-IP limiter with its rate-limit headers on every response (the peer of the fallback, which always sends them)",
+    },
+    VariantSpec {
         name: "naive-incr",
         needs_redis: true,
         about: "per request: one fred pipeline INCR + EXPIRE on bench:{ip}",
@@ -194,15 +199,24 @@ pub async fn build(name: &str, deps: &Deps) -> anyhow::Result<Router> {
             }))
         }
 
-        "governor" => {
+        "governor" | "governor-headers" => {
             // 1,000,000 per second, burst 1,000,000: never denies under the
             // benchmark, so the table shows the cost of the layer alone.
-            let config = GovernorConfigBuilder::default()
-                .per_nanosecond(1_000)
-                .burst_size(1_000_000)
-                .finish()
-                .context("tower_governor rejected the configuration")?;
-            ping_router().layer(GovernorLayer::new(Arc::new(config)))
+            let mut config = GovernorConfigBuilder::default();
+            config.per_nanosecond(1_000).burst_size(1_000_000);
+            if name == "governor" {
+                let config = config
+                    .finish()
+                    .context("tower_governor rejected the configuration")?;
+                ping_router().layer(GovernorLayer::new(Arc::new(config)))
+            } else {
+                // x-ratelimit-* headers on every response, as the fallback.
+                let config = config
+                    .use_headers()
+                    .finish()
+                    .context("tower_governor rejected the configuration")?;
+                ping_router().layer(GovernorLayer::new(Arc::new(config)))
+            }
         }
 
         "naive-incr" => {
