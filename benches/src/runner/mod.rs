@@ -93,9 +93,28 @@ pub fn run(args: RunnerArgs) -> anyhow::Result<()> {
     };
     println!("{}", settings.header());
 
+    // Each round runs `bare` between every two variants (bare A bare B
+    // bare …): a variant's ratio is taken against the `bare` runs right
+    // before and after it, so a machine whose speed drifts over a round
+    // (shared hosts do) does not skew the variants run late in it.
+    let bare = selected
+        .iter()
+        .copied()
+        .find(|v| v.name == "bare")
+        .context("the bare variant is missing")?;
+    let others: Vec<&VariantSpec> = selected
+        .iter()
+        .copied()
+        .filter(|v| v.name != "bare")
+        .collect();
+    let mut order: Vec<&VariantSpec> = vec![bare];
+    for v in &others {
+        order.push(v);
+        order.push(bare);
+    }
     let mut samples: Vec<Sample> = Vec::new();
     for round in 1..=args.rounds {
-        for variant in &selected {
+        for variant in &order {
             let mut best: Option<Sample> = None;
             for attempt in 0..=args.retries {
                 if attempt > 0 {
@@ -111,8 +130,9 @@ pub fn run(args: RunnerArgs) -> anyhow::Result<()> {
                 } else {
                     None
                 };
-                let sample = run_one(&exe, &args, variant, round, redis, ticks)
+                let mut sample = run_one(&exe, &args, variant, round, redis, ticks)
                     .with_context(|| format!("round {round}, variant {}", variant.name))?;
+                sample.seq = samples.len();
                 println!("{}", sample.progress_line(args.rounds));
                 let disturbed = sample.other_cpu_pct > report::DISTURBED_PCT;
                 if best
@@ -196,6 +216,7 @@ fn run_one(
         other_cpu_pct,
         non_2xx: out.non_2xx,
         socket_errors: out.socket_errors,
+        seq: 0,
     })
 }
 

@@ -33,6 +33,8 @@ pub struct Sample {
     /// Share of the machine's CPU that went to other processes during the
     /// run, percent: anything high means the run was disturbed.
     pub other_cpu_pct: f64,
+    /// Position in the whole run (0, 1, …): which runs were neighbours.
+    pub seq: usize,
 }
 
 /// Above this share of the machine's CPU going elsewhere, a run is reported
@@ -122,17 +124,31 @@ pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
     })
 }
 
-/// The variant's req/s divided by `bare`'s, one ratio per round that
-/// measured both.
-fn round_ratios(samples: &[Sample], variant: &str) -> Vec<f64> {
+/// The variant's req/s divided by `bare`'s, one ratio per run of the
+/// variant: `bare` is the mean of the `bare` runs right before and right
+/// after it (either one alone at an end).
+fn paired_ratios(samples: &[Sample], variant: &str) -> Vec<f64> {
+    if variant == "bare" {
+        return samples
+            .iter()
+            .filter(|s| s.variant == "bare")
+            .map(|_| 1.0)
+            .collect();
+    }
+    let bare_at = |seq: Option<usize>| {
+        seq.and_then(|q| samples.iter().find(|b| b.seq == q && b.variant == "bare"))
+            .map(|b| b.rps)
+    };
     samples
         .iter()
         .filter(|s| s.variant == variant)
         .filter_map(|s| {
-            let bare = samples
-                .iter()
-                .find(|b| b.variant == "bare" && b.round == s.round)?;
-            (bare.rps > 0.0).then(|| s.rps / bare.rps)
+            let around: Vec<f64> = [bare_at(s.seq.checked_sub(1)), bare_at(Some(s.seq + 1))]
+                .into_iter()
+                .flatten()
+                .collect();
+            let bare = around.iter().sum::<f64>() / around.len() as f64;
+            (!around.is_empty() && bare > 0.0).then(|| s.rps / bare)
         })
         .collect()
 }
@@ -172,7 +188,7 @@ pub(crate) fn render(
                 v.name
             ));
         }
-        let ratios = round_ratios(samples, v.name);
+        let ratios = paired_ratios(samples, v.name);
         let ratio = median(ratios.clone()).map_or_else(dash, |r| format!("{r:.2}×"));
         let range = match (
             ratios.iter().copied().reduce(f64::min),
@@ -336,10 +352,11 @@ mod tests {
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
     }
 
-    fn sample(variant: &'static str, round: usize, rps: f64) -> Sample {
+    fn sample(variant: &'static str, seq: usize, rps: f64) -> Sample {
         Sample {
+            seq,
             variant,
-            round,
+            round: 1,
             rps,
             requests: 0,
             p50_ms: 0.0,
@@ -354,18 +371,21 @@ mod tests {
     }
 
     #[test]
-    fn ratios_pair_each_round_with_its_own_bare() {
+    fn ratios_pair_each_run_with_the_bare_runs_around_it() {
         let samples = [
-            sample("bare", 1, 100.0),
+            sample("bare", 0, 100.0),
             sample("x", 1, 90.0),
-            sample("bare", 2, 50.0),
-            sample("x", 2, 40.0),
-            // No bare in round 3: not a ratio.
-            sample("x", 3, 10.0),
+            sample("bare", 2, 80.0),
+            sample("y", 3, 40.0),
+            sample("bare", 4, 80.0),
+            sample("x", 5, 60.0),
+            // No bare next to it: not a ratio.
+            sample("y", 7, 10.0),
         ];
-        assert_eq!(round_ratios(&samples, "x"), vec![0.9, 0.8]);
-        assert_eq!(round_ratios(&samples, "bare"), vec![1.0, 1.0]);
-        assert!(round_ratios(&samples, "y").is_empty());
+        assert_eq!(paired_ratios(&samples, "x"), vec![1.0, 0.75]);
+        assert_eq!(paired_ratios(&samples, "y"), vec![0.5]);
+        assert_eq!(paired_ratios(&samples, "bare"), vec![1.0, 1.0, 1.0]);
+        assert!(paired_ratios(&samples, "z").is_empty());
     }
 
     #[test]
