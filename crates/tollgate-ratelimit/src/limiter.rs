@@ -1,9 +1,9 @@
 //! The shared state behind every clone of the layer: table, stores, key
 //! extractor, deny cache.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tollgate_redis::local::RequestMap;
 
 use http::StatusCode;
 use tollgate_redis::{CoalesceConfig, Coalescer, KeySpace, RedisHandle};
@@ -216,7 +216,7 @@ impl RateLimiterBuilder {
                 deny_cache: DenyCache::new(self.deny_cache),
                 exceeds_status: self.exceeds_status,
                 lease: self.lease,
-                leases: Mutex::new(HashMap::new()),
+                leases: Mutex::new(RequestMap::default()),
             }),
         }
     }
@@ -239,7 +239,7 @@ pub(crate) struct Inner {
     deny_cache: DenyCache,
     pub(crate) exceeds_status: StatusCode,
     lease: u32,
-    leases: Mutex<HashMap<String, Lease>>,
+    leases: Mutex<RequestMap<String, Lease>>,
 }
 
 /// How many keys may hold a lease (or a lease request) at once.
@@ -299,7 +299,7 @@ enum LeaseStep<'a> {
 /// failed, or its caller went away) updates the slot, then wakes the
 /// waiters.
 struct Flight<'a> {
-    leases: &'a Mutex<HashMap<String, Lease>>,
+    leases: &'a Mutex<RequestMap<String, Lease>>,
     key: String,
     tx: tokio::sync::watch::Sender<FlightEnd>,
     lease: Option<Lease>,
@@ -1006,7 +1006,7 @@ struct DenyCache {
     /// Whether the map may hold anything: lets the common case (nobody
     /// denied) skip the lock.
     used: std::sync::atomic::AtomicBool,
-    map: Mutex<HashMap<String, CachedDenial>>,
+    map: Mutex<RequestMap<String, CachedDenial>>,
 }
 
 struct CachedDenial {
@@ -1021,7 +1021,7 @@ impl DenyCache {
         DenyCache {
             capacity,
             used: std::sync::atomic::AtomicBool::new(false),
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(RequestMap::default()),
         }
     }
 

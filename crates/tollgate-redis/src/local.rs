@@ -10,6 +10,12 @@ use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::Arc;
 
+/// A hash map for the request path whose keys may come from requests
+/// (client identities, tenants): foldhash's seeded quality hasher, a
+/// fraction of SipHash's cost per lookup. Maps of this kind are bounded by
+/// their owners, which keeps crafted collisions cheap.
+pub type RequestMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
+
 /// Most strings one thread keeps; past that a string is allocated per call
 /// (route templates and active tenants are bounded in practice).
 pub const MAX_LOCAL_STRINGS: usize = 4096;

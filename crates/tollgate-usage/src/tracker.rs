@@ -171,7 +171,7 @@ struct TenantBuf {
 /// between cores) on every request; the flusher takes every share.
 #[derive(Debug, Default)]
 struct Buffer {
-    tenants: std::collections::HashMap<Arc<str>, TenantBuf>,
+    tenants: tollgate_redis::local::RequestMap<Arc<str>, TenantBuf>,
     /// Counters of this share with something pending (the sum over the
     /// shares is `Inner::dirty`).
     dirty: usize,
