@@ -18,7 +18,7 @@ use crate::cache::Fetched;
 use crate::entry::{Entry, Meta, Stored};
 use crate::flight::{FlightGuard, Role};
 use crate::key::{self, UrlKey};
-use crate::layer::{RequestDirectives, Shared};
+use crate::layer::{RequestDirectives, Shared, screen};
 use crate::route::{RouteRule, matched_path};
 use crate::store::now_ms;
 
@@ -120,10 +120,14 @@ pub(crate) fn prepare<B>(
         return Err(bypass("route"));
     }
     let h = req.headers();
-    if h.contains_key(header::RANGE) {
+    let seen = h
+        .keys()
+        .filter_map(|n| shared.screened.get(n))
+        .fold(0, |all, bits| all | bits);
+    if seen & screen::RANGE != 0 {
         return Err(bypass("range"));
     }
-    let credentials = shared.credentials.iter().any(|n| h.contains_key(n));
+    let credentials = seen & screen::CREDENTIALS != 0;
     let user = match (&rule.per_user, credentials) {
         (Some(k), true) => Some(
             k.identity(h, req.extensions())
@@ -144,7 +148,7 @@ pub(crate) fn prepare<B>(
             || (pragma && !h.contains_key(header::CACHE_CONTROL));
         no_store = d.no_store;
     }
-    no_store |= shared.unkeyed.iter().any(|n| h.contains_key(n));
+    no_store |= seen & screen::UNKEYED != 0;
     Ok(Ctx {
         url,
         per_user: user.is_some(),
@@ -154,8 +158,7 @@ pub(crate) fn prepare<B>(
         headers: HeaderMap::new(),
         credentials,
         head: req.method() == Method::HEAD,
-        conditional: h.contains_key(header::IF_NONE_MATCH)
-            || h.contains_key(header::IF_MODIFIED_SINCE),
+        conditional: seen & screen::CONDITIONAL != 0,
         refresh,
         no_store,
         epoch: shared.cache.epoch(),

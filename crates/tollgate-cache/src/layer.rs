@@ -45,8 +45,10 @@ pub(crate) struct Shared {
     pub swr: Duration,
     pub sie: Duration,
     pub show_key: bool,
-    pub credentials: Vec<HeaderName>,
-    pub unkeyed: Vec<HeaderName>,
+    /// The request headers a request is screened for, each with what it
+    /// means ([`screen`] bits): one lookup per header the request carries
+    /// instead of one per configured name.
+    pub screened: tollgate_redis::local::RequestMap<HeaderName, u8>,
     pub coalesce_timeout: Duration,
     /// Keys whose last response could not be stored: requests for them go
     /// straight to the origin for a while instead of queueing.
@@ -276,16 +278,22 @@ impl ResponseCacheLayerBuilder {
                 .map_err(|_| Error::config(field, format!("`{n}` is not a header name")))
         };
         let tag_header = header("tag_header", &self.tag_header)?;
-        let credentials = self
-            .credentials
-            .iter()
-            .map(|n| header("credential_headers", n))
-            .collect::<Result<_, _>>()?;
-        let unkeyed = self
-            .unkeyed
-            .iter()
-            .map(|n| header("unkeyed_headers", n))
-            .collect::<Result<_, _>>()?;
+        let mut screened = tollgate_redis::local::RequestMap::default();
+        for (name, bit) in [
+            (http::header::RANGE, screen::RANGE),
+            (http::header::IF_NONE_MATCH, screen::CONDITIONAL),
+            (http::header::IF_MODIFIED_SINCE, screen::CONDITIONAL),
+        ] {
+            *screened.entry(name).or_insert(0) |= bit;
+        }
+        for n in &self.credentials {
+            *screened
+                .entry(header("credential_headers", n)?)
+                .or_insert(0) |= screen::CREDENTIALS;
+        }
+        for n in &self.unkeyed {
+            *screened.entry(header("unkeyed_headers", n)?).or_insert(0) |= screen::UNKEYED;
+        }
         if self.keys.default_scheme != "http" && self.keys.default_scheme != "https" {
             return Err(Error::config("scheme", "must be `http` or `https`"));
         }
@@ -307,8 +315,7 @@ impl ResponseCacheLayerBuilder {
                 swr: self.swr,
                 sie: self.sie,
                 show_key: self.show_key,
-                credentials,
-                unkeyed,
+                screened,
                 coalesce_timeout,
                 uncacheable: moka::sync::Cache::builder()
                     .max_capacity(100_000)
@@ -328,4 +335,16 @@ impl<S> Layer<S> for ResponseCacheLayer {
     fn layer(&self, inner: S) -> ResponseCache<S> {
         ResponseCache::new(inner, self.shared.clone())
     }
+}
+
+/// What a screened request header means (bits of `Shared::screened`).
+pub(crate) mod screen {
+    /// It carries credentials (`Authorization`, `Cookie`, configurable).
+    pub(crate) const CREDENTIALS: u8 = 1;
+    /// It could change the response without being part of the key.
+    pub(crate) const UNKEYED: u8 = 2;
+    /// `Range`.
+    pub(crate) const RANGE: u8 = 4;
+    /// `If-None-Match` or `If-Modified-Since`.
+    pub(crate) const CONDITIONAL: u8 = 8;
 }

@@ -63,6 +63,7 @@ suite!(
     large_bodies_stream_through_unstored,
     stale_while_revalidate_and_stale_if_error,
     unkeyed_headers_cannot_poison,
+    range_requests_bypass,
 );
 
 type Svc = BoxCloneSyncService<
@@ -589,6 +590,21 @@ async fn unkeyed_headers_cannot_poison(make: Make) {
         body, "link https:///",
         "the poisoned response was not stored"
     );
+}
+
+/// A range request goes to the origin as it is: never answered from, nor
+/// stored as, the whole response.
+async fn range_requests_bypass(make: Make) {
+    let (o, svc) = stack(make());
+    let (r, body) = send(&svc, get("/public").header("range", "bytes=0-3")).await;
+    assert_eq!((xc(&r), body.as_str()), ("BYPASS", "public 1"));
+    settle().await;
+    let (r, _) = send(&svc, get("/public")).await;
+    assert_eq!(xc(&r), "MISS", "the ranged answer was not stored");
+    settle().await;
+    let (r, _) = send(&svc, get("/public").header("Range", "bytes=0-3")).await;
+    assert_eq!(xc(&r), "BYPASS", "not served from the stored entry");
+    assert_eq!(o.calls.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
