@@ -449,7 +449,7 @@ impl UsageTracker {
             // waiting for another's could deadlock with a thread doing the
             // same the other way round.
             .filter_map(|s| s.0.try_lock().ok())
-            .filter_map(|b| counter_in(&b, tenant, label, metric).map(|c| c.known))
+            .filter_map(|mut b| counter_in(&mut b, tenant, label, metric).map(|c| c.known))
             .max()
             .unwrap_or(0)
     }
@@ -662,7 +662,7 @@ impl UsageTracker {
     /// Records the store's total for a counter, in every share that has it.
     fn set_known(&self, tenant: &str, metric: &str, label: &Arc<str>, total: i64) {
         self.each_shard(|buf| {
-            if let Some(c) = counter_in_mut(buf, tenant, label, metric) {
+            if let Some(c) = counter_in(buf, tenant, label, metric) {
                 c.known = total;
             }
         });
@@ -672,15 +672,8 @@ impl UsageTracker {
     fn learn(&self, totals: &Totals) {
         self.each_shard(|buf| {
             for (tenant, period, metrics) in totals {
-                let Some(pb) = buf
-                    .tenants
-                    .get_mut(tenant)
-                    .and_then(|t| t.periods.iter_mut().find(|p| p.label == *period))
-                else {
-                    continue;
-                };
                 for (m, total) in metrics {
-                    if let Some(c) = pb.counters.iter_mut().find(|c| c.metric == *m) {
+                    if let Some(c) = counter_in(buf, tenant, period, m) {
                         c.known = *total;
                     }
                 }
@@ -1011,19 +1004,7 @@ impl UsageTracker {
 }
 
 /// The counter of `metric` for `tenant` in `label`, if the share has it.
-fn counter_in<'b>(buf: &'b Buffer, tenant: &str, label: &str, metric: &str) -> Option<&'b Counter> {
-    buf.tenants
-        .get(tenant)?
-        .periods
-        .iter()
-        .find(|p| &*p.label == label)?
-        .counters
-        .iter()
-        .find(|c| &*c.metric == metric)
-}
-
-/// [`counter_in`], mutably.
-fn counter_in_mut<'b>(
+fn counter_in<'b>(
     buf: &'b mut Buffer,
     tenant: &str,
     label: &str,
