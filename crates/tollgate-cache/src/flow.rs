@@ -475,6 +475,7 @@ where
                 shared: shared.clone(),
                 plan,
                 guard,
+                refreshing: None,
                 buf: Capped {
                     buf: BytesMut::new(),
                     cap: shared.max_body,
@@ -705,7 +706,21 @@ pub(crate) struct Recorder {
     shared: Arc<Shared>,
     plan: Plan,
     guard: Option<FlightGuard<Arc<Entry>>>,
+    /// A background refresh's claim on its key, held until the store has
+    /// landed so that requests in between don't start a second refresh.
+    refreshing: Option<RefreshMark>,
     buf: Capped,
+}
+
+/// A key's claim in [`Shared::refreshing`]; dropping it releases the key.
+pub(crate) struct RefreshMark(Arc<Shared>, String);
+
+impl Drop for RefreshMark {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.0.refreshing.lock() {
+            r.remove(&self.1);
+        }
+    }
 }
 
 impl std::fmt::Debug for Recorder {
@@ -734,6 +749,7 @@ impl Recorder {
             shared,
             plan,
             guard,
+            refreshing,
             buf,
         } = self;
         let entry = Arc::new(Entry::new(plan.meta, buf.buf.freeze()));
@@ -779,6 +795,7 @@ impl Recorder {
                 shared.uncacheable.invalidate(&plan.base_key);
             }
             drop(guard);
+            drop(refreshing);
         });
     }
 }
@@ -815,16 +832,8 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     if req.method() == Method::HEAD {
         *req.method_mut() = Method::GET;
     }
+    let mark = RefreshMark(shared.clone(), key);
     tokio::spawn(async move {
-        struct Done(Arc<Shared>, String);
-        impl Drop for Done {
-            fn drop(&mut self) {
-                if let Ok(mut r) = self.0.refreshing.lock() {
-                    r.remove(&self.1);
-                }
-            }
-        }
-        let _done = Done(shared.clone(), key);
         let call = inner.call(req);
         let Ok(Ok(res)) = tokio::time::timeout(Duration::from_secs(60), call).await else {
             return;
@@ -841,6 +850,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
             shared: shared.clone(),
             plan,
             guard: None,
+            refreshing: Some(mark),
             buf: Capped {
                 buf: BytesMut::new(),
                 cap: shared.max_body,
