@@ -192,6 +192,60 @@ async fn coalesces_with_own_answers(h: RedisHandle) {
     }
 }
 
+/// Sleeps for the longest item (ms) and answers each item with itself.
+struct SleepOp {
+    started: Arc<tokio::sync::Notify>,
+}
+
+impl BatchOp for SleepOp {
+    type Item = u64;
+    type Output = u64;
+
+    fn slot(&self, _: &u64) -> u16 {
+        0
+    }
+
+    async fn execute(&self, _: BatchConn<'_>, items: Vec<u64>) -> Result<Vec<u64>, Error> {
+        self.started.notify_one();
+        let ms = items.iter().copied().max().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(items)
+    }
+}
+
+/// A caller queued behind a slow batch is answered by its own deadline,
+/// counted from when it submitted: its batch is cut off when that comes,
+/// though the batch alone would have fit in a deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_caller_is_answered_by_its_own_deadline() {
+    let server = RedisServer::start();
+    let h = RedisHandle::connect(
+        RedisConfig::from_url(server.url()).deadline(Duration::from_millis(400)),
+    )
+    .await
+    .expect("connect");
+    let started = Arc::new(tokio::sync::Notify::new());
+    let co = Coalescer::new(
+        h.clone(),
+        SleepOp {
+            started: started.clone(),
+        },
+        CoalesceConfig::default(),
+    );
+    let first = tokio::spawn({
+        let co = co.clone();
+        async move { co.submit(200).await }
+    });
+    started.notified().await;
+    // Queued while the first batch runs: about 200 ms of its 400 are gone
+    // when its own 300 ms batch starts.
+    let second = co.submit(300).await;
+    assert!(matches!(second, Err(Error::Timeout(_))), "{second:?}");
+    assert_eq!(first.await.expect("task").expect("first batch"), 200);
+    assert_eq!(co.submit(10).await.expect("a later batch"), 10);
+    assert_eq!(h.breaker().state(), BreakerState::Closed);
+}
+
 async fn reports_health(h: RedisHandle) {
     h.register_layer("ratelimit");
     let report = h.health().await;

@@ -12,6 +12,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use fred::clients::Client;
 use fred::interfaces::LuaInterface;
@@ -143,6 +144,8 @@ impl BatchOp for GetOp {
 struct Pending<T, O> {
     item: T,
     tx: oneshot::Sender<Result<O, Error>>,
+    /// When the caller submitted it: its answer is due a deadline later.
+    since: Instant,
 }
 
 /// Tuning of a [`Coalescer`].
@@ -203,23 +206,30 @@ impl<B: BatchOp> Coalescer<B> {
 
     /// Submits one item and waits for its own answer, at most the handle's
     /// deadline. Refused at once while the breaker is open.
+    ///
+    /// The deadline is kept by the drainer, not by a timer per caller: an
+    /// item still queued when its deadline passes is answered
+    /// [`Error::Timeout`] without being run, and a batch is cut off when
+    /// its oldest item's deadline comes. One timer per batch instead of one
+    /// per request.
     pub async fn submit(&self, item: B::Item) -> Result<B::Output, Error> {
         if !self.handle.is_available() {
             return Err(Error::Unavailable);
         }
         let (tx, rx) = oneshot::channel();
         self.tx
-            .try_send(Pending { item, tx })
+            .try_send(Pending {
+                item,
+                tx,
+                since: Instant::now(),
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => Error::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => Error::Unavailable,
             })?;
-        let deadline = self.handle.deadline();
-        match tokio::time::timeout(deadline, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::Unavailable),
-            Err(_) => Err(Error::Timeout(deadline)),
-        }
+        // The drainer answers every item it takes, by its deadline; a
+        // dropped sender means the drainer is gone.
+        rx.await.unwrap_or(Err(Error::Unavailable))
     }
 }
 
@@ -231,9 +241,16 @@ async fn drain<B: BatchOp>(
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        // A caller that gave up (deadline) already answered from its
-        // fallback: running its item now would, say, spend tokens twice.
+        // A caller that went away (its request dropped) needs no answer.
         batch.retain(|p: &Pending<_, _>| !p.tx.is_closed());
+        // One whose deadline passed while it queued (behind a slow batch)
+        // is answered now and not run: it goes on with its fallback, and
+        // running it late would, say, spend tokens twice.
+        let deadline = handle.deadline();
+        let now = Instant::now();
+        for p in batch.extract_if(.., |p| now.saturating_duration_since(p.since) >= deadline) {
+            let _ = p.tx.send(Err(Error::Timeout(deadline)));
+        }
         if batch.is_empty() {
             continue;
         }
@@ -255,30 +272,52 @@ async fn drain<B: BatchOp>(
             join_all(
                 groups
                     .into_iter()
-                    .map(|(_, g)| run_group(&handle, op.as_ref(), g.into_iter())),
+                    .map(|(_, g)| run_group(&handle, op.as_ref(), g.into_iter(), deadline)),
             )
             .await;
         } else {
             // Drained in place: the batch buffer is reused, not reallocated.
-            run_group(&handle, op.as_ref(), batch.drain(..)).await;
+            run_group(&handle, op.as_ref(), batch.drain(..), deadline).await;
         }
     }
 }
 
+/// Runs one group in one round trip and answers its callers, each by its
+/// deadline: the group is cut off when its oldest item is due.
 async fn run_group<B: BatchOp>(
     handle: &RedisHandle,
     op: &B,
     group: impl ExactSizeIterator<Item = Pending<B::Item, B::Output>>,
+    deadline: Duration,
 ) {
     let mut items = Vec::with_capacity(group.len());
     let mut txs = Vec::with_capacity(group.len());
+    let mut oldest: Option<Instant> = None;
     for p in group {
+        oldest = Some(oldest.map_or(p.since, |o| o.min(p.since)));
         items.push(p.item);
         txs.push(p.tx);
     }
+    let budget = deadline.saturating_sub(oldest.map_or(Duration::ZERO, |o| o.elapsed()));
     let conn = BatchConn::new(handle.client(), handle.reload_counter());
     let n = txs.len();
-    match handle.run(op.execute(conn, items)).await {
+    // The handle's own deadline still bounds the round trip and feeds the
+    // breaker; the budget only decides when the callers stop waiting.
+    let run = handle.run(op.execute(conn, items));
+    tokio::pin!(run);
+    let result = tokio::select! {
+        biased;
+        r = &mut run => r,
+        () = tokio::time::sleep(budget) => {
+            for tx in txs {
+                let _ = tx.send(Err(Error::Timeout(deadline)));
+            }
+            // Its outcome still counts for the breaker.
+            let _ = run.await;
+            return;
+        }
+    };
+    match result {
         Ok(outs) if outs.len() == n => {
             for (tx, out) in txs.into_iter().zip(outs) {
                 let _ = tx.send(Ok(out));
