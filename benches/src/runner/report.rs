@@ -215,9 +215,9 @@ pub(crate) fn render(
     let _ = writeln!(
         out,
         "Medians over rounds. `× bare` is the median over rounds of the variant's req/s \
-         divided by `bare`'s in the same round (runs minutes apart are not compared); \
-         `per round` gives the lowest and highest of those ratios. `–` means not measured \
-         (no Redis involved).\n"
+         divided by the mean of the `bare` runs just before and after it (runs minutes \
+         apart are not compared); `per round` gives the lowest and highest of those \
+         ratios. `–` means not measured (no Redis involved).\n"
     );
     out.push_str(&markdown_table(&rows, 1));
     let disturbed: Vec<String> = samples
