@@ -713,7 +713,19 @@ pub(crate) struct Recorder {
 }
 
 /// A key's claim in [`Shared::refreshing`]; dropping it releases the key.
-pub(crate) struct RefreshMark(Arc<Shared>, String);
+struct RefreshMark(Arc<Shared>, String);
+
+impl RefreshMark {
+    /// Claims `key`; `None` when a refresh of it is already under way.
+    fn claim(shared: &Arc<Shared>, key: &str) -> Option<Self> {
+        let claimed = shared
+            .refreshing
+            .lock()
+            .map(|mut r| r.insert(key.to_owned()))
+            .unwrap_or(false);
+        claimed.then(|| RefreshMark(shared.clone(), key.to_owned()))
+    }
+}
 
 impl Drop for RefreshMark {
     fn drop(&mut self) {
@@ -814,15 +826,9 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     ResBody::Data: Send,
     ResBody::Error: Send,
 {
-    let key = ctx.url.key.clone();
-    let started = shared
-        .refreshing
-        .lock()
-        .map(|mut r| r.insert(key.clone()))
-        .unwrap_or(false);
-    if !started {
+    let Some(mark) = RefreshMark::claim(&shared, &ctx.url.key) else {
         return;
-    }
+    };
     // The refresh wants a full response, not a 304 for this client.
     for h in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE] {
         req.headers_mut().remove(&h);
@@ -832,7 +838,6 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     if req.method() == Method::HEAD {
         *req.method_mut() = Method::GET;
     }
-    let mark = RefreshMark(shared.clone(), key);
     tokio::spawn(async move {
         let call = inner.call(req);
         let Ok(Ok(res)) = tokio::time::timeout(Duration::from_secs(60), call).await else {

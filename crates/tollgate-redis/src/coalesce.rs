@@ -298,17 +298,18 @@ async fn run_group<B: BatchOp>(
         items.push(p.item);
         txs.push(p.tx);
     }
-    let budget = deadline.saturating_sub(oldest.map_or(Duration::ZERO, |o| o.elapsed()));
+    // When the oldest caller's answer is due.
+    let due = oldest.unwrap_or_else(Instant::now) + deadline;
     let conn = BatchConn::new(handle.client(), handle.reload_counter());
     let n = txs.len();
     // The handle's own deadline still bounds the round trip and feeds the
-    // breaker; the budget only decides when the callers stop waiting.
+    // breaker; `due` only decides when the callers stop waiting.
     let run = handle.run(op.execute(conn, items));
     tokio::pin!(run);
     let result = tokio::select! {
         biased;
         r = &mut run => r,
-        () = tokio::time::sleep(budget) => {
+        () = tokio::time::sleep_until(due.into()) => {
             for tx in txs {
                 let _ = tx.send(Err(Error::Timeout(deadline)));
             }
