@@ -39,6 +39,16 @@ impl<S: std::fmt::Debug> std::fmt::Debug for ResponseCache<S> {
     }
 }
 
+impl<S: Clone> ResponseCache<S> {
+    /// The readied inner service, for a request that calls it later (after
+    /// waiting for the store); `self` keeps a fresh clone that will be
+    /// polled ready before its own call.
+    fn take_readied(&mut self) -> S {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
+    }
+}
+
 impl<S> ResponseCache<S> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
         ResponseCache { inner, shared }
@@ -88,10 +98,6 @@ where
         {
             return ResponseFuture::ready(res);
         }
-        // The readied service goes into the future; `self` keeps a fresh
-        // clone that will be polled ready before its own call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let tag_header = shared.tag_header.clone();
         let bypass = |inner: &mut S, req, label: &Arc<str>, why| {
             flow::count_bypass(label);
@@ -103,22 +109,28 @@ where
         };
         match ctx {
             // GET and HEAD.
-            Some(Err((why, label))) => bypass(&mut inner, req, &label, why),
-            Some(Ok(ctx)) if !available => bypass(&mut inner, req, &ctx.label, "store-unavailable"),
+            Some(Err((why, label))) => bypass(&mut self.inner, req, &label, why),
+            Some(Ok(ctx)) if !available => {
+                bypass(&mut self.inner, req, &ctx.label, "store-unavailable")
+            }
             Some(Ok(ctx)) => {
                 let ctx = ctx.attach(&req);
+                let inner = self.take_readied();
                 ResponseFuture::flow(Box::pin(flow::serve(shared, inner, req, ctx)))
             }
             None => match *req.method() {
                 Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
                     match key::request_url_tag(&shared.keys, req.uri(), req.headers()) {
-                        Some(tag) => ResponseFuture::flow(Box::pin(flow::invalidating(
-                            shared, inner, req, tag,
-                        ))),
-                        None => ResponseFuture::passthrough(inner.call(req), None, tag_header),
+                        Some(tag) => {
+                            let inner = self.take_readied();
+                            ResponseFuture::flow(Box::pin(flow::invalidating(
+                                shared, inner, req, tag,
+                            )))
+                        }
+                        None => ResponseFuture::passthrough(self.inner.call(req), None, tag_header),
                     }
                 }
-                _ => ResponseFuture::passthrough(inner.call(req), None, tag_header),
+                _ => ResponseFuture::passthrough(self.inner.call(req), None, tag_header),
             },
         }
     }

@@ -43,7 +43,7 @@ impl<S> SessionManager<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SessionManager<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: From<Bytes> + Send + 'static,
 {
     type Response = Response<ResBody>;
@@ -55,10 +55,6 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        // The readied service goes into the future; `self` keeps a clone
-        // that will be polled ready before its own call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = &self.sessions.shared;
         if shared.refuses() {
             return ResponseFuture::ready(problem(
@@ -74,7 +70,9 @@ where
         };
         let session = Session::new(self.sessions.clone(), incoming, client);
         req.extensions_mut().insert(session.clone());
-        ResponseFuture::calling(inner.call(req), session)
+        // Called at once: the readied service itself, no clone (the
+        // session is loaded by the handler, on first use).
+        ResponseFuture::calling(self.inner.call(req), session)
     }
 }
 

@@ -79,8 +79,11 @@ enum Phase {
     /// No record: a new one is created at the end if anything was written.
     Fresh { id: SessionId, backend: Backend },
     /// A live record.
+    /// Its id is the incoming one.
     Loaded {
-        id: SessionId,
+        /// The keyed hash of the id (what the store knows it by), kept
+        /// from the load so the save does not hash again.
+        hash: String,
         record: Box<Record>,
         backend: Backend,
     },
@@ -219,19 +222,18 @@ impl Session {
         let mut st = self.inner.state.lock().await;
         let shared = self.shared();
         let id = match std::mem::replace(&mut st.phase, Phase::Destroyed) {
-            Phase::Loaded { id, backend, .. } => Some((id, Some(backend))),
+            Phase::Loaded { hash, backend, .. } => Some((hash, Some(backend))),
             Phase::Unloaded => match &st.incoming {
-                Incoming::Valid { id, .. } => Some((id.clone(), None)),
+                Incoming::Valid { id, .. } => Some((shared.hasher.session(id), None)),
                 _ => None,
             },
             Phase::Fresh { .. } | Phase::Destroyed => None,
         };
         st.diff = Diff::default();
         st.rotate = false;
-        let Some((id, backend)) = id else {
+        let Some((hash, backend)) = id else {
             return Ok(());
         };
-        let hash = shared.hasher.session(&id);
         // The in-process store may hold it (created during an outage).
         let _ = shared.memory.delete(&hash).await;
         let backend = match backend {
@@ -257,7 +259,7 @@ impl Session {
         let mut st = self.inner.state.lock().await;
         self.ensure_loaded(&mut st).await?;
         Ok(match &st.phase {
-            Phase::Loaded { id, .. } => Some(self.shared().hasher.session(id)),
+            Phase::Loaded { hash, .. } => Some(hash.clone()),
             _ => None,
         })
     }
@@ -328,7 +330,7 @@ impl Session {
         );
         st.phase = match found {
             Some(record) => Phase::Loaded {
-                id: id.clone(),
+                hash,
                 record: Box::new(record),
                 backend,
             },
@@ -412,11 +414,12 @@ impl Session {
                     },
                 }
             }
-            Phase::Loaded { id, backend, .. } if st.rotate => {
+            Phase::Loaded {
+                hash: old, backend, ..
+            } if st.rotate => {
                 // Take the current record (concurrent writes included) and
                 // kill the old id in one command; a session destroyed
                 // meanwhile stays dead.
-                let old = shared.hasher.session(&id);
                 let taken = on_store!(shared, backend, |s| Box::pin(s.take(&old)).await);
                 let mut record = match taken {
                     Ok(Some(r)) => r,
@@ -456,24 +459,29 @@ impl Session {
                 }
             }
             Phase::Loaded {
-                id,
+                hash,
                 record,
                 backend,
             } => {
+                // The cookie is sent again (re-signed or sliding) with the
+                // id it came with.
+                let again = || match &st.incoming {
+                    Incoming::Valid { id, .. } => Some(Outgoing::Set(id.clone())),
+                    _ => None,
+                };
                 let resign = matches!(st.incoming, Incoming::Valid { resign: true, .. });
                 if diff.is_empty() {
                     return Commit {
-                        out: (resign || max_age).then_some(Outgoing::Set(id)),
+                        out: if resign || max_age { again() } else { None },
                         failed: false,
                     };
                 }
-                let hash = shared.hasher.session(&id);
                 let user_hash = match &diff.user {
                     Some(Some(u)) => Some(shared.hasher.user(u)),
                     _ => None,
                 };
                 let saved = on_store!(shared, backend, |s| {
-                    s.save_from(&hash, user_hash.as_deref(), &diff, &record)
+                    s.save_from(&hash, user_hash.as_deref(), &diff, *record)
                         .await
                 });
                 let label = shared.label(backend);
@@ -501,7 +509,7 @@ impl Session {
                             [Some(("store", label)), Some(("result", result))],
                         );
                         Commit {
-                            out: (resign || max_age).then_some(Outgoing::Set(id)),
+                            out: if resign || max_age { again() } else { None },
                             failed: false,
                         }
                     }

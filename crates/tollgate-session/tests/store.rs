@@ -209,11 +209,11 @@ async fn saves_from_a_loaded_record_merge_when_raced<S: SessionStore>(mk: impl F
     let a = s.load(&h).await.unwrap().expect("record");
     let b = s.load(&h).await.unwrap().expect("record");
     assert_eq!(
-        s.save_from(&h, None, &set("a", "1"), &a).await.unwrap(),
+        s.save_from(&h, None, &set("a", "1"), a).await.unwrap(),
         SaveOutcome::Saved
     );
     assert_eq!(
-        s.save_from(&h, None, &set("b", "2"), &b).await.unwrap(),
+        s.save_from(&h, None, &set("b", "2"), b).await.unwrap(),
         SaveOutcome::Merged,
         "b loaded before a saved"
     );
@@ -225,12 +225,14 @@ async fn saves_from_a_loaded_record_merge_when_raced<S: SessionStore>(mk: impl F
     assert_eq!(r.data.get("generation").map(String::as_str), Some("1"));
     // A third save from the fresh record is a plain save again.
     assert_eq!(
-        s.save_from(&h, None, &set("c", "3"), &r).await.unwrap(),
+        s.save_from(&h, None, &set("c", "3"), r.clone())
+            .await
+            .unwrap(),
         SaveOutcome::Saved
     );
     assert!(s.delete(&h).await.unwrap());
     assert_eq!(
-        s.save_from(&h, None, &set("d", "4"), &r).await.unwrap(),
+        s.save_from(&h, None, &set("d", "4"), r).await.unwrap(),
         SaveOutcome::Missing
     );
     assert!(s.load(&h).await.unwrap().is_none());

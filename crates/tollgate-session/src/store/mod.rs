@@ -143,7 +143,14 @@ impl Diff {
             record.data.remove(k);
         }
         for (k, v) in &self.set {
-            record.data.insert(k.clone(), v.clone());
+            // An entry written again (the common case) reuses its key and
+            // the old value's buffer.
+            match record.data.get_mut(k) {
+                Some(old) => old.clone_from(v),
+                None => {
+                    record.data.insert(k.clone(), v.clone());
+                }
+            }
         }
         if let Some(u) = &self.user {
             record.user.clone_from(u);
@@ -247,15 +254,16 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<SaveOutcome, Error>> + Send;
 
     /// [`save`](Self::save) for a request that holds the record it loaded
-    /// (`base`, at `base.generation`): a store may write the merged record
-    /// as a whole when nobody saved since, and merge entry by entry
-    /// otherwise. The default merges.
+    /// (`base`, at `base.generation`, handed over: the request is done
+    /// with it): a store may write the merged record as a whole when
+    /// nobody saved since, and merge entry by entry otherwise. The default
+    /// merges.
     fn save_from(
         &self,
         id_hash: &str,
         user_hash: Option<&str>,
         diff: &Diff,
-        base: &Record,
+        base: Record,
     ) -> impl Future<Output = Result<SaveOutcome, Error>> + Send {
         self.save(id_hash, user_hash, diff, base.generation)
     }

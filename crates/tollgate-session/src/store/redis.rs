@@ -338,7 +338,7 @@ impl SessionStore for RedisStore {
         id_hash: &str,
         user_hash: Option<&str>,
         diff: &Diff,
-        base: &Record,
+        mut base: Record,
     ) -> Result<SaveOutcome, Error> {
         // The rare steps (a login's index entry, the merge after a race)
         // are boxed: their fred futures would make every save's future
@@ -346,20 +346,17 @@ impl SessionStore for RedisStore {
         if let (Some(u), Some(Some(_))) = (user_hash, &diff.user) {
             Box::pin(self.index_add(u, id_hash, base.expires_at)).await?;
         }
-        let mut record = base.clone();
-        diff.apply(&mut record);
-        record.generation = base.generation + 1;
+        let loaded = base.generation;
+        diff.apply(&mut base);
+        base.generation = loaded + 1;
         let now = super::now_ms();
-        record.last_seen = now;
-        match self
-            .write_if_unchanged(id_hash, &record, base.generation, now)
-            .await?
-        {
+        base.last_seen = now;
+        match self.write_if_unchanged(id_hash, &base, loaded, now).await? {
             0 => Ok(SaveOutcome::Missing),
             1 => Ok(SaveOutcome::Saved),
             // Another save came first: merge entry by entry in Redis (the
             // index entry, if any, is already there).
-            _ => Box::pin(self.save(id_hash, None, diff, base.generation)).await,
+            _ => Box::pin(self.save(id_hash, None, diff, loaded)).await,
         }
     }
 
