@@ -78,8 +78,7 @@ enum Phase {
     Unloaded,
     /// No record: a new one is created at the end if anything was written.
     Fresh { id: SessionId, backend: Backend },
-    /// A live record.
-    /// Its id is the incoming one.
+    /// A live record, under the incoming id.
     Loaded {
         /// The keyed hash of the id (what the store knows it by), kept
         /// from the load so the save does not hash again.
@@ -221,7 +220,7 @@ impl Session {
     pub async fn destroy(&self) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
         let shared = self.shared();
-        let id = match std::mem::replace(&mut st.phase, Phase::Destroyed) {
+        let target = match std::mem::replace(&mut st.phase, Phase::Destroyed) {
             Phase::Loaded { hash, backend, .. } => Some((hash, Some(backend))),
             Phase::Unloaded => match &st.incoming {
                 Incoming::Valid { id, .. } => Some((shared.hasher.session(id), None)),
@@ -231,7 +230,7 @@ impl Session {
         };
         st.diff = Diff::default();
         st.rotate = false;
-        let Some((hash, backend)) = id else {
+        let Some((hash, backend)) = target else {
             return Ok(());
         };
         // The in-process store may hold it (created during an outage).
