@@ -84,9 +84,11 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let shared = self.shared.clone();
+        // Borrowed: only a request that waits for the store takes a
+        // reference of its own (a count every worker thread shares).
+        let shared = &self.shared;
         let ctx = match *req.method() {
-            Method::GET | Method::HEAD => Some(flow::prepare(&shared, &req)),
+            Method::GET | Method::HEAD => Some(flow::prepare(shared, &req)),
             _ => None,
         };
         let available = shared.cache.is_available();
@@ -94,7 +96,7 @@ where
         // inner service stays readied for the next call).
         if available
             && let Some(Ok(ctx)) = &ctx
-            && let Some(res) = flow::l1_hit(&shared, ctx, req.headers())
+            && let Some(res) = flow::l1_hit(shared, ctx, req.headers())
         {
             return ResponseFuture::ready(res);
         }
@@ -115,13 +117,15 @@ where
             }
             Some(Ok(ctx)) => {
                 let ctx = ctx.attach(&req);
+                let shared = self.shared.clone();
                 let inner = self.take_readied();
                 ResponseFuture::flow(Box::pin(flow::serve(shared, inner, req, ctx)))
             }
             None => match *req.method() {
                 Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
-                    match key::request_url_tag(&shared.keys, req.uri(), req.headers()) {
+                    match key::request_url_tag(&self.shared.keys, req.uri(), req.headers()) {
                         Some(tag) => {
+                            let shared = self.shared.clone();
                             let inner = self.take_readied();
                             ResponseFuture::flow(Box::pin(flow::invalidating(
                                 shared, inner, req, tag,
