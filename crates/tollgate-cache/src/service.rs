@@ -39,16 +39,6 @@ impl<S: std::fmt::Debug> std::fmt::Debug for ResponseCache<S> {
     }
 }
 
-impl<S: Clone> ResponseCache<S> {
-    /// The readied inner service, for a request that calls it later (after
-    /// waiting for the store); `self` keeps a fresh clone that will be
-    /// polled ready before its own call.
-    fn take_readied(&mut self) -> S {
-        let clone = self.inner.clone();
-        std::mem::replace(&mut self.inner, clone)
-    }
-}
-
 impl<S> ResponseCache<S> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
         ResponseCache { inner, shared }
@@ -118,7 +108,7 @@ where
             Some(Ok(ctx)) => {
                 let ctx = ctx.attach(&req);
                 let shared = self.shared.clone();
-                let inner = self.take_readied();
+                let inner = tollgate_redis::take_readied(&mut self.inner);
                 ResponseFuture::flow(Box::pin(flow::serve(shared, inner, req, ctx)))
             }
             None => match *req.method() {
@@ -126,7 +116,7 @@ where
                     match key::request_url_tag(&self.shared.keys, req.uri(), req.headers()) {
                         Some(tag) => {
                             let shared = self.shared.clone();
-                            let inner = self.take_readied();
+                            let inner = tollgate_redis::take_readied(&mut self.inner);
                             ResponseFuture::flow(Box::pin(flow::invalidating(
                                 shared, inner, req, tag,
                             )))

@@ -92,8 +92,7 @@ where
                     ResponseFuture::decided(&self.limiter, report, pending, req, &mut self.inner)
                 }
                 None => {
-                    let clone = self.inner.clone();
-                    let inner = std::mem::replace(&mut self.inner, clone);
+                    let inner = tollgate_redis::take_readied(&mut self.inner);
                     ResponseFuture::deciding(self.limiter.clone(), pending, req, inner)
                 }
             },

@@ -36,6 +36,7 @@ pub mod header_value;
 mod health;
 mod keys;
 pub mod local;
+mod readied;
 mod route;
 mod script;
 
@@ -46,6 +47,7 @@ pub use error::Error;
 pub use handle::RedisHandle;
 pub use health::{HealthReport, HealthService, HealthStatus, LayerHealth, LayerMode};
 pub use keys::{KeySpace, hex_lower, prefixed_hex, slot};
+pub use readied::take_readied;
 pub use route::{RoutePattern, RoutePatternError};
 pub use script::Script;
 

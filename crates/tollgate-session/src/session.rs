@@ -462,16 +462,17 @@ impl Session {
                 record,
                 backend,
             } => {
-                // The cookie is sent again (re-signed or sliding) with the
-                // id it came with.
+                // The cookie goes out again, with the id it came with,
+                // when it must be re-signed or its Max-Age slides.
                 let again = || match &st.incoming {
-                    Incoming::Valid { id, .. } => Some(Outgoing::Set(id.clone())),
+                    Incoming::Valid { id, resign } if *resign || max_age => {
+                        Some(Outgoing::Set(id.clone()))
+                    }
                     _ => None,
                 };
-                let resign = matches!(st.incoming, Incoming::Valid { resign: true, .. });
                 if diff.is_empty() {
                     return Commit {
-                        out: if resign || max_age { again() } else { None },
+                        out: again(),
                         failed: false,
                     };
                 }
@@ -508,7 +509,7 @@ impl Session {
                             [Some(("store", label)), Some(("result", result))],
                         );
                         Commit {
-                            out: if resign || max_age { again() } else { None },
+                            out: again(),
                             failed: false,
                         }
                     }

@@ -265,10 +265,8 @@ where
                 },
             };
         }
-        // The readied service goes into the future; a fresh clone stays,
-        // polled ready before its own call.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        // The readied service goes into the future; a fresh clone stays.
+        let inner = tollgate_redis::take_readied(&mut self.inner);
         ResponseFuture {
             kind: Kind::Checking {
                 fut: Box::pin(checked_call(inner, req, post, limit.filter(|_| hard))),
