@@ -79,6 +79,11 @@ fn bad(status: StatusCode, title: &str) -> Response {
         .into_response()
 }
 
+/// The catalogue is the same for every caller: marked `public`, so the
+/// cache may serve it to requests carrying an API key (a credential), which
+/// it otherwise never shares.
+const PUBLIC: [(axum::http::HeaderName, &str); 1] = [(axum::http::header::CACHE_CONTROL, "public")];
+
 /// `GET /api/providers`: cached 60 s under the `providers` tag (route
 /// config).
 pub(crate) async fn providers(State(c): State<Catalog>) -> Response {
@@ -86,7 +91,7 @@ pub(crate) async fn providers(State(c): State<Catalog>) -> Response {
         Ok(p) => p.values().cloned().collect(),
         Err(_) => return bad(StatusCode::INTERNAL_SERVER_ERROR, "catalog unavailable"),
     };
-    Json(json!({ "providers": list })).into_response()
+    (PUBLIC, Json(json!({ "providers": list }))).into_response()
 }
 
 #[derive(Deserialize)]
@@ -150,6 +155,7 @@ pub(crate) async fn campaign(State(c): State<Catalog>, Path(church): Path<String
         Err(_) => return bad(StatusCode::INTERNAL_SERVER_ERROR, "catalog unavailable"),
     };
     (
+        PUBLIC,
         [("x-cache-tags", format!("campaigns:{church}"))],
         Json(json!({
             "church": church,

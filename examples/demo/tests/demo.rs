@@ -365,6 +365,26 @@ async fn updating_a_provider_invalidates_the_list() {
     assert_ne!(h.get("x-cache").map(|v| v.as_bytes()), Some(&b"HIT"[..]));
 }
 
+#[tokio::test]
+async fn callers_with_api_keys_share_the_public_catalogue() {
+    let app = App::build(&config(None), install_metrics())
+        .await
+        .expect("build");
+    let list = |key: &str| {
+        let mut req = from_ip("GET", "/api/providers", "192.0.2.52");
+        req.headers_mut()
+            .insert("x-api-key", http::HeaderValue::from_str(key).expect("key"));
+        req
+    };
+    let (_, h, _) = call(&app, list("starter_a")).await;
+    assert_eq!(h["x-cache"], "MISS");
+    settle().await;
+    let (_, h, _) = call(&app, list("starter_a")).await;
+    assert_eq!(h["x-cache"], "HIT", "{:?}", h.get("cache-status"));
+    let (_, h, _) = call(&app, list("pro_b")).await;
+    assert_eq!(h["x-cache"], "HIT", "{:?}", h.get("cache-status"));
+}
+
 #[test]
 fn arguments_are_checked() {
     assert!(DemoConfig::from_env_and_args(["--addr".to_owned(), "nonsense".to_owned()]).is_err());
