@@ -123,6 +123,16 @@ pub const VARIANTS: &[VariantSpec] = &[
         about: "tollgate SessionLayer, 1,024 clients each reusing its cookie, the handler reads and writes the session",
     },
     VariantSpec {
+        name: "session-read-cached",
+        needs_redis: true,
+        about: "as session-read, with the in-process session cache kept exact by client tracking",
+    },
+    VariantSpec {
+        name: "session-rw-cached",
+        needs_redis: true,
+        about: "as session-rw, with the in-process session cache kept exact by client tracking",
+    },
+    VariantSpec {
         name: "tower-sessions-rw",
         needs_redis: true,
         about: "peer: tower-sessions + tower-sessions-redis-store (fred), 1,024 clients each reusing its cookie, read and write",
@@ -267,8 +277,13 @@ pub async fn build(name: &str, deps: &Deps) -> anyhow::Result<Router> {
             ping_router().layer(layer)
         }
 
-        "session-read" | "session-rw" => {
-            session_router(deps.redis()?, name == "session-rw").await?
+        "session-read" | "session-rw" | "session-read-cached" | "session-rw-cached" => {
+            session_router(
+                deps.redis()?,
+                name.starts_with("session-rw"),
+                name.ends_with("-cached"),
+            )
+            .await?
         }
 
         "tower-sessions-rw" => {
@@ -365,13 +380,15 @@ async fn naive_evalsha(
 /// as a client reusing its cookie would: the cookie is created once at
 /// start-up through the layer, then added to each request by an outer
 /// middleware (wrk sends no cookie).
-async fn session_router(redis: RedisHandle, write: bool) -> anyhow::Result<Router> {
-    let sessions = Sessions::builder()
+async fn session_router(redis: RedisHandle, write: bool, cached: bool) -> anyhow::Result<Router> {
+    let mut sessions = Sessions::builder()
         .redis(redis)
         .secret("tollgate bench secret, 32 bytes or more!!")
-        .cookie(CookieConfig::new().secure(false))
-        .build()
-        .context("sessions")?;
+        .cookie(CookieConfig::new().secure(false));
+    if cached {
+        sessions = sessions.local_cache(10_000, std::time::Duration::from_secs(10));
+    }
+    let sessions = sessions.build().context("sessions")?;
     let handler = move |session: Session| async move {
         let n: u64 = match session.get("n").await {
             Ok(v) => v.unwrap_or(0),

@@ -194,9 +194,23 @@ impl<B: BatchOp> std::fmt::Debug for Coalescer<B> {
 impl<B: BatchOp> Coalescer<B> {
     /// Starts the drainer for `op` on `handle` (needs a Tokio runtime).
     pub fn new(handle: RedisHandle, op: B, config: CoalesceConfig) -> Self {
+        Self::start(handle, None, op, config)
+    }
+
+    /// A coalescer whose round trips all go through `client` (say, a
+    /// [`TrackedConnection`](crate::TrackedConnection)'s) rather than the
+    /// pool, still under `handle`'s deadline and breaker.
+    pub fn on_client(handle: RedisHandle, client: Client, op: B, config: CoalesceConfig) -> Self {
+        Self::start(handle, Some(client), op, config)
+    }
+
+    fn start(handle: RedisHandle, client: Option<Client>, op: B, config: CoalesceConfig) -> Self {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         tokio::spawn(drain(
-            handle.clone(),
+            Target {
+                handle: handle.clone(),
+                client,
+            },
             Arc::new(op),
             rx,
             config.max_batch.max(1),
@@ -233,12 +247,26 @@ impl<B: BatchOp> Coalescer<B> {
     }
 }
 
-async fn drain<B: BatchOp>(
+/// Where a drainer sends its batches.
+struct Target {
     handle: RedisHandle,
+    /// A client of its own; the pool's otherwise.
+    client: Option<Client>,
+}
+
+impl Target {
+    fn client(&self) -> &Client {
+        self.client.as_ref().unwrap_or_else(|| self.handle.client())
+    }
+}
+
+async fn drain<B: BatchOp>(
+    target: Target,
     op: Arc<B>,
     mut rx: mpsc::Receiver<Pending<B::Item, B::Output>>,
     max_batch: usize,
 ) {
+    let handle = &target.handle;
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         // A caller that went away (its request dropped) needs no answer.
@@ -272,12 +300,12 @@ async fn drain<B: BatchOp>(
             join_all(
                 groups
                     .into_iter()
-                    .map(|(_, g)| run_group(&handle, op.as_ref(), g.into_iter(), deadline)),
+                    .map(|(_, g)| run_group(&target, op.as_ref(), g.into_iter(), deadline)),
             )
             .await;
         } else {
             // Drained in place: the batch buffer is reused, not reallocated.
-            run_group(&handle, op.as_ref(), batch.drain(..), deadline).await;
+            run_group(&target, op.as_ref(), batch.drain(..), deadline).await;
         }
     }
 }
@@ -285,7 +313,7 @@ async fn drain<B: BatchOp>(
 /// Runs one group in one round trip and answers its callers, each by its
 /// deadline: the group is cut off when its oldest item is due.
 async fn run_group<B: BatchOp>(
-    handle: &RedisHandle,
+    target: &Target,
     op: &B,
     group: impl ExactSizeIterator<Item = Pending<B::Item, B::Output>>,
     deadline: Duration,
@@ -300,7 +328,8 @@ async fn run_group<B: BatchOp>(
     }
     // When the oldest caller's answer is due.
     let due = oldest.unwrap_or_else(Instant::now) + deadline;
-    let conn = BatchConn::new(handle.client(), handle.reload_counter());
+    let handle = &target.handle;
+    let conn = BatchConn::new(target.client(), handle.reload_counter());
     let n = txs.len();
     // The handle's own deadline still bounds the round trip and feeds the
     // breaker; `due` only decides when the callers stop waiting.

@@ -16,6 +16,25 @@ use crate::health::{HealthReport, HealthStatus, LayerHealth, LayerMode};
 use crate::keys::KeySpace;
 use crate::script::Script;
 
+/// The settings a fred client is built from.
+#[derive(Clone)]
+struct Blueprint {
+    config: fred::types::config::Config,
+    perf: PerformanceConfig,
+    conn: ConnectionConfig,
+    policy: fred::types::config::ReconnectPolicy,
+}
+
+impl Blueprint {
+    fn builder(&self) -> fred::types::Builder {
+        let mut b = fred::types::Builder::from_config(self.config.clone());
+        b.set_performance_config(self.perf.clone())
+            .set_connection_config(self.conn.clone())
+            .set_policy(self.policy.clone());
+        b
+    }
+}
+
 /// The one Redis client every layer shares: a fred pool, a key namespace,
 /// a per-command deadline and a circuit breaker. Cheap to clone.
 ///
@@ -29,6 +48,9 @@ pub struct RedisHandle {
 
 struct Inner {
     pool: Pool,
+    /// What the pool was built from, for a dedicated connection
+    /// ([`dedicated_client`](RedisHandle::dedicated_client)).
+    blueprint: Blueprint,
     namespace: String,
     topology: Topology,
     deadline: Duration,
@@ -92,10 +114,14 @@ impl RedisHandle {
             max_command_buffer_len: 100_000,
             ..ConnectionConfig::default()
         };
-        let pool = fred::types::Builder::from_config(fred_cfg)
-            .set_performance_config(perf)
-            .set_connection_config(conn)
-            .set_policy(config.reconnect())
+        let blueprint = Blueprint {
+            config: fred_cfg,
+            perf,
+            conn,
+            policy: config.reconnect(),
+        };
+        let pool = blueprint
+            .builder()
             .build_pool(config.pool_size)
             .map_err(|e| Error::Config {
                 field: "url",
@@ -134,6 +160,7 @@ impl RedisHandle {
         let handle = RedisHandle {
             inner: Arc::new(Inner {
                 pool,
+                blueprint,
                 namespace: config.namespace.clone(),
                 topology,
                 deadline: config.deadline,
@@ -159,6 +186,24 @@ impl RedisHandle {
     /// [`run`](Self::run).
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// A new client with the pool's settings (URL, TLS, credentials,
+    /// timeouts, reconnect policy) and a connection of its own, speaking
+    /// RESP3 when `resp3`; not connected yet. For what needs its own
+    /// connection, such as client tracking
+    /// ([`TrackedConnection`](crate::TrackedConnection)); commands on it
+    /// still go through [`run`](Self::run) for the deadline and the
+    /// breaker.
+    pub fn dedicated_client(&self, resp3: bool) -> Result<Client, Error> {
+        let mut b = self.inner.blueprint.clone();
+        if resp3 {
+            b.config.version = fred::types::RespVersion::RESP3;
+        }
+        b.builder().build().map_err(|e| Error::Config {
+            field: "url",
+            reason: e.details().to_owned(),
+        })
     }
 
     /// The next client of the pool.

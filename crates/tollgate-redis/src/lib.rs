@@ -39,6 +39,7 @@ pub mod local;
 mod readied;
 mod route;
 mod script;
+mod tracking;
 
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use coalesce::{BatchConn, BatchOp, CoalesceConfig, Coalescer, GetOp};
@@ -50,6 +51,7 @@ pub use keys::{KeySpace, hex_lower, prefixed_hex, slot};
 pub use readied::take_readied;
 pub use route::{RoutePattern, RoutePatternError};
 pub use script::Script;
+pub use tracking::{Invalidate, TrackedConnection};
 
 /// The fred crate this handle is built on, for callers that need its types.
 pub use fred;

@@ -227,6 +227,7 @@ pub struct SessionsBuilder {
     capacity: Option<u64>,
     failure: FailureMode,
     no_client_info: bool,
+    local_cache: Option<(usize, Duration)>,
 }
 
 impl std::fmt::Debug for SessionsBuilder {
@@ -332,6 +333,23 @@ impl SessionsBuilder {
         self
     }
 
+    /// With Redis: keeps up to about `capacity` records in process, so
+    /// that a load usually costs no round trip, each for at most `max_age`
+    /// (say 10 s). Redis's client tracking keeps the copies exact: a
+    /// session changed, destroyed or revoked through any instance is
+    /// dropped here when Redis pushes the invalidation, normally well
+    /// under a millisecond after the change (a request arriving inside
+    /// that window can still see the old record, as a request running at
+    /// the time of the change would). Every write still goes to Redis
+    /// before the response. Uses one more connection per instance
+    /// (RESP3, `CLIENT TRACKING ... NOLOOP`); stays off while that
+    /// connection is down or the breaker is open, and for good if the ACL
+    /// refuses `CLIENT TRACKING`. Off by default.
+    pub fn local_cache(mut self, capacity: usize, max_age: Duration) -> Self {
+        self.local_cache = Some((capacity, max_age));
+        self
+    }
+
     /// Checks the configuration.
     pub fn build(self) -> Result<Sessions, Error> {
         let mut t = self.timeouts;
@@ -398,9 +416,22 @@ impl SessionsBuilder {
                 reason: "must be positive",
             });
         }
+        if let Some((capacity, max_age)) = self.local_cache
+            && (capacity == 0 || max_age.is_zero())
+        {
+            return Err(Error::Config {
+                field: "local_cache",
+                reason: "capacity and max_age must be positive",
+            });
+        }
+        let local_cache = self.local_cache;
         let redis = self.redis.map(|h| {
             h.register_layer("session");
-            RedisStore::new(h, t)
+            let store = RedisStore::new(h, t);
+            match local_cache {
+                Some((capacity, max_age)) => store.with_local_cache(capacity, max_age),
+                None => store,
+            }
         });
         Ok(Sessions {
             shared: Arc::new(Shared {

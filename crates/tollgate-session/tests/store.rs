@@ -34,6 +34,16 @@ macro_rules! conformance {
                 }
             )*
         }
+        mod standalone_cached {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let server = tollgate_testkit::RedisServer::start();
+                    let h = super::common::connect(&server.url()).await;
+                    super::$name(move |t| super::cached(h.clone(), t)).await;
+                }
+            )*
+        }
         mod cluster {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,6 +79,20 @@ const _: fn() = || {
     is_store::<MemoryStore>();
     is_store::<RedisStore>();
 };
+
+/// A Redis store with the in-process cache, live before it is used.
+fn cached(h: tollgate_redis::RedisHandle, t: Timeouts) -> RedisStore {
+    let s = RedisStore::new(h, t).with_local_cache(1_000, Duration::from_secs(60));
+    let started = std::time::Instant::now();
+    while !s.local_cache_live() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the cache never went live"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s
+}
 
 fn hash() -> String {
     let mut b = [0u8; 32];

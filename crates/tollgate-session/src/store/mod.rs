@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
+mod local;
 mod memory;
 mod redis;
 

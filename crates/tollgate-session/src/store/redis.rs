@@ -1,14 +1,17 @@
 //! The Redis store: one JSON string per session, written by Lua scripts.
 
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
+use std::time::Duration;
 
 use futures::future::join_all;
 use tollgate_redis::fred::interfaces::{KeysInterface, SortedSetsInterface};
 use tollgate_redis::fred::types::{Expiration, SetOptions, Value};
 use tollgate_redis::{
-    BatchConn, BatchOp, CoalesceConfig, Coalescer, GetOp, KeySpace, RedisHandle, Script,
+    BatchConn, BatchOp, CoalesceConfig, Coalescer, GetOp, Invalidate, KeySpace, RedisHandle,
+    Script, TrackedConnection,
 };
 
+use super::local::LocalCache;
 use super::{Diff, NewRecord, Record, SaveOutcome, SessionInfo, SessionStore, Timeouts, millis};
 use crate::error::Error;
 
@@ -57,6 +60,26 @@ pub struct RedisStore {
     gets: Arc<OnceLock<Coalescer<GetOp>>>,
     /// Coalesced whole-record writes (saves and touches).
     writes: Arc<OnceLock<Coalescer<WriteOp>>>,
+    /// The in-process cache, when enabled.
+    cache: Option<Arc<Cached>>,
+}
+
+/// The in-process cache and the tracked connection that keeps it exact.
+#[derive(Debug)]
+struct Cached {
+    local: Arc<LocalCache>,
+    /// Started on first use (inside the runtime); `None` if it could not
+    /// be built.
+    tracked: OnceLock<Option<Tracked>>,
+}
+
+/// Loads and writes whose records may be cached: on the tracked
+/// connection, so that Redis reports every later change to them.
+#[derive(Debug)]
+struct Tracked {
+    conn: TrackedConnection,
+    gets: Coalescer<GetOp>,
+    writes: Coalescer<WriteOp>,
 }
 
 /// One whole-record write: key, loaded generation, record JSON, TTL (ms).
@@ -105,6 +128,89 @@ impl RedisStore {
             timeouts,
             gets: Arc::new(OnceLock::new()),
             writes: Arc::new(OnceLock::new()),
+            cache: None,
+        }
+    }
+
+    /// Keeps up to about `capacity` records in process, each served for
+    /// at most `max_age`, kept exact by Redis's client tracking on a
+    /// connection of their own: a record changed or deleted anywhere is
+    /// dropped here when Redis says so, normally well under a millisecond
+    /// later. A load served from it costs no round trip. Off while the
+    /// breaker is open, while that connection is down, and for good if
+    /// Redis refuses `CLIENT TRACKING` (an ACL without it).
+    ///
+    /// The connection opens at once when called inside a Tokio runtime,
+    /// else on first use.
+    pub fn with_local_cache(mut self, capacity: usize, max_age: Duration) -> Self {
+        self.cache = Some(Arc::new(Cached {
+            local: Arc::new(LocalCache::new(capacity, max_age)),
+            tracked: OnceLock::new(),
+        }));
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = self.tracked_started();
+        }
+        self
+    }
+
+    /// Whether loads are served from the in-process cache right now: it
+    /// is enabled, its connection is up with tracking on, and the breaker
+    /// is closed.
+    pub fn local_cache_live(&self) -> bool {
+        self.tracked().is_some()
+    }
+
+    /// The tracked path, when the cache is enabled and live.
+    fn tracked(&self) -> Option<(&Tracked, &LocalCache)> {
+        let (tracked, local) = self.tracked_started()?;
+        tracked.conn.is_live().then_some((tracked, local))
+    }
+
+    /// The tracked path, started on first use, live or not.
+    fn tracked_started(&self) -> Option<(&Tracked, &LocalCache)> {
+        let cached = self.cache.as_deref()?;
+        let tracked = cached
+            .tracked
+            .get_or_init(|| {
+                let sink: Weak<dyn Invalidate> = {
+                    let strong: Arc<dyn Invalidate> = cached.local.clone();
+                    Arc::downgrade(&strong)
+                };
+                let prefix = format!("{}:{{", self.keys.prefix());
+                match TrackedConnection::start(&self.handle, vec![prefix], sink) {
+                    Ok(conn) => {
+                        let client = conn.client().clone();
+                        Some(Tracked {
+                            gets: Coalescer::on_client(
+                                self.handle.clone(),
+                                client.clone(),
+                                GetOp,
+                                CoalesceConfig::default(),
+                            ),
+                            writes: Coalescer::on_client(
+                                self.handle.clone(),
+                                client,
+                                WriteOp,
+                                CoalesceConfig::default(),
+                            ),
+                            conn,
+                        })
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "session cache off: no tracked connection");
+                        None
+                    }
+                }
+            })
+            .as_ref()?;
+        Some((tracked, &*cached.local))
+    }
+
+    /// Drops the cached copy of `id_hash`'s record (after a write that did
+    /// not go through the tracked path).
+    fn forget(&self, id_hash: &str) {
+        if let Some(c) = &self.cache {
+            c.local.forget(&self.record_key(id_hash));
         }
     }
 
@@ -174,17 +280,39 @@ impl RedisStore {
             return Ok(0);
         };
         let json = serde_json::to_string(record).map_err(Error::Corrupt)?;
+        let key = self.record_key(id_hash);
+        if let Some((tracked, local)) = self.tracked() {
+            // The cached copy is hidden while the write is in flight, and
+            // the written record is cached unless a change came between.
+            let ticket = local.begin(&key);
+            let written = tracked
+                .writes
+                .submit(Write {
+                    key: key.clone(),
+                    loaded,
+                    json,
+                    ttl,
+                })
+                .await;
+            match written {
+                Ok(1) => local.fill(&key, ticket, record),
+                _ => local.forget(&key),
+            }
+            return Ok(written?);
+        }
         let writes = self.writes.get_or_init(|| {
             Coalescer::new(self.handle.clone(), WriteOp, CoalesceConfig::default())
         });
-        Ok(writes
+        let written = writes
             .submit(Write {
-                key: self.record_key(id_hash),
+                key,
                 loaded,
                 json,
                 ttl,
             })
-            .await?)
+            .await;
+        self.forget(id_hash);
+        Ok(written?)
     }
 
     async fn get(&self, id_hash: &str) -> Result<Option<Record>, Error> {
@@ -226,6 +354,22 @@ impl RedisStore {
     }
 }
 
+/// Counts a load the in-process cache answered (`hit`) or sent to Redis
+/// (`miss`), while the cache is live.
+fn cache_counter(result: &'static str) {
+    tollgate_redis::counters::increment(
+        "tollgate_session_local_cache_total",
+        [None, None],
+        [Some(("result", result)), None],
+    );
+}
+
+/// A stored record from its raw bytes.
+fn parse(raw: &[u8]) -> Result<Record, Error> {
+    let raw = std::str::from_utf8(raw).map_err(|e| Error::Corrupt(serde::de::Error::custom(e)))?;
+    Record::from_json(raw)
+}
+
 impl SessionStore for RedisStore {
     async fn create(
         &self,
@@ -260,19 +404,48 @@ impl SessionStore for RedisStore {
                 .await
             })
             .await?;
+        self.forget(id_hash);
         Ok(set.is_some())
     }
 
     async fn load(&self, id_hash: &str) -> Result<Option<Record>, Error> {
-        let gets = self
-            .gets
-            .get_or_init(|| Coalescer::new(self.handle.clone(), GetOp, CoalesceConfig::default()));
-        let Some(raw) = gets.submit(self.record_key(id_hash)).await? else {
-            return Ok(None);
+        let key = self.record_key(id_hash);
+        let (mut record, ticket) = match self.tracked() {
+            Some((_, local)) if let Some(r) = local.get(&key) => {
+                cache_counter("hit");
+                (r, None)
+            }
+            Some((tracked, local)) => {
+                cache_counter("miss");
+                let ticket = local.begin(&key);
+                match tracked.gets.submit(key.clone()).await {
+                    Ok(Some(raw)) => match parse(&raw) {
+                        Ok(r) => (r, Some((local, ticket))),
+                        Err(e) => {
+                            local.forget(&key);
+                            return Err(e);
+                        }
+                    },
+                    Ok(None) => {
+                        local.forget(&key);
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        local.forget(&key);
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => {
+                let gets = self.gets.get_or_init(|| {
+                    Coalescer::new(self.handle.clone(), GetOp, CoalesceConfig::default())
+                });
+                let Some(raw) = gets.submit(key.clone()).await? else {
+                    return Ok(None);
+                };
+                (parse(&raw)?, None)
+            }
         };
-        let raw =
-            std::str::from_utf8(&raw).map_err(|e| Error::Corrupt(serde::de::Error::custom(e)))?;
-        let mut record = Record::from_json(raw)?;
         let now = super::now_ms();
         if record.is_expired(now, self.timeouts.idle) {
             // Redis's own expiry would drop it soon; drop it now. (Boxed,
@@ -285,10 +458,12 @@ impl SessionStore for RedisStore {
             let loaded = record.generation;
             record.last_seen = now;
             // A save that came first refreshed the record itself; a record
-            // gone meanwhile stays gone.
+            // gone meanwhile stays gone. (The touch caches what it wrote.)
             if Box::pin(self.write_if_unchanged(id_hash, &record, loaded, now)).await? == 0 {
                 return Ok(None);
             }
+        } else if let Some((local, ticket)) = ticket {
+            local.fill(&key, ticket, &record);
         }
         Ok(Some(record))
     }
@@ -325,6 +500,8 @@ impl SessionStore for RedisStore {
                 ],
             )
             .await?;
+        // Merged in Redis: the cached copy, if any, is behind.
+        self.forget(id_hash);
         let status = reply.first().and_then(Value::as_i64).unwrap_or(0);
         Ok(match status {
             1 => SaveOutcome::Saved,
@@ -366,6 +543,7 @@ impl SessionStore for RedisStore {
             .handle
             .call(|c| async move { c.getdel(key).await })
             .await?;
+        self.forget(id_hash);
         let record = raw.as_deref().map(Record::from_json).transpose()?;
         let now = super::now_ms();
         Ok(record.filter(|r| !r.is_expired(now, self.timeouts.idle)))
@@ -377,6 +555,7 @@ impl SessionStore for RedisStore {
             .handle
             .call(|c| async move { c.del(key).await })
             .await?;
+        self.forget(id_hash);
         Ok(n > 0)
     }
 

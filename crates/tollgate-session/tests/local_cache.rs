@@ -1,0 +1,184 @@
+//! The in-process session cache against real Redis: a cached load costs
+//! no command, a change made through another instance reaches it, a
+//! restarted Redis empties it, and without `CLIENT TRACKING` (ACL) or on a
+//! cluster it stays off while sessions keep working.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use tollgate_redis::RedisHandle;
+use tollgate_session::Timeouts;
+use tollgate_session::store::{Diff, NewRecord, Record, RedisStore, SessionStore};
+use tollgate_testkit::{RedisCluster, RedisServer, Reply};
+
+fn hash() -> String {
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    tollgate_redis::hex_lower(&b)
+}
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        idle: Duration::from_secs(600),
+        absolute: Duration::from_secs(3600),
+        touch_after: Duration::from_secs(60),
+    }
+}
+
+fn cached(h: RedisHandle) -> RedisStore {
+    RedisStore::new(h, timeouts()).with_local_cache(1_000, Duration::from_secs(60))
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let started = Instant::now();
+    while !f().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn with_entry(k: &str, json: &str) -> NewRecord {
+    NewRecord {
+        data: [(k.to_owned(), json.to_owned())].into_iter().collect(),
+        ..NewRecord::default()
+    }
+}
+
+fn entry(r: &Option<Record>, k: &str) -> Option<String> {
+    r.as_ref().and_then(|r| r.data.get(k).cloned())
+}
+
+/// Commands `server` ran during `f`, the counter's own reads excluded.
+async fn commands<T>(server: &RedisServer, f: impl std::future::Future<Output = T>) -> (T, u64) {
+    let first = server.commands_processed();
+    let before = server.commands_processed();
+    let noise = before - first;
+    let out = f.await;
+    (out, server.commands_processed() - before - noise)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_load_costs_no_command_and_changes_elsewhere_reach_it() {
+    let server = RedisServer::start();
+    let a = cached(tollgate_testkit::connect(&server.url()).await);
+    // Another instance, without a cache.
+    let b = RedisStore::new(tollgate_testkit::connect(&server.url()).await, timeouts());
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+
+    let h = hash();
+    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+    // The first load reads Redis; the next ones are served in process.
+    assert_eq!(entry(&a.load(&h).await.unwrap(), "n").as_deref(), Some("1"));
+    let (r, cost) = commands(&server, async {
+        for _ in 0..5 {
+            assert_eq!(entry(&a.load(&h).await.unwrap(), "n").as_deref(), Some("1"));
+        }
+        a.load(&h).await
+    })
+    .await;
+    assert_eq!(entry(&r.unwrap(), "n").as_deref(), Some("1"));
+    assert_eq!(cost, 0, "cached loads send no command");
+
+    // A change saved through the other instance reaches this one.
+    let diff = Diff {
+        set: [("n".to_owned(), "2".to_owned())].into_iter().collect(),
+        ..Diff::default()
+    };
+    let loaded = b.load(&h).await.unwrap().expect("record");
+    b.save(&h, None, &diff, loaded.generation).await.unwrap();
+    wait_until("the change to reach the cache", || async {
+        entry(&a.load(&h).await.unwrap(), "n").as_deref() == Some("2")
+    })
+    .await;
+
+    // This instance's own save is read back at once.
+    let base = a.load(&h).await.unwrap().expect("record");
+    let diff = Diff {
+        set: [("n".to_owned(), "3".to_owned())].into_iter().collect(),
+        ..Diff::default()
+    };
+    a.save_from(&h, None, &diff, base).await.unwrap();
+    assert_eq!(entry(&a.load(&h).await.unwrap(), "n").as_deref(), Some("3"));
+
+    // Destroyed through the other instance: gone here too, for good.
+    assert!(b.delete(&h).await.unwrap());
+    wait_until("the deletion to reach the cache", || async {
+        a.load(&h).await.unwrap().is_none()
+    })
+    .await;
+    assert!(a.load(&h).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_empties_the_cache() {
+    let mut server = RedisServer::start();
+    let a = cached(tollgate_testkit::connect(&server.url()).await);
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let h = hash();
+    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+    assert!(a.load(&h).await.unwrap().is_some());
+
+    // Redis dies: nothing is served from the cache once that is known.
+    server.kill();
+    wait_until("the cache to go off", || async { !a.local_cache_live() }).await;
+    assert!(
+        !matches!(a.load(&h).await, Ok(Some(_))),
+        "a cached record is not served while Redis is down"
+    );
+
+    // It comes back empty (no persistence): the session is gone.
+    server.restart();
+    wait_until("the cache to go live again", || async {
+        a.local_cache_live()
+    })
+    .await;
+    assert!(a.load(&h).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_client_tracking_the_cache_stays_off_and_sessions_work() {
+    let server = RedisServer::start();
+    let setup = server.command(&[
+        "ACL",
+        "SETUSER",
+        "app",
+        "on",
+        ">app-password-long-enough",
+        "~*",
+        "&*",
+        "+@all",
+        "-client|tracking",
+    ]);
+    assert!(matches!(setup, Ok(Reply::Status(_))), "{setup:?}");
+    let url = format!(
+        "redis://app:app-password-long-enough@127.0.0.1:{}",
+        server.port()
+    );
+    let a = cached(tollgate_testkit::connect(&url).await);
+    let h = hash();
+    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+    // Give the refused attempt time to happen; the cache never goes live.
+    for _ in 0..20 {
+        assert!(!a.local_cache_live());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(entry(&a.load(&h).await.unwrap(), "n").as_deref(), Some("1"));
+    let (r, cost) = commands(&server, a.load(&h)).await;
+    assert_eq!(entry(&r.unwrap(), "n").as_deref(), Some("1"));
+    assert!(cost >= 1, "every load reads Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_cache_stays_off_and_sessions_work() {
+    let cluster = RedisCluster::start();
+    let a = cached(tollgate_testkit::connect(&cluster.url()).await);
+    let h = hash();
+    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+    assert_eq!(entry(&a.load(&h).await.unwrap(), "n").as_deref(), Some("1"));
+    assert!(!a.local_cache_live());
+}
