@@ -15,10 +15,13 @@
 //! shared by every layer, so this is a connection of its own, speaking
 //! RESP3, built from the same settings.
 //!
-//! Invalidations can be lost only with the connection: on every error and
+//! Invalidations can be lost with the connection: on every error and
 //! every reconnection the cache is told to forget everything
 //! ([`Invalidate::all`]), and it is not [`live`](TrackedConnection::is_live)
-//! until tracking is on again. On a cluster a broadcasting connection
+//! until tracking is on again. They are also lost on `FLUSHALL` and
+//! `FLUSHDB`, whose notice (an invalidation of no key in particular) the
+//! client library drops: a canary key, `{namespace}:tracking:canary`, is
+//! checked every [`FLUSH_CHECK`], and a missing canary counts as a flush. On a cluster a broadcasting connection
 //! would hear of one node's keys only, so it is not started there.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +33,9 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::Error;
 use crate::handle::RedisHandle;
+
+/// How often the connection checks that Redis was not flushed.
+pub const FLUSH_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a cache fed by a [`TrackedConnection`] does with invalidations.
 ///
@@ -113,9 +119,13 @@ impl TrackedConnection {
         let mut invalidations = inner.client.invalidation_rx();
         let _connection = inner.client.connect();
         let weak = Arc::downgrade(&inner);
+        let canary = handle.keys("tracking").key(&["canary"]);
+        let mut flush_check = tokio::time::interval(FLUSH_CHECK);
+        flush_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::spawn(async move {
             loop {
                 let event = tokio::select! {
+                    _ = flush_check.tick() => Event::FlushCheck,
                     r = reconnects.recv() => Event::Reconnected(r.is_err_and(|e| matches!(e, RecvError::Closed))),
                     e = errors.recv() => Event::Error(e.is_err_and(|e| matches!(e, RecvError::Closed))),
                     i = invalidations.recv() => Event::Invalidated(i),
@@ -130,13 +140,25 @@ impl TrackedConnection {
                         inner.live.store(false, Ordering::Release);
                         sink.all();
                     }
+                    Event::FlushCheck => {
+                        if inner.live.load(Ordering::Acquire)
+                            && !inner.canary_present(&canary).await
+                        {
+                            sink.all();
+                        }
+                    }
                     Event::Reconnected(false) => {
                         inner.live.store(false, Ordering::Release);
                         sink.all();
-                        let tracking = inner
-                            .client
-                            .start_tracking(prefixes.clone(), true, false, false, true)
-                            .await;
+                        let tracking = match inner.set_canary(&canary).await {
+                            Ok(()) => {
+                                inner
+                                    .client
+                                    .start_tracking(prefixes.clone(), true, false, false, true)
+                                    .await
+                            }
+                            Err(e) => Err(e),
+                        };
                         match tracking {
                             Ok(()) => {
                                 // Reads sent before this point were not
@@ -183,7 +205,31 @@ impl TrackedConnection {
     }
 }
 
+impl Inner {
+    async fn set_canary(&self, canary: &str) -> Result<(), fred::error::Error> {
+        use fred::interfaces::KeysInterface as _;
+        self.client.set(canary, 1, None, None, false).await
+    }
+
+    /// Whether the canary is still there; when it is gone (a flush), it is
+    /// set again. An error (say, the connection dropping) is reported by
+    /// the connection's own events, not here.
+    async fn canary_present(&self, canary: &str) -> bool {
+        use fred::interfaces::KeysInterface as _;
+        let deadline = self.handle.deadline();
+        match tokio::time::timeout(deadline, self.client.exists::<i64, _>(canary)).await {
+            Ok(Ok(0)) => {
+                let _ = tokio::time::timeout(deadline, self.set_canary(canary)).await;
+                false
+            }
+            _ => true,
+        }
+    }
+}
+
 enum Event {
+    /// Time to check that Redis was not flushed.
+    FlushCheck,
     /// `true`: the channel closed (the client is gone).
     Reconnected(bool),
     Error(bool),

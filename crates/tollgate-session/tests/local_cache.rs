@@ -1,6 +1,6 @@
 //! The in-process session cache against real Redis: a cached load costs
 //! no command, a change made through another instance reaches it, a
-//! restarted Redis empties it, and without `CLIENT TRACKING` (ACL) or on a
+//! restarted or flushed Redis empties it, and without `CLIENT TRACKING` (ACL) or on a
 //! cluster it stays off while sessions keep working.
 
 mod common;
@@ -138,6 +138,29 @@ async fn a_restarted_redis_empties_the_cache() {
     })
     .await;
     assert!(a.load(&h).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_redis_empties_the_cache() {
+    let server = RedisServer::start();
+    let a = cached(tollgate_testkit::connect(&server.url()).await);
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let h = hash();
+    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+    assert!(a.load(&h).await.unwrap().is_some());
+    let (_, cost) = commands(&server, a.load(&h)).await;
+    assert_eq!(cost, 0, "cached");
+    // Redis's notice of a flush names no key (and never reaches the cache);
+    // the canary check catches it within about a second, well before the
+    // cache's 60 s max age.
+    assert!(matches!(
+        server.command(&["FLUSHALL"]),
+        Ok(Reply::Status(_))
+    ));
+    wait_until("the flush to reach the cache", || async {
+        a.load(&h).await.unwrap().is_none()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
