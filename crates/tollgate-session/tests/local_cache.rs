@@ -1,6 +1,7 @@
 //! The in-process session cache against real Redis: a cached load costs
 //! no command, a change made through another instance reaches it, a
-//! restarted or flushed Redis empties it, and without `CLIENT TRACKING` (ACL) or on a
+//! restarted or flushed Redis empties it, it works over TLS with an ACL
+//! user, and without `CLIENT TRACKING` (ACL) or on a
 //! cluster it stays off while sessions keep working.
 
 mod common;
@@ -194,6 +195,34 @@ async fn without_client_tracking_the_cache_stays_off_and_sessions_work() {
     let (r, cost) = commands(&server, a.load(&h)).await;
     assert_eq!(entry(&r.unwrap(), "n").as_deref(), Some("1"));
     assert!(cost >= 1, "every load reads Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_with_an_acl_user_the_cache_works() {
+    let server = RedisServer::start_tls();
+    let ca = server.ca_pem().expect("CA");
+    let connect = || async {
+        RedisHandle::connect(
+            tollgate_redis::RedisConfig::from_url(server.url())
+                .tls_root_ca_pem(ca.clone())
+                .deadline(Duration::from_secs(2)),
+        )
+        .await
+        .expect("TLS + ACL connect")
+    };
+    // The tracked connection is built from the same settings as the pool:
+    // TLS, CA and credentials included.
+    let a = cached(connect().await);
+    let b = RedisStore::new(connect().await, timeouts());
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let h = hash();
+    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+    assert_eq!(entry(&a.load(&h).await.unwrap(), "n").as_deref(), Some("1"));
+    assert!(b.delete(&h).await.unwrap());
+    wait_until("the deletion to reach the cache", || async {
+        a.load(&h).await.unwrap().is_none()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

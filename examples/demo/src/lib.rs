@@ -103,6 +103,7 @@ pub fn install_metrics() -> PrometheusHandle {
 /// kept in Redis (a demo convenience: in production, give it from a secret
 /// store); in process, a random one. The cookie drops `Secure` when the
 /// demo listens on loopback, so plain-http `curl` and browsers keep it.
+/// With Redis, records are also cached in process.
 async fn sessions(tollgate: &Tollgate, config: &DemoConfig) -> Result<Sessions, DemoError> {
     let secret = match std::env::var("SESSION_SECRET")
         .ok()
@@ -117,7 +118,14 @@ async fn sessions(tollgate: &Tollgate, config: &DemoConfig) -> Result<Sessions, 
     let cookie = CookieConfig::new()
         .name("tollgate_demo")
         .secure(!config.addr.ip().is_loopback());
-    Ok(tollgate.sessions().secret(secret).cookie(cookie).build()?)
+    // With Redis, most loads are served in process (kept exact by Redis's
+    // client tracking); every write still goes to Redis.
+    Ok(tollgate
+        .sessions()
+        .secret(secret)
+        .cookie(cookie)
+        .local_cache(10_000, std::time::Duration::from_secs(10))
+        .build()?)
 }
 
 fn random_secret() -> Vec<u8> {

@@ -173,7 +173,19 @@ fn set_cookie(headers: &http::HeaderMap) -> Option<String> {
 
 #[tokio::test]
 async fn login_me_sessions_logout() {
-    let app = App::build(&config(None), install_metrics())
+    login_me_sessions_logout_on(None).await;
+}
+
+/// The same flow on Redis, where the demo also caches session records in
+/// process: a revoked device and a logged-out cookie stay out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_me_sessions_logout_with_redis() {
+    let server = tollgate_testkit::RedisServer::start();
+    login_me_sessions_logout_on(Some(server.url())).await;
+}
+
+async fn login_me_sessions_logout_on(redis_url: Option<String>) {
+    let app = App::build(&config(redis_url), install_metrics())
         .await
         .expect("build");
     let (status, _, _) = call(&app, from_ip("GET", "/api/me", "192.0.2.1")).await;
