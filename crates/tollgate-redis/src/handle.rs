@@ -200,6 +200,9 @@ impl RedisHandle {
         if resp3 {
             b.config.version = fred::types::RespVersion::RESP3;
         }
+        // Room for bursts of pushed messages (client tracking): a listener
+        // that falls behind the default 32 loses them all.
+        b.perf.broadcast_channel_capacity = b.perf.broadcast_channel_capacity.max(1024);
         b.builder().build().map_err(|e| Error::Config {
             field: "url",
             reason: e.details().to_owned(),
