@@ -21,7 +21,10 @@
 //! until tracking is on again. They are also lost on `FLUSHALL` and
 //! `FLUSHDB`, whose notice (an invalidation of no key in particular) the
 //! client library drops: a canary key, `{namespace}:tracking:canary`, is
-//! checked every [`FLUSH_CHECK`], and a missing canary counts as a flush. On a cluster a broadcasting connection
+//! checked every [`FLUSH_CHECK`], and a missing canary counts as a flush.
+//! The same check catches a connection that stopped answering without
+//! dropping (a frozen Redis, a silent network failure): the cache is
+//! emptied and not live until the canary answers again. On a cluster a broadcasting connection
 //! would hear of one node's keys only, so it is not started there.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,7 +69,10 @@ pub struct TrackedConnection {
 struct Inner {
     client: Client,
     handle: RedisHandle,
+    /// Tracking is on and the connection answers.
     live: AtomicBool,
+    /// Tracking was turned on on the current connection.
+    tracking: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -111,6 +117,7 @@ impl TrackedConnection {
             client,
             handle: handle.clone(),
             live: AtomicBool::new(false),
+            tracking: AtomicBool::new(false),
         });
         // Subscribed before connecting: the first connection is announced
         // as a reconnection too.
@@ -137,17 +144,33 @@ impl TrackedConnection {
                     Event::Reconnected(true) | Event::Error(true) => return,
                     Event::Invalidated(Err(RecvError::Closed)) => return,
                     Event::Error(false) => {
+                        inner.tracking.store(false, Ordering::Release);
                         inner.live.store(false, Ordering::Release);
                         sink.all();
                     }
-                    Event::FlushCheck => {
-                        if inner.live.load(Ordering::Acquire)
-                            && !inner.canary_present(&canary).await
-                        {
-                            sink.all();
+                    Event::FlushCheck if inner.tracking.load(Ordering::Acquire) => {
+                        match inner.canary(&canary).await {
+                            Canary::Present if !inner.live.load(Ordering::Acquire) => {
+                                // The connection answers again, and it
+                                // never dropped: every push sent before
+                                // this reply has arrived.
+                                sink.all();
+                                inner.live.store(true, Ordering::Release);
+                            }
+                            Canary::Present => {}
+                            Canary::Missing => sink.all(),
+                            Canary::NoAnswer => {
+                                // Pushes may be stuck with the answer (a
+                                // silent network failure, a frozen Redis):
+                                // serve nothing until it answers.
+                                inner.live.store(false, Ordering::Release);
+                                sink.all();
+                            }
                         }
                     }
+                    Event::FlushCheck => {}
                     Event::Reconnected(false) => {
+                        inner.tracking.store(false, Ordering::Release);
                         inner.live.store(false, Ordering::Release);
                         sink.all();
                         let tracking = match inner.set_canary(&canary).await {
@@ -164,6 +187,7 @@ impl TrackedConnection {
                                 // Reads sent before this point were not
                                 // tracked: none of them may fill the cache.
                                 sink.all();
+                                inner.tracking.store(true, Ordering::Release);
                                 inner.live.store(true, Ordering::Release);
                             }
                             Err(e) => {
@@ -211,20 +235,29 @@ impl Inner {
         self.client.set(canary, 1, None, None, false).await
     }
 
-    /// Whether the canary is still there; when it is gone (a flush), it is
-    /// set again. An error (say, the connection dropping) is reported by
-    /// the connection's own events, not here.
-    async fn canary_present(&self, canary: &str) -> bool {
+    /// Checks the canary within the deadline; when it is gone (a flush),
+    /// sets it again.
+    async fn canary(&self, canary: &str) -> Canary {
         use fred::interfaces::KeysInterface as _;
         let deadline = self.handle.deadline();
         match tokio::time::timeout(deadline, self.client.exists::<i64, _>(canary)).await {
             Ok(Ok(0)) => {
                 let _ = tokio::time::timeout(deadline, self.set_canary(canary)).await;
-                false
+                Canary::Missing
             }
-            _ => true,
+            Ok(Ok(_)) => Canary::Present,
+            _ => Canary::NoAnswer,
         }
     }
+}
+
+/// What a check of the canary found.
+enum Canary {
+    Present,
+    /// Redis was flushed.
+    Missing,
+    /// No answer within the deadline.
+    NoAnswer,
 }
 
 enum Event {

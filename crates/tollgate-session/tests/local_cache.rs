@@ -1,6 +1,6 @@
 //! The in-process session cache against real Redis: a cached load costs
 //! no command, a change made through another instance reaches it, a
-//! restarted or flushed Redis empties it, it works over TLS with an ACL
+//! restarted, frozen or flushed Redis empties it, it works over TLS with an ACL
 //! user, and without `CLIENT TRACKING` (ACL) or on a
 //! cluster it stays off while sessions keep working.
 
@@ -139,6 +139,29 @@ async fn a_restarted_redis_empties_the_cache() {
     })
     .await;
     assert!(a.load(&h).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_turns_the_cache_off_without_any_request() {
+    let mut server = RedisServer::start();
+    let a = cached(tollgate_testkit::connect(&server.url()).await);
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let h = hash();
+    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+    assert!(a.load(&h).await.unwrap().is_some());
+    // Frozen: the connection stays open and no error arrives, so only the
+    // canary check notices, with no request sent meanwhile.
+    server.pause();
+    wait_until("the cache to go off", || async { !a.local_cache_live() }).await;
+    server.resume();
+    wait_until("the cache to go live again", || async {
+        a.local_cache_live()
+    })
+    .await;
+    // Emptied while off: the next load reads Redis.
+    let (r, cost) = commands(&server, a.load(&h)).await;
+    assert!(r.unwrap().is_some());
+    assert!(cost >= 1, "read from Redis after the freeze");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
