@@ -111,19 +111,33 @@ impl LocalCache {
     }
 
     /// Caches `record` as the reply of the read `ticket` began, unless an
-    /// invalidation came in between.
-    pub(crate) fn fill(&self, key: &str, ticket: Ticket, record: &Record) {
+    /// invalidation came in between. Whether it did.
+    pub(crate) fn fill(&self, key: &str, ticket: Ticket, record: &Record) -> bool {
         let mut shard = self.shard(key);
         if self.epoch.load(Ordering::Acquire) != ticket.epoch {
-            return;
+            return false;
         }
-        if let Some(slot) = shard.get_mut(key)
-            && matches!(slot, Slot::Reading { token } if *token == ticket.token)
-        {
-            *slot = Slot::Ready {
-                record: record.clone(),
-                at: Instant::now(),
-            };
+        let Some(slot) = shard.get_mut(key) else {
+            return false;
+        };
+        if !matches!(slot, Slot::Reading { token } if *token == ticket.token) {
+            return false;
+        }
+        *slot = Slot::Ready {
+            record: record.clone(),
+            at: Instant::now(),
+        };
+        true
+    }
+
+    /// After this instance's own write of `key` completed: caches what it
+    /// wrote if nothing began on the key meanwhile; otherwise drops the
+    /// key, so that a read sent before the write landed (whose reply may
+    /// hold the old record, and whose change Redis need not push back to
+    /// the connection that made it) cannot fill the cache.
+    pub(crate) fn wrote(&self, key: &str, ticket: Ticket, record: Option<&Record>) {
+        if !record.is_some_and(|r| self.fill(key, ticket, r)) {
+            self.forget(key);
         }
     }
 
@@ -237,6 +251,25 @@ mod tests {
         assert!(c.get("b").is_none());
         c.fill("b", again, &record(2));
         assert_eq!(c.get("b").map(|r| r.generation), Some(2));
+    }
+
+    #[test]
+    fn a_write_voids_the_reads_begun_while_it_was_in_flight() {
+        let c = cache();
+        let write = c.begin("k");
+        // A load of the key starts while the write is in flight: its
+        // reply may predate the write.
+        let read = c.begin("k");
+        c.wrote("k", write, Some(&record(2)));
+        c.fill("k", read, &record(1));
+        assert!(c.get("k").is_none(), "the older read must not fill");
+        // Alone, the write caches what it wrote; a failed one drops it.
+        let write = c.begin("k");
+        c.wrote("k", write, Some(&record(3)));
+        assert_eq!(c.get("k").map(|r| r.generation), Some(3));
+        let write = c.begin("k");
+        c.wrote("k", write, None);
+        assert!(c.get("k").is_none());
     }
 
     #[test]

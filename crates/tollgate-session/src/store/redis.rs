@@ -282,8 +282,9 @@ impl RedisStore {
         let json = serde_json::to_string(record).map_err(Error::Corrupt)?;
         let key = self.record_key(id_hash);
         if let Some((tracked, local)) = self.tracked() {
-            // The cached copy is hidden while the write is in flight, and
-            // the written record is cached unless a change came between.
+            // The cached copy is hidden while the write is in flight; the
+            // written record is cached unless a change or another read
+            // came between.
             let ticket = local.begin(&key);
             let written = tracked
                 .writes
@@ -294,10 +295,8 @@ impl RedisStore {
                     ttl,
                 })
                 .await;
-            match written {
-                Ok(1) => local.fill(&key, ticket, record),
-                _ => local.forget(&key),
-            }
+            let ok = matches!(written, Ok(1));
+            local.wrote(&key, ticket, ok.then_some(record));
             return Ok(written?);
         }
         let writes = self.writes.get_or_init(|| {
