@@ -40,8 +40,10 @@ const INDEX_SLACK_MS: u64 = 5 * 60 * 1000;
 /// command, always sent *before* the record is bound (a session can never
 /// be bound to a user without being in the index that "revoke all" reads).
 ///
-/// Round trips: load 1 (a read inside the touch window writes nothing),
-/// save 1, create 1 (+1 when a user is bound), delete 1.
+/// Round trips: load 1 (a read inside the touch window writes nothing;
+/// none when served from the optional in-process cache,
+/// [`with_local_cache`](Self::with_local_cache)), save 1, create 1 (+1
+/// when a user is bound), delete 1.
 ///
 /// Redis does no JSON work on the common paths: a load is a plain `GET`
 /// (the loads of concurrent requests go out as one `MGET`), the record is
