@@ -8,25 +8,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use rand::RngCore;
 use tollgate_redis::RedisHandle;
-use tollgate_session::Timeouts;
 use tollgate_session::store::{Diff, NewRecord, Record, RedisStore, SessionStore};
 use tollgate_testkit::{RedisCluster, RedisServer, Reply};
 
-fn hash() -> String {
-    let mut b = [0u8; 32];
-    rand::rng().fill_bytes(&mut b);
-    tollgate_redis::hex_lower(&b)
-}
-
-fn timeouts() -> Timeouts {
-    Timeouts {
-        idle: Duration::from_secs(600),
-        absolute: Duration::from_secs(3600),
-        touch_after: Duration::from_secs(60),
-    }
-}
+use common::{id_hash as hash, long_timeouts as timeouts};
 
 fn cached(h: RedisHandle) -> RedisStore {
     RedisStore::new(h, timeouts()).with_local_cache(1_000, Duration::from_secs(60))
@@ -61,6 +47,17 @@ async fn commands<T>(server: &RedisServer, f: impl std::future::Future<Output = 
     let noise = before - first;
     let out = f.await;
     (out, server.commands_processed() - before - noise)
+}
+
+/// A cached store on `server`, live, with one session (`n` = 1) that it
+/// has loaded.
+async fn live_session(server: &RedisServer) -> (RedisStore, String) {
+    let a = cached(tollgate_testkit::connect(&server.url()).await);
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let h = hash();
+    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+    assert!(a.load(&h).await.unwrap().is_some());
+    (a, h)
 }
 
 /// Waits until loads of `h` are served in process, three in a row. (The push for the
@@ -133,11 +130,7 @@ async fn a_cached_load_costs_no_command_and_changes_elsewhere_reach_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_redis_empties_the_cache() {
     let mut server = RedisServer::start();
-    let a = cached(tollgate_testkit::connect(&server.url()).await);
-    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
-    let h = hash();
-    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
-    assert!(a.load(&h).await.unwrap().is_some());
+    let (a, h) = live_session(&server).await;
 
     // Redis dies: nothing is served from the cache once that is known.
     server.kill();
@@ -159,11 +152,7 @@ async fn a_restarted_redis_empties_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_turns_the_cache_off_without_any_request() {
     let mut server = RedisServer::start();
-    let a = cached(tollgate_testkit::connect(&server.url()).await);
-    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
-    let h = hash();
-    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
-    assert!(a.load(&h).await.unwrap().is_some());
+    let (a, h) = live_session(&server).await;
     // Frozen: the connection stays open and no error arrives, so only the
     // canary check notices, with no request sent meanwhile.
     server.pause();
@@ -182,11 +171,7 @@ async fn a_frozen_redis_turns_the_cache_off_without_any_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flushed_redis_empties_the_cache() {
     let server = RedisServer::start();
-    let a = cached(tollgate_testkit::connect(&server.url()).await);
-    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
-    let h = hash();
-    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
-    assert!(a.load(&h).await.unwrap().is_some());
+    let (a, h) = live_session(&server).await;
     wait_cached(&server, &a, &h).await;
     // Redis's notice of a flush names no key (and never reaches the cache);
     // the canary check catches it within about a second, well before the

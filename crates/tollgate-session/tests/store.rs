@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rand::RngCore;
 use tollgate_session::Timeouts;
 use tollgate_session::store::{
     Diff, MemoryStore, NewRecord, RedisStore, SaveOutcome, SessionStore,
@@ -94,19 +93,7 @@ fn cached(h: tollgate_redis::RedisHandle, t: Timeouts) -> RedisStore {
     s
 }
 
-fn hash() -> String {
-    let mut b = [0u8; 32];
-    rand::rng().fill_bytes(&mut b);
-    tollgate_redis::hex_lower(&b)
-}
-
-fn long() -> Timeouts {
-    Timeouts {
-        idle: Duration::from_secs(600),
-        absolute: Duration::from_secs(3600),
-        touch_after: Duration::from_secs(60),
-    }
-}
+use common::{id_hash as hash, long_timeouts as long};
 
 fn entry(k: &str, json: &str) -> (String, String) {
     (k.to_owned(), json.to_owned())

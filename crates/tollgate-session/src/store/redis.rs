@@ -283,27 +283,18 @@ impl RedisStore {
         };
         let json = serde_json::to_string(record).map_err(Error::Corrupt)?;
         let key = self.record_key(id_hash);
-        if let Some((tracked, local)) = self.tracked() {
-            // The cached copy is hidden while the write is in flight; the
-            // written record is cached unless a change or another read
-            // came between.
-            let ticket = local.begin(&key);
-            let written = tracked
-                .writes
-                .submit(Write {
-                    key: key.clone(),
-                    loaded,
-                    json,
-                    ttl,
-                })
-                .await;
-            let ok = matches!(written, Ok(1));
-            local.wrote(&key, ticket, ok.then_some(record));
-            return Ok(written?);
-        }
-        let writes = self.writes.get_or_init(|| {
-            Coalescer::new(self.handle.clone(), WriteOp, CoalesceConfig::default())
-        });
+        let tracked = self.tracked();
+        // On the tracked path the cached copy is hidden while the write is
+        // in flight, and the written record is cached unless a change or
+        // another read came between; otherwise any cached copy is dropped.
+        let ticket = tracked.map(|(_, local)| local.begin(&key));
+        let cached = self.cache.as_deref().map(|c| (&*c.local, key.clone()));
+        let writes = match tracked {
+            Some((t, _)) => &t.writes,
+            None => self.writes.get_or_init(|| {
+                Coalescer::new(self.handle.clone(), WriteOp, CoalesceConfig::default())
+            }),
+        };
         let written = writes
             .submit(Write {
                 key,
@@ -312,7 +303,12 @@ impl RedisStore {
                 ttl,
             })
             .await;
-        self.forget(id_hash);
+        if let Some((local, key)) = cached {
+            match ticket {
+                Some(t) => local.wrote(&key, t, matches!(written, Ok(1)).then_some(record)),
+                None => local.forget(&key),
+            }
+        }
         Ok(written?)
     }
 
@@ -411,40 +407,32 @@ impl SessionStore for RedisStore {
 
     async fn load(&self, id_hash: &str) -> Result<Option<Record>, Error> {
         let key = self.record_key(id_hash);
-        let (mut record, ticket) = match self.tracked() {
-            Some((_, local)) if let Some(r) = local.get(&key) => {
+        let tracked = self.tracked();
+        let hit = tracked.and_then(|(_, local)| local.get(&key));
+        let (mut record, fill) = match hit {
+            Some(r) => {
                 cache_counter("hit");
                 (r, None)
             }
-            Some((tracked, local)) => {
-                cache_counter("miss");
-                let ticket = local.begin(&key);
-                match tracked.gets.submit(key.clone()).await {
-                    Ok(Some(raw)) => match parse(&raw) {
-                        Ok(r) => (r, Some((local, ticket))),
-                        Err(e) => {
-                            local.forget(&key);
-                            return Err(e);
-                        }
-                    },
-                    Ok(None) => {
-                        local.forget(&key);
-                        return Ok(None);
-                    }
-                    Err(e) => {
-                        local.forget(&key);
-                        return Err(e.into());
-                    }
-                }
-            }
             None => {
-                let gets = self.gets.get_or_init(|| {
-                    Coalescer::new(self.handle.clone(), GetOp, CoalesceConfig::default())
+                // On the tracked path the key is marked before the read is
+                // sent, for its reply to fill. (A read that fails leaves
+                // its mark: nothing is served for the key until the next
+                // read replaces it.)
+                let fill = tracked.map(|(_, local)| {
+                    cache_counter("miss");
+                    (local, local.begin(&key), key.clone())
                 });
-                let Some(raw) = gets.submit(key.clone()).await? else {
+                let gets = match tracked {
+                    Some((t, _)) => &t.gets,
+                    None => self.gets.get_or_init(|| {
+                        Coalescer::new(self.handle.clone(), GetOp, CoalesceConfig::default())
+                    }),
+                };
+                let Some(raw) = gets.submit(key).await? else {
                     return Ok(None);
                 };
-                (parse(&raw)?, None)
+                (parse(&raw)?, fill)
             }
         };
         let now = super::now_ms();
@@ -463,7 +451,7 @@ impl SessionStore for RedisStore {
             if Box::pin(self.write_if_unchanged(id_hash, &record, loaded, now)).await? == 0 {
                 return Ok(None);
             }
-        } else if let Some((local, ticket)) = ticket {
+        } else if let Some((local, ticket, key)) = fill {
             local.fill(&key, ticket, &record);
         }
         Ok(Some(record))

@@ -16,6 +16,22 @@ use tower::ServiceExt;
 
 pub const SECRET: [u8; 32] = [7u8; 32];
 
+/// A random session id hash, as the layer would key a record.
+pub fn id_hash() -> String {
+    let mut b = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+    tollgate_redis::hex_lower(&b)
+}
+
+/// Timeouts no test outlives: idle 10 min, absolute 1 h, touch after 1 min.
+pub fn long_timeouts() -> tollgate_session::Timeouts {
+    tollgate_session::Timeouts {
+        idle: Duration::from_secs(600),
+        absolute: Duration::from_secs(3600),
+        touch_after: Duration::from_secs(60),
+    }
+}
+
 /// Instantiates `async fn name(topo: Topo)` once per Redis topology.
 #[macro_export]
 macro_rules! redis_tests {
