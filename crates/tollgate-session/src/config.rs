@@ -341,7 +341,13 @@ impl SessionsBuilder {
     /// under a millisecond after the change (a request arriving inside
     /// that window can still see the old record, as a request running at
     /// the time of the change would). Every write still goes to Redis
-    /// before the response. Uses one more connection per instance
+    /// before the response; a save from a cached record is a plain write
+    /// whose record stays cached, so a request that reads and writes its
+    /// session costs one round trip. Should another save of the same
+    /// session land in the moment between that check and the write, the
+    /// write notices and merges the other save's entries back at once:
+    /// for that moment (one round trip) the record lacks them. Uses one
+    /// more connection per instance
     /// (RESP3, `CLIENT TRACKING ... NOLOOP`); stays off while that
     /// connection is down or the breaker is open, and for good if the ACL
     /// refuses `CLIENT TRACKING`. Off by default.

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use tollgate_redis::RedisHandle;
-use tollgate_session::store::{Diff, NewRecord, Record, RedisStore, SessionStore};
+use tollgate_session::store::{Diff, NewRecord, Record, RedisStore, SaveOutcome, SessionStore};
 use tollgate_testkit::{RedisCluster, RedisServer, Reply};
 
 use common::{id_hash as hash, long_timeouts as timeouts};
@@ -125,6 +125,157 @@ async fn a_cached_load_costs_no_command_and_changes_elsewhere_reach_it() {
     })
     .await;
     assert!(a.load(&h).await.unwrap().is_none());
+}
+
+/// How many scripts `server` has run (an `EVALSHA` answered `NOSCRIPT`
+/// not counted).
+fn scripts_run(server: &RedisServer) -> u64 {
+    let Ok(Reply::Bulk(info)) = server.command(&["INFO", "commandstats"]) else {
+        panic!("INFO commandstats failed");
+    };
+    let stat = |cmd: &str, field: &str| -> u64 {
+        tollgate_testkit::info_field(&info, cmd)
+            .and_then(|v| v.split(',').find_map(|f| f.strip_prefix(field)))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    ["cmdstat_evalsha", "cmdstat_eval"]
+        .iter()
+        .map(|c| stat(c, "calls=") - stat(c, "failed_calls="))
+        .sum()
+}
+
+fn set(k: &str, json: &str) -> Diff {
+    Diff {
+        set: [(k.to_owned(), json.to_owned())].into_iter().collect(),
+        ..Diff::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_from_a_cached_record_is_one_command_and_stays_cached() {
+    let server = RedisServer::start();
+    let (a, h) = live_session(&server).await;
+    let b = RedisStore::new(tollgate_testkit::connect(&server.url()).await, timeouts());
+    wait_cached(&server, &a, &h).await;
+    for n in 2..5 {
+        let base = a.load(&h).await.unwrap().expect("record");
+        let (saved, cost) = commands(
+            &server,
+            a.save_from(&h, None, &set("n", &n.to_string()), base),
+        )
+        .await;
+        assert_eq!(saved.unwrap(), SaveOutcome::Saved);
+        assert_eq!(cost, 1, "a save is one command");
+        // Still cached after any push could have come back, and right.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (r, cost) = commands(&server, a.load(&h)).await;
+        assert_eq!(entry(&r.unwrap(), "n"), Some(n.to_string()));
+        assert_eq!(cost, 0, "what the save wrote is served in process");
+        assert_eq!(
+            entry(&b.load(&h).await.unwrap(), "n"),
+            Some(n.to_string()),
+            "and is what Redis holds"
+        );
+    }
+    // Another instance's save still reaches the cache.
+    let loaded = b.load(&h).await.unwrap().expect("record");
+    b.save_from(&h, None, &set("n", "9"), loaded).await.unwrap();
+    wait_until("the change to reach the cache", || async {
+        entry(&a.load(&h).await.unwrap(), "n").as_deref() == Some("9")
+    })
+    .await;
+}
+
+/// Two instances save the same session from the same cached record, both
+/// writes reaching Redis together (it is paused while they are sent):
+/// whichever lands second notices the first and merges its changes back,
+/// so every change survives, removals and bindings included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_saves_from_cached_records_all_survive() {
+    let mut server = RedisServer::start();
+    let (a, h) = live_session(&server).await;
+    let b = cached(tollgate_testkit::connect(&server.url()).await);
+    wait_until("the second cache to go live", || async {
+        b.local_cache_live()
+    })
+    .await;
+    let mut expected: std::collections::BTreeMap<String, String> =
+        [("n".to_owned(), "1".to_owned())].into_iter().collect();
+    for round in 0..6 {
+        // A removal on one side, entries and a binding on the other.
+        let gone = format!("r{round}");
+        let first = set(&gone, "0");
+        let base = a.load(&h).await.unwrap().expect("record");
+        assert_eq!(
+            a.save_from(&h, None, &first, base).await.unwrap(),
+            SaveOutcome::Saved
+        );
+        wait_cached(&server, &a, &h).await;
+        wait_cached(&server, &b, &h).await;
+        let from_a = a.load(&h).await.unwrap().expect("record");
+        let from_b = b.load(&h).await.unwrap().expect("record");
+        assert_eq!(from_a, from_b);
+        let removal = Diff {
+            remove: [gone.clone()].into_iter().collect(),
+            set: [(format!("a{round}"), "1".to_owned())]
+                .into_iter()
+                .collect(),
+            ..Diff::default()
+        };
+        let user = format!("u{round}");
+        let binding = Diff {
+            set: [
+                (format!("b{round}"), "2".to_owned()),
+                ("n".to_owned(), round.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            user: Some(Some(user.clone())),
+            ..Diff::default()
+        };
+        let scripts = scripts_run(&server);
+        server.pause();
+        let (ra, rb) = {
+            let sa = a.save_from(&h, None, &removal, from_a);
+            let sb = b.save_from(&h, None, &binding, from_b);
+            let resume = async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                server.resume();
+            };
+            let (ra, rb, ()) = tokio::join!(sa, sb, resume);
+            (ra.unwrap(), rb.unwrap())
+        };
+        let mut outcomes = [ra, rb];
+        outcomes.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(
+            outcomes,
+            [SaveOutcome::Merged, SaveOutcome::Saved],
+            "round {round}: one landed first, the other merged over it"
+        );
+        assert_eq!(
+            scripts_run(&server) - scripts,
+            1,
+            "round {round}: both wrote plainly, one script merged back"
+        );
+        expected.insert(format!("a{round}"), "1".to_owned());
+        expected.insert(format!("b{round}"), "2".to_owned());
+        expected.insert("n".to_owned(), round.to_string());
+        let plain = RedisStore::new(tollgate_testkit::connect(&server.url()).await, timeouts());
+        let stored = plain.load(&h).await.unwrap().expect("record");
+        assert_eq!(stored.data, expected, "round {round}");
+        assert_eq!(stored.user.as_deref(), Some(user.as_str()), "round {round}");
+        // Both caches come to hold what Redis holds.
+        for s in [&a, &b] {
+            wait_until("the caches to agree with Redis", || async {
+                s.load(&h)
+                    .await
+                    .unwrap()
+                    .is_some_and(|r| r.data == expected)
+            })
+            .await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,6 +110,27 @@ impl LocalCache {
         Ticket { token, epoch }
     }
 
+    /// Before this instance writes `key` over the record it loaded at
+    /// `loaded`: when the cache still holds that record (no change heard
+    /// of since), marks the key as being written, as
+    /// [`begin`](Self::begin) does, and returns the ticket; otherwise
+    /// `None`, and nothing changes.
+    pub(crate) fn begin_write(&self, key: &str, loaded: u64) -> Option<Ticket> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let mut shard = self.shard(key);
+        let slot = shard.get_mut(key)?;
+        match slot {
+            Slot::Ready { record, at }
+                if record.generation == loaded && at.elapsed() < self.max_age =>
+            {
+                let token = self.tokens.fetch_add(1, Ordering::Relaxed);
+                *slot = Slot::Reading { token };
+                Some(Ticket { token, epoch })
+            }
+            _ => None,
+        }
+    }
+
     /// Caches `record` as the reply of the read `ticket` began, unless an
     /// invalidation came in between. Whether it did.
     pub(crate) fn fill(&self, key: &str, ticket: Ticket, record: &Record) -> bool {
@@ -269,6 +290,27 @@ mod tests {
         assert_eq!(c.get("k").map(|r| r.generation), Some(3));
         let write = c.begin("k");
         c.wrote("k", write, None);
+        assert!(c.get("k").is_none());
+    }
+
+    #[test]
+    fn a_write_begins_only_over_the_record_it_loaded() {
+        let c = cache();
+        assert!(c.begin_write("k", 1).is_none(), "nothing cached");
+        let t = c.begin("k");
+        c.fill("k", t, &record(1));
+        assert!(c.begin_write("k", 2).is_none(), "another generation");
+        assert_eq!(c.get("k").map(|r| r.generation), Some(1), "left as it was");
+        let w = c.begin_write("k", 1).expect("the loaded record");
+        assert!(c.get("k").is_none(), "hidden while the write is in flight");
+        assert!(c.begin_write("k", 1).is_none(), "a write already in flight");
+        c.wrote("k", w, Some(&record(7)));
+        assert_eq!(c.get("k").map(|r| r.generation), Some(7));
+        // Invalidations lost while it was in flight: what it wrote is not
+        // kept.
+        let w = c.begin_write("k", 7).expect("the written record");
+        c.all();
+        c.wrote("k", w, Some(&record(8)));
         assert!(c.get("k").is_none());
     }
 

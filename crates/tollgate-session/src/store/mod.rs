@@ -34,8 +34,10 @@ pub const RECORD_VERSION: u32 = 1;
 pub struct Record {
     /// Format version ([`RECORD_VERSION`]).
     pub v: u32,
-    /// Bumped by every save (not by touches): a save that finds another
-    /// generation than the one it loaded merged over a concurrent write.
+    /// Changed by every save (not by touches), by one or, for a plain
+    /// write from the in-process cache, to a fresh random value: a save
+    /// that finds another generation than the one it loaded merges over a
+    /// concurrent write.
     pub generation: u64,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_at: u64,

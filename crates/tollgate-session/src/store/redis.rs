@@ -53,6 +53,15 @@ const INDEX_SLACK_MS: u64 = 5 * 60 * 1000;
 /// save that raced another one merges inside Redis, entry by entry. Both
 /// timeouts are also enforced by Redis itself: every write sets the key's
 /// expiry to min(idle, absolute expiry - now).
+///
+/// With the in-process cache, a save from a record the cache still holds
+/// is a plain `SET XX GET` on the tracked connection instead of the
+/// script (Redis 7.0 pushes a script's writes back even to the
+/// connection that made them, which would empty the cache of every record
+/// it saved). The record it replaced shows whether another save landed
+/// between the check and the write; if one did, that save's changes are
+/// merged back at once, entry by entry, and the save reports
+/// [`SaveOutcome::Merged`].
 #[derive(Clone, Debug)]
 pub struct RedisStore {
     handle: RedisHandle,
@@ -81,7 +90,134 @@ struct Cached {
 struct Tracked {
     conn: TrackedConnection,
     gets: Coalescer<GetOp>,
-    writes: Coalescer<WriteOp>,
+    puts: Coalescer<PutOp>,
+}
+
+/// What a whole-record write found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Whole {
+    /// Written over the record it was made from.
+    Written,
+    /// The record is gone (or past its absolute expiry): nothing written.
+    Gone,
+    /// Another save came first: nothing written (the caller merges).
+    Raced,
+    /// Written over another save that came first, whose changes were then
+    /// merged back.
+    Repaired,
+}
+
+/// One plain whole-record write on the tracked connection: `SET key json
+/// XX GET PX ttl`.
+#[derive(Debug)]
+struct Put {
+    key: String,
+    json: String,
+    ttl: i64,
+}
+
+/// Concurrent plain writes in one pipeline. A plain command, unlike a
+/// script, is one Redis does not push back to the connection that made it
+/// (in Redis 7.0 `NOLOOP` does not cover script writes), so what it
+/// wrote stays cached. Each answers the record it replaced (`None`: there
+/// was none, and nothing was written).
+#[derive(Debug)]
+struct PutOp;
+
+impl BatchOp for PutOp {
+    type Item = Put;
+    type Output = Option<bytes::Bytes>;
+
+    fn slot(&self, p: &Put) -> u16 {
+        tollgate_redis::slot(&p.key)
+    }
+
+    async fn execute(
+        &self,
+        conn: BatchConn<'_>,
+        puts: Vec<Put>,
+    ) -> Result<Vec<Option<bytes::Bytes>>, tollgate_redis::Error> {
+        // Queued together rather than as a fred pipeline: the client
+        // flushes a pipeline's commands one by one (a write each), while
+        // commands queued at once go out in one write.
+        let client = conn.client();
+        let sets = puts.into_iter().map(|p| {
+            client.set::<Value, _, _>(
+                p.key,
+                p.json,
+                Some(Expiration::PX(p.ttl)),
+                Some(SetOptions::XX),
+                true,
+            )
+        });
+        join_all(sets)
+            .await
+            .into_iter()
+            .map(|v| {
+                Ok(match v? {
+                    Value::Null => None,
+                    v => v.into_bytes(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The top-level generation of a stored record, read without decoding
+/// it: the first `"generation":<digits>`, as `save_fast.lua` reads it
+/// (entry values are JSON strings, their quotes escaped, so no entry can
+/// spell that sequence; an entry *named* `generation` is followed by a
+/// quote).
+fn generation_of(raw: &[u8]) -> Option<u64> {
+    const FIELD: &[u8] = b"\"generation\":";
+    let mut rest = raw;
+    loop {
+        let at = rest.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
+        rest = &rest[at..];
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits > 0 {
+            return std::str::from_utf8(&rest[..digits]).ok()?.parse().ok();
+        }
+    }
+}
+
+/// A generation for a record written plainly: random, so that two saves
+/// made from the same record never write the same one, and below 2^46, so
+/// that Redis's Lua (whose JSON encoder prints 14 digits) keeps it exact.
+fn fresh_generation(loaded: u64) -> u64 {
+    loop {
+        let g = rand::random_range(2..1u64 << 46);
+        if g != loaded {
+            return g;
+        }
+    }
+}
+
+/// What a plain write of `written` (made by applying `diff` to the record
+/// it loaded) took away from `replaced`, the record another save had
+/// written meanwhile: that save's changes to the entries `diff` did not
+/// touch, and its binding when `diff` did not bind. Merging it back gives
+/// what the scripted path gives (the later save wins on the entries both
+/// wrote).
+fn lost_changes(written: &Record, replaced: &Record, diff: &Diff) -> Diff {
+    let mut lost = Diff::default();
+    if !diff.clear {
+        let touched = |k: &str| diff.set.contains_key(k) || diff.remove.contains(k);
+        for (k, v) in &replaced.data {
+            if !touched(k) && written.data.get(k) != Some(v) {
+                lost.set.insert(k.clone(), v.clone());
+            }
+        }
+        for k in written.data.keys() {
+            if !touched(k) && !replaced.data.contains_key(k) {
+                lost.remove.insert(k.clone());
+            }
+        }
+    }
+    if diff.user.is_none() && replaced.user != written.user {
+        lost.user = Some(replaced.user.clone());
+    }
+    lost
 }
 
 /// One whole-record write: key, loaded generation, record JSON, TTL (ms).
@@ -189,10 +325,10 @@ impl RedisStore {
                                 GetOp,
                                 CoalesceConfig::default(),
                             ),
-                            writes: Coalescer::on_client(
+                            puts: Coalescer::on_client(
                                 self.handle.clone(),
                                 client,
-                                WriteOp,
+                                PutOp,
                                 CoalesceConfig::default(),
                             ),
                             conn,
@@ -268,33 +404,74 @@ impl RedisStore {
         (ttl > 0).then(|| i64::try_from(ttl).unwrap_or(i64::MAX))
     }
 
-    /// Writes `record` whole if the stored one is still at `loaded`: 1
-    /// written, 0 gone (or past its absolute expiry), 2 another save came
-    /// first.
-    async fn write_if_unchanged(
+    /// Writes `record` (made from the record loaded at `loaded` by
+    /// applying `diff`) whole, unless the record is gone. With `bump` it
+    /// gets a new generation (a save); without, it keeps `loaded` (a
+    /// touch, which changes no entry).
+    ///
+    /// When the in-process cache still holds the loaded record (no change
+    /// heard of since the load), the write is a plain `SET XX GET` on the
+    /// tracked connection and what it wrote stays cached. The record it
+    /// replaced tells whether another save landed in between (in the
+    /// moment between the check and the write): if one did, its changes
+    /// are merged back at once, entry by entry. Otherwise a short script
+    /// writes only if nobody saved since the load.
+    async fn write_whole(
         &self,
         id_hash: &str,
-        record: &Record,
+        record: &mut Record,
         loaded: u64,
+        bump: bool,
+        diff: &Diff,
         now: u64,
-    ) -> Result<i64, Error> {
+    ) -> Result<Whole, Error> {
         let Some(ttl) = self.ttl_of(record, now) else {
-            return Ok(0);
+            return Ok(Whole::Gone);
         };
-        let json = serde_json::to_string(record).map_err(Error::Corrupt)?;
         let key = self.record_key(id_hash);
-        let tracked = self.tracked();
-        // On the tracked path the cached copy is hidden while the write is
-        // in flight, and the written record is cached unless a change or
-        // another read came between; otherwise any cached copy is dropped.
-        let ticket = tracked.map(|(_, local)| local.begin(&key));
-        let cached = self.cache.as_deref().map(|c| (&*c.local, key.clone()));
-        let writes = match tracked {
-            Some((t, _)) => &t.writes,
-            None => self.writes.get_or_init(|| {
-                Coalescer::new(self.handle.clone(), WriteOp, CoalesceConfig::default())
-            }),
-        };
+        if let Some((tracked, local)) = self.tracked()
+            && let Some(ticket) = local.begin_write(&key, loaded)
+        {
+            if bump {
+                record.generation = fresh_generation(loaded);
+            }
+            let json = match serde_json::to_string(&*record) {
+                Ok(j) => j,
+                Err(e) => {
+                    local.forget(&key);
+                    return Err(Error::Corrupt(e));
+                }
+            };
+            let put = Put {
+                key: key.clone(),
+                json,
+                ttl,
+            };
+            let replaced = match tracked.puts.submit(put).await {
+                Ok(Some(raw)) => raw,
+                Ok(None) => {
+                    local.forget(&key);
+                    return Ok(Whole::Gone);
+                }
+                Err(e) => {
+                    local.forget(&key);
+                    return Err(e.into());
+                }
+            };
+            if generation_of(&replaced) == Some(loaded) {
+                local.wrote(&key, ticket, Some(record));
+                return Ok(Whole::Written);
+            }
+            local.forget(&key);
+            return Box::pin(self.merge_back(id_hash, record, &replaced, diff)).await;
+        }
+        if bump {
+            record.generation = loaded + 1;
+        }
+        let json = serde_json::to_string(&*record).map_err(Error::Corrupt)?;
+        let writes = self.writes.get_or_init(|| {
+            Coalescer::new(self.handle.clone(), WriteOp, CoalesceConfig::default())
+        });
         let written = writes
             .submit(Write {
                 key,
@@ -303,13 +480,40 @@ impl RedisStore {
                 ttl,
             })
             .await;
-        if let Some((local, key)) = cached {
-            match ticket {
-                Some(t) => local.wrote(&key, t, matches!(written, Ok(1)).then_some(record)),
-                None => local.forget(&key),
+        // Any cached copy is behind now (and a read in flight whose reply
+        // may predate the write must not fill).
+        self.forget(id_hash);
+        Ok(match written? {
+            0 => Whole::Gone,
+            1 => Whole::Written,
+            _ => Whole::Raced,
+        })
+    }
+
+    /// After a plain write of `written` replaced `replaced`, a record
+    /// another save wrote after this request loaded: merges that save's
+    /// changes back, entry by entry (never recreating a record deleted in
+    /// the meantime).
+    async fn merge_back(
+        &self,
+        id_hash: &str,
+        written: &Record,
+        replaced: &[u8],
+        diff: &Diff,
+    ) -> Result<Whole, Error> {
+        let replaced = match parse(replaced) {
+            Ok(r) => r,
+            Err(e) => {
+                // Nothing readable to merge back: what was written stands.
+                tracing::warn!(error = %e, "session save replaced an unreadable record");
+                return Ok(Whole::Written);
             }
+        };
+        let lost = lost_changes(written, &replaced, diff);
+        if !lost.is_empty() {
+            self.save(id_hash, None, &lost, written.generation).await?;
         }
-        Ok(written?)
+        Ok(Whole::Repaired)
     }
 
     async fn get(&self, id_hash: &str) -> Result<Option<Record>, Error> {
@@ -443,16 +647,19 @@ impl SessionStore for RedisStore {
             Box::pin(self.delete(id_hash)).await?;
             return Ok(None);
         }
+        if let Some((local, ticket, key)) = fill {
+            local.fill(&key, ticket, &record);
+        }
         if now.saturating_sub(record.last_seen) >= millis(self.timeouts.touch_after) {
             let loaded = record.generation;
             record.last_seen = now;
             // A save that came first refreshed the record itself; a record
             // gone meanwhile stays gone. (The touch caches what it wrote.)
-            if Box::pin(self.write_if_unchanged(id_hash, &record, loaded, now)).await? == 0 {
+            let none = Diff::default();
+            let touch = self.write_whole(id_hash, &mut record, loaded, false, &none, now);
+            if Box::pin(touch).await? == Whole::Gone {
                 return Ok(None);
             }
-        } else if let Some((local, ticket, key)) = fill {
-            local.fill(&key, ticket, &record);
         }
         Ok(Some(record))
     }
@@ -514,15 +721,18 @@ impl SessionStore for RedisStore {
         }
         let loaded = base.generation;
         diff.apply(&mut base);
-        base.generation = loaded + 1;
         let now = super::now_ms();
         base.last_seen = now;
-        match self.write_if_unchanged(id_hash, &base, loaded, now).await? {
-            0 => Ok(SaveOutcome::Missing),
-            1 => Ok(SaveOutcome::Saved),
+        match self
+            .write_whole(id_hash, &mut base, loaded, true, diff, now)
+            .await?
+        {
+            Whole::Gone => Ok(SaveOutcome::Missing),
+            Whole::Written => Ok(SaveOutcome::Saved),
+            Whole::Repaired => Ok(SaveOutcome::Merged),
             // Another save came first: merge entry by entry in Redis (the
             // index entry, if any, is already there).
-            _ => Box::pin(self.save(id_hash, None, diff, loaded)).await,
+            Whole::Raced => Box::pin(self.save(id_hash, None, diff, loaded)).await,
         }
     }
 
@@ -601,5 +811,96 @@ impl SessionStore for RedisStore {
                 .await?;
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(data: &[(&str, &str)], user: Option<&str>) -> Record {
+        Record {
+            v: super::super::RECORD_VERSION,
+            generation: 5,
+            created_at: 0,
+            last_seen: 0,
+            expires_at: u64::MAX,
+            user: user.map(str::to_owned),
+            user_agent: None,
+            ip: None,
+            data: data
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_generation_is_read_from_the_top_level_only() {
+        let mut r = record(&[("generation", "7"), ("x", r#""\"generation\":8""#)], None);
+        r.generation = 1 << 45;
+        let json = serde_json::to_string(&r).expect("serialises");
+        assert_eq!(generation_of(json.as_bytes()), Some(1 << 45));
+        // Written by Lua's encoder: another key order, same answer.
+        let lua = r#"{"data":{"generation":"7"},"v":1,"generation":12,"user":null}"#;
+        assert_eq!(generation_of(lua.as_bytes()), Some(12));
+        assert_eq!(generation_of(b"{}"), None);
+        assert_eq!(generation_of(br#"{"generation":"x"}"#), None);
+    }
+
+    #[test]
+    fn fresh_generations_are_new_and_exact_in_lua() {
+        for _ in 0..1_000 {
+            let g = fresh_generation(3);
+            assert!(g != 3 && g > 1 && g < 1 << 46);
+        }
+    }
+
+    #[test]
+    fn what_a_plain_write_took_away_is_the_other_saves_changes_only() {
+        // Both loaded {keep, mine, theirs, gone}; the other save changed
+        // `theirs`, removed `gone`, added `new` and bound a user; this one
+        // changed `mine` and removed `keep`.
+        let diff = Diff {
+            set: [("mine".to_owned(), "2".to_owned())].into_iter().collect(),
+            remove: ["keep".to_owned()].into_iter().collect(),
+            ..Diff::default()
+        };
+        let written = record(&[("mine", "2"), ("theirs", "1"), ("gone", "1")], None);
+        let replaced = record(
+            &[("keep", "1"), ("mine", "1"), ("theirs", "2"), ("new", "1")],
+            Some("u"),
+        );
+        let lost = lost_changes(&written, &replaced, &diff);
+        assert_eq!(
+            lost.set,
+            [
+                ("new".to_owned(), "1".to_owned()),
+                ("theirs".to_owned(), "2".to_owned())
+            ]
+            .into_iter()
+            .collect(),
+            "this save's own entries win"
+        );
+        assert_eq!(lost.remove, ["gone".to_owned()].into_iter().collect());
+        assert_eq!(lost.user, Some(Some("u".to_owned())));
+        assert!(!lost.clear);
+        let mut merged = written.clone();
+        lost.apply(&mut merged);
+        assert_eq!(
+            merged.data,
+            record(&[("mine", "2"), ("theirs", "2"), ("new", "1")], None).data
+        );
+
+        // A save that binds, or clears, wins over the other's binding or
+        // entries; nothing lost when the records agree.
+        let binding = Diff {
+            user: Some(Some("me".to_owned())),
+            clear: true,
+            ..Diff::default()
+        };
+        let lost = lost_changes(&record(&[], Some("me")), &replaced, &binding);
+        assert!(lost.is_empty(), "{lost:?}");
+        assert!(lost_changes(&written, &written, &Diff::default()).is_empty());
     }
 }
