@@ -133,7 +133,7 @@ impl LocalCache {
 
     /// Caches `record` as the reply of the read `ticket` began, unless an
     /// invalidation came in between. Whether it did.
-    pub(crate) fn fill(&self, key: &str, ticket: Ticket, record: &Record) -> bool {
+    pub(crate) fn fill(&self, key: &str, ticket: Ticket, record: Record) -> bool {
         let mut shard = self.shard(key);
         if self.epoch.load(Ordering::Acquire) != ticket.epoch {
             return false;
@@ -145,7 +145,7 @@ impl LocalCache {
             return false;
         }
         *slot = Slot::Ready {
-            record: record.clone(),
+            record,
             at: Instant::now(),
         };
         true
@@ -156,7 +156,7 @@ impl LocalCache {
     /// key, so that a read sent before the write landed (whose reply may
     /// hold the old record, and whose change Redis need not push back to
     /// the connection that made it) cannot fill the cache.
-    pub(crate) fn wrote(&self, key: &str, ticket: Ticket, record: Option<&Record>) {
+    pub(crate) fn wrote(&self, key: &str, ticket: Ticket, record: Option<Record>) {
         if !record.is_some_and(|r| self.fill(key, ticket, r)) {
             self.forget(key);
         }
@@ -223,15 +223,15 @@ mod tests {
     fn a_reply_fills_over_its_own_mark_only() {
         let c = cache();
         let t = c.begin("k");
-        c.fill("k", t, &record(1));
+        c.fill("k", t, record(1));
         assert_eq!(c.get("k").map(|r| r.generation), Some(1));
         // A second read of the key hides the cached copy until its reply;
         // the first read's late reply cannot fill over its mark.
         let t2 = c.begin("k");
         assert!(c.get("k").is_none());
-        c.fill("k", t, &record(0));
+        c.fill("k", t, record(0));
         assert!(c.get("k").is_none());
-        c.fill("k", t2, &record(2));
+        c.fill("k", t2, record(2));
         assert_eq!(c.get("k").map(|r| r.generation), Some(2));
     }
 
@@ -241,11 +241,11 @@ mod tests {
         // Invalidated while the read is in flight: the reply is stale.
         let t = c.begin("k");
         c.key(b"k");
-        c.fill("k", t, &record(1));
+        c.fill("k", t, record(1));
         assert!(c.get("k").is_none());
         // Invalidated after the fill: gone.
         let t = c.begin("k");
-        c.fill("k", t, &record(2));
+        c.fill("k", t, record(2));
         c.key(b"k");
         assert!(c.get("k").is_none());
     }
@@ -254,7 +254,7 @@ mod tests {
     fn losing_invalidations_voids_every_read_begun_before() {
         let c = cache();
         let cached = c.begin("a");
-        c.fill("a", cached, &record(1));
+        c.fill("a", cached, record(1));
         let in_flight = c.begin("b");
         c.all();
         assert!(c.get("a").is_none());
@@ -267,10 +267,10 @@ mod tests {
                 token: again.token,
                 epoch: in_flight.epoch,
             },
-            &record(1),
+            record(1),
         );
         assert!(c.get("b").is_none());
-        c.fill("b", again, &record(2));
+        c.fill("b", again, record(2));
         assert_eq!(c.get("b").map(|r| r.generation), Some(2));
     }
 
@@ -281,12 +281,12 @@ mod tests {
         // A load of the key starts while the write is in flight: its
         // reply may predate the write.
         let read = c.begin("k");
-        c.wrote("k", write, Some(&record(2)));
-        c.fill("k", read, &record(1));
+        c.wrote("k", write, Some(record(2)));
+        c.fill("k", read, record(1));
         assert!(c.get("k").is_none(), "the older read must not fill");
         // Alone, the write caches what it wrote; a failed one drops it.
         let write = c.begin("k");
-        c.wrote("k", write, Some(&record(3)));
+        c.wrote("k", write, Some(record(3)));
         assert_eq!(c.get("k").map(|r| r.generation), Some(3));
         let write = c.begin("k");
         c.wrote("k", write, None);
@@ -298,19 +298,19 @@ mod tests {
         let c = cache();
         assert!(c.begin_write("k", 1).is_none(), "nothing cached");
         let t = c.begin("k");
-        c.fill("k", t, &record(1));
+        c.fill("k", t, record(1));
         assert!(c.begin_write("k", 2).is_none(), "another generation");
         assert_eq!(c.get("k").map(|r| r.generation), Some(1), "left as it was");
         let w = c.begin_write("k", 1).expect("the loaded record");
         assert!(c.get("k").is_none(), "hidden while the write is in flight");
         assert!(c.begin_write("k", 1).is_none(), "a write already in flight");
-        c.wrote("k", w, Some(&record(7)));
+        c.wrote("k", w, Some(record(7)));
         assert_eq!(c.get("k").map(|r| r.generation), Some(7));
         // Invalidations lost while it was in flight: what it wrote is not
         // kept.
         let w = c.begin_write("k", 7).expect("the written record");
         c.all();
-        c.wrote("k", w, Some(&record(8)));
+        c.wrote("k", w, Some(record(8)));
         assert!(c.get("k").is_none());
     }
 
@@ -320,7 +320,7 @@ mod tests {
         for i in 0..1_000 {
             let k = format!("k{i}");
             let t = c.begin(&k);
-            c.fill(&k, t, &record(1));
+            c.fill(&k, t, record(1));
             // Past its max age at once: never served.
             assert!(c.get(&k).is_none());
         }

@@ -411,7 +411,8 @@ impl RedisStore {
     ///
     /// When the in-process cache still holds the loaded record (no change
     /// heard of since the load), the write is a plain `SET XX GET` on the
-    /// tracked connection and what it wrote stays cached. The record it
+    /// tracked connection and what it wrote stays cached (moved in: the
+    /// caller is done with `record`). The record it
     /// replaced tells whether another save landed in between (in the
     /// moment between the check and the write): if one did, its changes
     /// are merged back at once, entry by entry. Otherwise a short script
@@ -419,13 +420,13 @@ impl RedisStore {
     async fn write_whole(
         &self,
         id_hash: &str,
-        record: &mut Record,
+        mut record: Record,
         loaded: u64,
         bump: bool,
         diff: &Diff,
         now: u64,
     ) -> Result<Whole, Error> {
-        let Some(ttl) = self.ttl_of(record, now) else {
+        let Some(ttl) = self.ttl_of(&record, now) else {
             return Ok(Whole::Gone);
         };
         let key = self.record_key(id_hash);
@@ -435,7 +436,7 @@ impl RedisStore {
             if bump {
                 record.generation = fresh_generation(loaded);
             }
-            let json = match serde_json::to_string(&*record) {
+            let json = match serde_json::to_string(&record) {
                 Ok(j) => j,
                 Err(e) => {
                     local.forget(&key);
@@ -463,12 +464,12 @@ impl RedisStore {
                 return Ok(Whole::Written);
             }
             local.forget(&key);
-            return Box::pin(self.merge_back(id_hash, record, &replaced, diff)).await;
+            return Box::pin(self.merge_back(id_hash, &record, &replaced, diff)).await;
         }
         if bump {
             record.generation = loaded + 1;
         }
-        let json = serde_json::to_string(&*record).map_err(Error::Corrupt)?;
+        let json = serde_json::to_string(&record).map_err(Error::Corrupt)?;
         let writes = self.writes.get_or_init(|| {
             Coalescer::new(self.handle.clone(), WriteOp, CoalesceConfig::default())
         });
@@ -648,7 +649,7 @@ impl SessionStore for RedisStore {
             return Ok(None);
         }
         if let Some((local, ticket, key)) = fill {
-            local.fill(&key, ticket, &record);
+            local.fill(&key, ticket, record.clone());
         }
         if now.saturating_sub(record.last_seen) >= millis(self.timeouts.touch_after) {
             let loaded = record.generation;
@@ -656,7 +657,7 @@ impl SessionStore for RedisStore {
             // A save that came first refreshed the record itself; a record
             // gone meanwhile stays gone. (The touch caches what it wrote.)
             let none = Diff::default();
-            let touch = self.write_whole(id_hash, &mut record, loaded, false, &none, now);
+            let touch = self.write_whole(id_hash, record.clone(), loaded, false, &none, now);
             if Box::pin(touch).await? == Whole::Gone {
                 return Ok(None);
             }
@@ -724,7 +725,7 @@ impl SessionStore for RedisStore {
         let now = super::now_ms();
         base.last_seen = now;
         match self
-            .write_whole(id_hash, &mut base, loaded, true, diff, now)
+            .write_whole(id_hash, base, loaded, true, diff, now)
             .await?
         {
             Whole::Gone => Ok(SaveOutcome::Missing),
