@@ -6,7 +6,9 @@
 //! expires or deletes, without remembering what was read (remembering
 //! costs Redis several microseconds per write of a long key). `NOLOOP` is
 //! on: the connection's own writes are not pushed back to it, since the
-//! cache applies them itself.
+//! cache applies them itself. (Redis 7.0 pushes back a script's writes all
+//! the same: a cache that keeps what it wrote writes with plain
+//! commands.)
 //!
 //! Pushes travel on the connection that reads, after the replies Redis
 //! queued before the change, which is what lets a cache tell a value read
