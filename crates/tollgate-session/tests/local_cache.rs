@@ -227,8 +227,13 @@ async fn racing_saves_from_cached_records_all_survive() {
             SaveOutcome::Saved
         );
         wait_cached(&server, &a, &h).await;
-        wait_cached(&server, &b, &h).await;
         let from_a = a.load(&h).await.unwrap().expect("record");
+        // The other instance has heard of that save and holds its record.
+        wait_until("both caches to hold the same record", || async {
+            b.load(&h).await.unwrap().as_ref() == Some(&from_a)
+        })
+        .await;
+        wait_cached(&server, &b, &h).await;
         let from_b = b.load(&h).await.unwrap().expect("record");
         assert_eq!(from_a, from_b);
         let removal = Diff {
