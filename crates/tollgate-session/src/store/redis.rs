@@ -116,7 +116,8 @@ struct Put {
     ttl: i64,
 }
 
-/// Concurrent plain writes in one pipeline. A plain command, unlike a
+/// Concurrent plain writes, sent together in one round trip (a command
+/// each: Redis has no multi-key conditional `SET`). A plain command, unlike a
 /// script, is one Redis does not push back to the connection that made it
 /// (in Redis 7.0 `NOLOOP` does not cover script writes), so what it
 /// wrote stays cached. Each answers the record it replaced (`None`: there
