@@ -346,7 +346,9 @@ impl SessionsBuilder {
     /// session costs one round trip. Should another save of the same
     /// session land in the moment between that check and the write, the
     /// write notices and merges the other save's entries back at once:
-    /// for that moment (one round trip) the record lacks them. Uses one
+    /// for that moment (one round trip) the record lacks them. (Three or
+    /// more saves of one session racing from several instances within
+    /// that moment are merged best effort.) Uses one
     /// more connection per instance
     /// (RESP3, `CLIENT TRACKING ... NOLOOP`); stays off while that
     /// connection is down or the breaker is open, and for good if the ACL
