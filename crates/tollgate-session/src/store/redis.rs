@@ -413,11 +413,11 @@ impl RedisStore {
     /// When the in-process cache still holds the loaded record (no change
     /// heard of since the load), the write is a plain `SET XX GET` on the
     /// tracked connection and what it wrote stays cached (moved in: the
-    /// caller is done with `record`). The record it
-    /// replaced tells whether another save landed in between (in the
-    /// moment between the check and the write): if one did, its changes
-    /// are merged back at once, entry by entry. Otherwise a short script
-    /// writes only if nobody saved since the load.
+    /// caller is done with `record`). The record it replaced tells whether
+    /// another save landed in between (in the moment between the check
+    /// and the write): if one did, its changes are merged back at once,
+    /// entry by entry. Otherwise a short script writes only if nobody
+    /// saved since the load.
     async fn write_whole(
         &self,
         id_hash: &str,
@@ -437,35 +437,28 @@ impl RedisStore {
             if bump {
                 record.generation = fresh_generation(loaded);
             }
-            let json = match serde_json::to_string(&record) {
-                Ok(j) => j,
-                Err(e) => {
-                    local.forget(&key);
-                    return Err(Error::Corrupt(e));
-                }
-            };
-            let put = Put {
-                key: key.clone(),
-                json,
-                ttl,
-            };
-            let replaced = match tracked.puts.submit(put).await {
-                Ok(Some(raw)) => raw,
-                Ok(None) => {
-                    local.forget(&key);
-                    return Ok(Whole::Gone);
-                }
-                Err(e) => {
-                    local.forget(&key);
-                    return Err(e.into());
-                }
-            };
-            if generation_of(&replaced) == Some(loaded) {
+            let replaced = async {
+                let json = serde_json::to_string(&record).map_err(Error::Corrupt)?;
+                let put = Put {
+                    key: key.clone(),
+                    json,
+                    ttl,
+                };
+                Ok::<_, Error>(tracked.puts.submit(put).await?)
+            }
+            .await;
+            if let Ok(Some(raw)) = &replaced
+                && generation_of(raw) == Some(loaded)
+            {
                 local.wrote(&key, ticket, Some(record));
                 return Ok(Whole::Written);
             }
+            // Gone, failed, or written over another save: nothing cached.
             local.forget(&key);
-            return Box::pin(self.merge_back(id_hash, &record, &replaced, diff)).await;
+            return match replaced? {
+                None => Ok(Whole::Gone),
+                Some(raw) => Box::pin(self.merge_back(id_hash, &record, &raw, diff)).await,
+            };
         }
         if bump {
             record.generation = loaded + 1;
