@@ -90,21 +90,32 @@ where
     }
 }
 
-async fn finish<B: From<Bytes>>(session: Session, mut res: Response<B>) -> Response<B> {
-    let commit = session.commit().await;
-    let shared = session.sessions().shared.clone();
-    if commit.failed && shared.failure == FailureMode::FailClosed {
-        return crate::service::problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the session could not be saved",
-        );
+/// Saves the session and writes its cookie into `res`. An `async` block,
+/// not an `async fn`, whose future would hold `session` and `res` twice.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn's future holds its arguments twice"
+)]
+pub(crate) fn finish<B: From<Bytes> + Send>(
+    session: Session,
+    mut res: Response<B>,
+) -> impl Future<Output = Response<B>> + Send {
+    async move {
+        let commit = session.commit().await;
+        let shared = session.sessions().shared.clone();
+        if commit.failed && shared.failure == FailureMode::FailClosed {
+            return crate::service::problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the session could not be saved",
+            );
+        }
+        if let Some(out) = &commit.out {
+            shared
+                .transport
+                .write(out, res.headers_mut(), shared.ring.as_ref());
+        }
+        res
     }
-    if let Some(out) = &commit.out {
-        shared
-            .transport
-            .write(out, res.headers_mut(), shared.ring.as_ref());
-    }
-    res
 }
 
 impl<F, B> std::fmt::Debug for ResponseFuture<F, B> {

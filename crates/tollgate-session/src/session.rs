@@ -302,7 +302,10 @@ impl Session {
             return Ok(());
         };
         let hash = shared.hasher.session(id);
-        let (found, backend) = match on_store!(shared, backend, |s| s.load(&hash).await) {
+        // Boxed: inline, a store's load future (half a KiB for Redis) would
+        // be part of the future of every `get`, `insert` and `remove`, and
+        // so of every handler awaiting one.
+        let (found, backend) = match on_store!(shared, backend, |s| Box::pin(s.load(&hash)).await) {
             Ok(r) => (r, backend),
             // Not a store outage: the record is unusable, start afresh.
             Err(e @ Error::Corrupt(_)) => {
@@ -480,9 +483,11 @@ impl Session {
                     Some(Some(u)) => Some(shared.hasher.user(u)),
                     _ => None,
                 };
+                // Boxed: the save future would otherwise make the commit's
+                // (and the response future's) too large for the
+                // allocator's per-thread cache.
                 let saved = on_store!(shared, backend, |s| {
-                    s.save_from(&hash, user_hash.as_deref(), &diff, *record)
-                        .await
+                    Box::pin(s.save_from(&hash, user_hash.as_deref(), &diff, *record)).await
                 });
                 let label = shared.label(backend);
                 match saved {
@@ -601,40 +606,48 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Session {
 
 #[cfg(test)]
 mod future_size {
-    /// Every request moves these futures (axum boxes the handler's), so
-    /// their size is paid per request. Rare store steps are boxed to keep
-    /// them small: a fred command's future alone is kilobytes, and with it
-    /// inline a session read was a 14 KB future.
-    #[test]
-    fn request_path_futures_stay_small() {
+    /// Every request moves these futures, and allocates them: axum boxes
+    /// the handler's (which holds whichever `get`/`insert` it awaits), the
+    /// layer boxes the save at the end. glibc serves allocations up to
+    /// 1,032 bytes from a per-thread cache; a larger one takes its shared
+    /// heap and can make it consolidate its free lists. So store steps are
+    /// boxed where they would make these futures larger than 1 KiB: a fred
+    /// command's future alone is kilobytes, and with it inline a session
+    /// read was a 14 KB future.
+    const ALLOCATOR_CACHE: usize = 1024;
+
+    fn session() -> super::Session {
         let sessions = crate::Sessions::builder()
             .secret("a test secret of at least thirty-two bytes")
             .build()
             .expect("sessions");
-        let s = super::Session::new(
+        super::Session::new(
             sessions,
             super::Incoming::Absent,
             super::ClientInfo::default(),
-        );
-        let get = s.get::<u64>("n");
-        assert!(
-            std::mem::size_of_val(&get) < 2048,
-            "get: {}",
-            std::mem::size_of_val(&get)
-        );
-        drop(get);
-        let insert = s.insert("n", &1u64);
-        assert!(
-            std::mem::size_of_val(&insert) < 2048,
-            "insert: {}",
-            std::mem::size_of_val(&insert)
-        );
-        drop(insert);
-        let commit = s.commit();
-        assert!(
-            std::mem::size_of_val(&commit) < 2048,
-            "commit: {}",
-            std::mem::size_of_val(&commit)
-        );
+        )
+    }
+
+    #[test]
+    fn request_path_futures_fit_the_allocator_cache() {
+        let s = session();
+        let sizes = [
+            ("get", std::mem::size_of_val(&s.get::<u64>("n"))),
+            ("insert", std::mem::size_of_val(&s.insert("n", &1u64))),
+            ("remove", std::mem::size_of_val(&s.remove("n"))),
+            ("commit", std::mem::size_of_val(&s.commit())),
+        ];
+        for (name, size) in sizes {
+            // A handler awaits several of these: well under the line.
+            let bound = if name == "commit" {
+                ALLOCATOR_CACHE
+            } else {
+                ALLOCATOR_CACHE / 2
+            };
+            assert!(size <= bound, "{name}: {size} bytes, over {bound}");
+        }
+        let save = crate::future::finish(s.clone(), http::Response::new(axum::body::Body::empty()));
+        let size = std::mem::size_of_val(&save);
+        assert!(size <= ALLOCATOR_CACHE, "the boxed save: {size} bytes");
     }
 }
