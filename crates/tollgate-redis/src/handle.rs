@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::config::{RedisConfig, Topology};
 use crate::error::{Error, is_outage_error};
-use crate::health::{HealthReport, HealthStatus, LayerHealth, LayerMode};
+use crate::health::{HealthReport, HealthStatus, LayerHealth, LayerMode, LocalCacheHealth};
 use crate::keys::KeySpace;
 use crate::script::Script;
 
@@ -59,6 +59,9 @@ struct Inner {
     prober: AtomicBool,
     scripts_reloaded: AtomicU64,
     layers: Mutex<Vec<&'static str>>,
+    /// Tracked connections, for the health report: their prefixes and
+    /// their state (not kept alive by the handle).
+    tracked: Mutex<Vec<(Vec<String>, Weak<crate::tracking::Inner>)>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -169,6 +172,7 @@ impl RedisHandle {
                 prober: AtomicBool::new(false),
                 scripts_reloaded: AtomicU64::new(0),
                 layers: Mutex::new(Vec::new()),
+                tracked: Mutex::new(Vec::new()),
                 tasks: Mutex::new(Vec::new()),
             }),
         };
@@ -264,6 +268,18 @@ impl RedisHandle {
             && !l.contains(&name)
         {
             l.push(name);
+        }
+    }
+
+    /// Lists a tracked connection in the health report while it exists.
+    pub(crate) fn register_tracked(
+        &self,
+        prefixes: Vec<String>,
+        state: Weak<crate::tracking::Inner>,
+    ) {
+        if let Ok(mut t) = self.inner.tracked.lock() {
+            t.retain(|(_, w)| w.strong_count() > 0);
+            t.push((prefixes, state));
         }
     }
 
@@ -475,6 +491,23 @@ impl RedisHandle {
                     .collect()
             })
             .unwrap_or_default();
+        let local_caches = self
+            .inner
+            .tracked
+            .lock()
+            .map(|mut t| {
+                t.retain(|(_, w)| w.strong_count() > 0);
+                t.iter()
+                    .filter_map(|(prefixes, w)| {
+                        let state = w.upgrade()?;
+                        Some(LocalCacheHealth {
+                            prefixes: prefixes.clone(),
+                            live: state.is_live(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         HealthReport {
             status: if connected && breaker == BreakerState::Closed {
                 HealthStatus::Healthy
@@ -493,6 +526,7 @@ impl RedisHandle {
             timeouts: self.inner.breaker.timeouts(),
             scripts_reloaded: self.scripts_reloaded(),
             layers,
+            local_caches,
         }
     }
 }

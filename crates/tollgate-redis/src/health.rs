@@ -48,6 +48,18 @@ pub struct LayerHealth {
     pub mode: LayerMode,
 }
 
+/// An in-process cache kept exact by Redis client tracking (the session
+/// store's local cache, for one), and whether it may serve right now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LocalCacheHealth {
+    /// The key prefixes its connection tracks.
+    pub prefixes: Vec<String>,
+    /// Whether it serves: tracking is on, its connection is up and the
+    /// shared handle's breaker is closed. Otherwise every read goes to
+    /// Redis (or to the fallback) and the cache holds nothing.
+    pub live: bool,
+}
+
 /// What [`RedisHandle::health`] returns, serialised as the JSON body of
 /// [`HealthService`].
 #[derive(Clone, Debug, Serialize)]
@@ -78,6 +90,9 @@ pub struct HealthReport {
     pub scripts_reloaded: u64,
     /// Each registered layer and its mode.
     pub layers: Vec<LayerHealth>,
+    /// Each in-process cache kept exact by client tracking, while it
+    /// exists.
+    pub local_caches: Vec<LocalCacheHealth>,
 }
 
 impl HealthReport {
@@ -103,6 +118,7 @@ impl HealthReport {
                     mode: LayerMode::Memory,
                 })
                 .collect(),
+            local_caches: Vec::new(),
         }
     }
 

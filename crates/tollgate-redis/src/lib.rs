@@ -46,7 +46,9 @@ pub use coalesce::{BatchConn, BatchOp, CoalesceConfig, Coalescer, GetOp};
 pub use config::{RedisConfig, Topology};
 pub use error::Error;
 pub use handle::RedisHandle;
-pub use health::{HealthReport, HealthService, HealthStatus, LayerHealth, LayerMode};
+pub use health::{
+    HealthReport, HealthService, HealthStatus, LayerHealth, LayerMode, LocalCacheHealth,
+};
 pub use keys::{KeySpace, hex_lower, prefixed_hex, slot};
 pub use readied::take_readied;
 pub use route::{RoutePattern, RoutePatternError};

@@ -68,7 +68,7 @@ pub struct TrackedConnection {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     client: Client,
     handle: RedisHandle,
     /// Tracking is on and the connection answers.
@@ -128,6 +128,7 @@ impl TrackedConnection {
         let mut invalidations = inner.client.invalidation_rx();
         let _connection = inner.client.connect();
         let weak = Arc::downgrade(&inner);
+        handle.register_tracked(prefixes.clone(), weak.clone());
         let canary = handle.keys("tracking").key(&["canary"]);
         let mut flush_check = tokio::time::interval(FLUSH_CHECK);
         flush_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -216,7 +217,7 @@ impl TrackedConnection {
     /// Whether what was read through this connection may be served from a
     /// cache: tracking is on and the shared handle's breaker is closed.
     pub fn is_live(&self) -> bool {
-        self.inner.live.load(Ordering::Acquire) && self.inner.handle.is_available()
+        self.inner.is_live()
     }
 
     /// The connection's client: reads whose values are cached go through
@@ -232,6 +233,11 @@ impl TrackedConnection {
 }
 
 impl Inner {
+    /// See [`TrackedConnection::is_live`].
+    pub(crate) fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire) && self.handle.is_available()
+    }
+
     async fn set_canary(&self, canary: &str) -> Result<(), fred::error::Error> {
         use fred::interfaces::KeysInterface as _;
         self.client.set(canary, 1, None, None, false).await

@@ -2,7 +2,8 @@
 //! no command, a change made through another instance reaches it, a
 //! restarted, frozen or flushed Redis empties it, it works over TLS with an ACL
 //! user, and without `CLIENT TRACKING` (ACL) or on a
-//! cluster it stays off while sessions keep working.
+//! cluster it stays off while sessions keep working; the health report
+//! says whether it serves.
 
 mod common;
 
@@ -426,4 +427,48 @@ async fn on_a_cluster_the_cache_stays_off_and_sessions_work() {
     assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
     assert_eq!(entry(&a.load(&h).await.unwrap(), "n").as_deref(), Some("1"));
     assert!(!a.local_cache_live());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_report_says_whether_the_cache_serves() {
+    let mut server = RedisServer::start();
+    let handle = tollgate_testkit::connect(&server.url()).await;
+    assert!(handle.health().await.local_caches.is_empty());
+    let a = cached(handle.clone());
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let report = handle.health().await;
+    assert_eq!(report.local_caches.len(), 1, "{report:?}");
+    assert!(report.local_caches[0].live);
+    assert!(
+        report.local_caches[0]
+            .prefixes
+            .iter()
+            .all(|p| p.contains(":session:")),
+        "{:?}",
+        report.local_caches[0].prefixes
+    );
+
+    // Frozen: reported off (and the report itself still answers).
+    server.pause();
+    wait_until("the cache to go off", || async { !a.local_cache_live() }).await;
+    let report = handle.health().await;
+    assert!(!report.local_caches[0].live, "{report:?}");
+    assert!(
+        serde_json::to_string(&report)
+            .unwrap()
+            .contains(r#""local_caches":[{"prefixes":"#)
+    );
+    server.resume();
+    wait_until("the cache to go live again", || async {
+        a.local_cache_live()
+    })
+    .await;
+    assert!(handle.health().await.local_caches[0].live);
+
+    // Gone with its store.
+    drop(a);
+    wait_until("the cache to leave the report", || async {
+        handle.health().await.local_caches.is_empty()
+    })
+    .await;
 }
