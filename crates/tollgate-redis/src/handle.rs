@@ -495,14 +495,14 @@ impl RedisHandle {
             .inner
             .tracked
             .lock()
-            .map(|mut t| {
-                t.retain(|(_, w)| w.strong_count() > 0);
+            .map(|t| {
+                // Dropped ones are skipped here and pruned at the next
+                // registration.
                 t.iter()
                     .filter_map(|(prefixes, w)| {
-                        let state = w.upgrade()?;
                         Some(LocalCacheHealth {
                             prefixes: prefixes.clone(),
-                            live: state.is_live(),
+                            live: w.upgrade()?.is_live(),
                         })
                     })
                     .collect()

@@ -616,21 +616,17 @@ mod future_size {
     /// read was a 14 KB future.
     const ALLOCATOR_CACHE: usize = 1024;
 
-    fn session() -> super::Session {
+    #[test]
+    fn request_path_futures_fit_the_allocator_cache() {
         let sessions = crate::Sessions::builder()
             .secret("a test secret of at least thirty-two bytes")
             .build()
             .expect("sessions");
-        super::Session::new(
+        let s = super::Session::new(
             sessions,
             super::Incoming::Absent,
             super::ClientInfo::default(),
-        )
-    }
-
-    #[test]
-    fn request_path_futures_fit_the_allocator_cache() {
-        let s = session();
+        );
         let sizes = [
             ("get", std::mem::size_of_val(&s.get::<u64>("n"))),
             ("insert", std::mem::size_of_val(&s.insert("n", &1u64))),
