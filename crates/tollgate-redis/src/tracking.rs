@@ -26,18 +26,32 @@
 //! checked every [`FLUSH_CHECK`], and a missing canary counts as a flush.
 //! The same check catches a connection that stopped answering without
 //! dropping (a frozen Redis, a silent network failure): the cache is
-//! emptied and not live until the canary answers again. On a cluster a broadcasting connection
-//! would hear of one node's keys only, so it is not started there.
+//! emptied and not live until the canary answers again.
+//!
+//! On Redis Cluster each primary tracks, and pushes, its own keys only:
+//! tracking is turned on at every primary (on the connection to it), each
+//! primary has a canary of its own (a key in one of its slots), and the
+//! connection is live only while all of them are tracked and answer. A
+//! change of topology (slots moved, a primary added or gone) empties the
+//! cache and places the canaries again; a primary that reconnects is
+//! tracked again, and until it is, nothing is served.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use fred::clients::Client;
-use fred::interfaces::{ClientLike, EventInterface, TrackingInterface};
+use fred::error::ErrorKind;
+use fred::interfaces::{
+    ClientLike, ClusterInterface, EventInterface, KeysInterface, TrackingInterface,
+};
+use fred::types::config::Server;
+use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::Error;
 use crate::handle::RedisHandle;
+use crate::keys::KeySpace;
 
 /// How often the connection checks that Redis was not flushed.
 pub const FLUSH_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
@@ -73,8 +87,6 @@ pub(crate) struct Inner {
     handle: RedisHandle,
     /// Tracking is on and the connection answers.
     live: AtomicBool,
-    /// Tracking was turned on on the current connection.
-    tracking: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -98,117 +110,71 @@ impl std::fmt::Debug for TrackedConnection {
 
 impl TrackedConnection {
     /// Opens the connection in the background (needs a Tokio runtime) and
-    /// turns tracking of the keys under `prefixes` on once it is up, and
-    /// again after every reconnection. Until then, and whenever the
-    /// connection is down, it is not [`live`](Self::is_live). If Redis
-    /// refuses tracking (an ACL without `CLIENT`), it never becomes live
-    /// and says so in the log. On a cluster: [`Error::Config`].
+    /// turns tracking of the keys under `prefixes` on once it is up (on a
+    /// cluster, at every primary), and again after every reconnection.
+    /// Until then, and whenever the connection is down, it is not
+    /// [`live`](Self::is_live). If Redis refuses tracking (an ACL without
+    /// `CLIENT`), it is not live until the next reconnection tries again,
+    /// and says so in the log.
     pub fn start(
         handle: &RedisHandle,
         prefixes: Vec<String>,
         sink: Weak<dyn Invalidate>,
     ) -> Result<Self, Error> {
-        if handle.is_cluster() {
-            return Err(Error::Config {
-                field: "url",
-                reason: "client tracking by prefix is not available on a cluster".into(),
-            });
-        }
         let client = handle.dedicated_client(true)?;
         let inner = Arc::new(Inner {
             client,
             handle: handle.clone(),
             live: AtomicBool::new(false),
-            tracking: AtomicBool::new(false),
         });
-        // Subscribed before connecting: the first connection is announced
-        // as a reconnection too.
+        // Subscribed before connecting: the first connection (to each
+        // primary, on a cluster) is announced as a reconnection too.
         let mut reconnects = inner.client.reconnect_rx();
         let mut errors = inner.client.error_rx();
         let mut invalidations = inner.client.invalidation_rx();
+        let mut topology = inner.client.cluster_change_rx();
         let _connection = inner.client.connect();
         let weak = Arc::downgrade(&inner);
         handle.register_tracked(prefixes.clone(), weak.clone());
-        let canary = handle.keys("tracking").key(&["canary"]);
+        let mut watch = Watch {
+            cluster: handle.is_cluster(),
+            keys: handle.keys("tracking"),
+            prefixes,
+            tracked: HashSet::new(),
+            canaries: Vec::new(),
+            complete: false,
+            refused: false,
+        };
         let mut flush_check = tokio::time::interval(FLUSH_CHECK);
         flush_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::spawn(async move {
             loop {
                 let event = tokio::select! {
                     _ = flush_check.tick() => Event::FlushCheck,
-                    r = reconnects.recv() => Event::Reconnected(r.is_err_and(|e| matches!(e, RecvError::Closed))),
-                    e = errors.recv() => Event::Error(e.is_err_and(|e| matches!(e, RecvError::Closed))),
-                    i = invalidations.recv() => Event::Invalidated(i),
+                    r = reconnects.recv() => match r {
+                        Ok(server) => Event::Reconnected(Some(server)),
+                        Err(RecvError::Lagged(_)) => Event::Reconnected(None),
+                        Err(RecvError::Closed) => return,
+                    },
+                    e = errors.recv() => match e {
+                        Ok((_, server)) => Event::Error(server),
+                        Err(RecvError::Lagged(_)) => Event::Error(None),
+                        Err(RecvError::Closed) => return,
+                    },
+                    c = topology.recv() => match c {
+                        Ok(_) | Err(RecvError::Lagged(_)) => Event::Topology,
+                        Err(RecvError::Closed) => return,
+                    },
+                    i = invalidations.recv() => match i {
+                        Ok(inv) => Event::Invalidated(inv.keys),
+                        Err(RecvError::Lagged(_)) => Event::Lost,
+                        Err(RecvError::Closed) => return,
+                    },
                 };
                 let (Some(inner), Some(sink)) = (weak.upgrade(), sink.upgrade()) else {
                     return;
                 };
-                match event {
-                    Event::Reconnected(true) | Event::Error(true) => return,
-                    Event::Invalidated(Err(RecvError::Closed)) => return,
-                    Event::Error(false) => {
-                        inner.tracking.store(false, Ordering::Release);
-                        inner.live.store(false, Ordering::Release);
-                        sink.all();
-                    }
-                    Event::FlushCheck if inner.tracking.load(Ordering::Acquire) => {
-                        match inner.canary(&canary).await {
-                            Canary::Present if !inner.live.load(Ordering::Acquire) => {
-                                // The connection answers again, and it
-                                // never dropped: every push sent before
-                                // this reply has arrived.
-                                sink.all();
-                                inner.live.store(true, Ordering::Release);
-                            }
-                            Canary::Present => {}
-                            Canary::Missing => sink.all(),
-                            Canary::NoAnswer => {
-                                // Pushes may be stuck with the answer (a
-                                // silent network failure, a frozen Redis):
-                                // serve nothing until it answers.
-                                inner.live.store(false, Ordering::Release);
-                                sink.all();
-                            }
-                        }
-                    }
-                    Event::FlushCheck => {}
-                    Event::Reconnected(false) => {
-                        inner.tracking.store(false, Ordering::Release);
-                        inner.live.store(false, Ordering::Release);
-                        sink.all();
-                        let tracking = match inner.set_canary(&canary).await {
-                            Ok(()) => {
-                                inner
-                                    .client
-                                    .start_tracking(prefixes.clone(), true, false, false, true)
-                                    .await
-                            }
-                            Err(e) => Err(e),
-                        };
-                        match tracking {
-                            Ok(()) => {
-                                // Reads sent before this point were not
-                                // tracked: none of them may fill the cache.
-                                sink.all();
-                                inner.tracking.store(true, Ordering::Release);
-                                inner.live.store(true, Ordering::Release);
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "Redis refused client tracking: the in-process cache stays off");
-                            }
-                        }
-                    }
-                    Event::Invalidated(Ok(inv)) => {
-                        // No keys: the database was flushed.
-                        if inv.keys.is_empty() {
-                            sink.all();
-                        }
-                        for k in &inv.keys {
-                            sink.key(k.as_bytes());
-                        }
-                    }
-                    Event::Invalidated(Err(RecvError::Lagged(_))) => sink.all(),
-                }
+                watch.handle(&inner, &*sink, event).await;
             }
         });
         Ok(TrackedConnection { inner })
@@ -238,25 +204,271 @@ impl Inner {
         self.live.load(Ordering::Acquire) && self.handle.is_available()
     }
 
-    async fn set_canary(&self, canary: &str) -> Result<(), fred::error::Error> {
-        use fred::interfaces::KeysInterface as _;
-        self.client.set(canary, 1, None, None, false).await
+    /// Waits for a command's reply within the handle's deadline.
+    async fn within<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, fred::error::Error> {
+        tokio::time::timeout(self.handle.deadline(), fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(fred::error::Error::new(
+                    ErrorKind::Timeout,
+                    "no answer within the deadline",
+                ))
+            })
     }
 
-    /// Checks the canary within the deadline; when it is gone (a flush),
-    /// sets it again.
-    async fn canary(&self, canary: &str) -> Canary {
-        use fred::interfaces::KeysInterface as _;
-        let deadline = self.handle.deadline();
-        match tokio::time::timeout(deadline, self.client.exists::<i64, _>(canary)).await {
-            Ok(Ok(0)) => {
-                let _ = tokio::time::timeout(deadline, self.set_canary(canary)).await;
-                Canary::Missing
+    /// `CLIENT TRACKING OFF`, then on in broadcasting mode for `prefixes`,
+    /// on the connection to `server` (a cluster's primary), or on the
+    /// client's one connection when `None`. Off
+    /// first: a connection whose tracking is still on refuses the same
+    /// prefixes again.
+    async fn track(
+        &self,
+        server: Option<&Server>,
+        prefixes: &[String],
+    ) -> Result<(), fred::error::Error> {
+        let mut on = vec!["TRACKING".to_owned(), "ON".to_owned(), "BCAST".to_owned()];
+        for p in prefixes {
+            on.push("PREFIX".to_owned());
+            on.push(p.clone());
+        }
+        on.push("NOLOOP".to_owned());
+        for args in [vec!["TRACKING".to_owned(), "OFF".to_owned()], on] {
+            let cmd = CustomCommand::new_static("CLIENT", ClusterHash::Random, false);
+            let reply: Result<fred::types::Value, _> = match server {
+                Some(s) => {
+                    self.within(self.client.with_cluster_node(s.clone()).custom(cmd, args))
+                        .await
+                }
+                None => self.within(self.client.custom(cmd, args)).await,
+            };
+            reply?;
+        }
+        Ok(())
+    }
+
+    async fn set_canary(&self, canary: &str) -> Result<(), fred::error::Error> {
+        self.within(self.client.set(canary, 1, None, None, false))
+            .await
+    }
+
+    /// Checks every canary within the deadline; one that is gone (a
+    /// flush) is set again.
+    async fn canaries(&self, canaries: &[String]) -> Canary {
+        let mut found = Canary::Present;
+        for canary in canaries {
+            match self.within(self.client.exists::<i64, _>(canary)).await {
+                Ok(0) => {
+                    let _ = self.set_canary(canary).await;
+                    found = Canary::Missing;
+                }
+                Ok(_) => {}
+                Err(_) => return Canary::NoAnswer,
             }
-            Ok(Ok(_)) => Canary::Present,
-            _ => Canary::NoAnswer,
+        }
+        found
+    }
+}
+
+/// The watcher's own state: which primaries track, where the canaries are.
+struct Watch {
+    cluster: bool,
+    keys: KeySpace,
+    prefixes: Vec<String>,
+    /// Cluster: the primaries whose connection has tracking on.
+    /// Otherwise the one server, once tracking is on.
+    tracked: HashSet<Server>,
+    /// One per primary (one in all, off a cluster).
+    canaries: Vec<String>,
+    /// Every primary tracks and the canaries are placed.
+    complete: bool,
+    /// Redis refused tracking on this connection: not tried again until
+    /// the next reconnection.
+    refused: bool,
+}
+
+impl Watch {
+    async fn handle(&mut self, inner: &Inner, sink: &dyn Invalidate, event: Event) {
+        match event {
+            Event::Invalidated(keys) => {
+                // No keys: the database was flushed.
+                if keys.is_empty() {
+                    sink.all();
+                }
+                for k in &keys {
+                    sink.key(k.as_bytes());
+                }
+            }
+            Event::Lost => sink.all(),
+            Event::Error(server) => self.off(inner, sink, server.as_ref()),
+            Event::Reconnected(server) => {
+                self.off(inner, sink, server.as_ref());
+                self.refused = false;
+                match server {
+                    Some(s) => self.track(inner, Some(s)).await,
+                    None => self.track_missing(inner).await,
+                }
+                self.complete_up(inner, sink).await;
+            }
+            Event::Topology => {
+                // Slots moved or primaries came and went: the canaries
+                // move with them, and what was read in between may have
+                // been read where no push comes from.
+                self.complete = false;
+                inner.live.store(false, Ordering::Release);
+                sink.all();
+                if let Some(primaries) = self.primaries(inner) {
+                    self.tracked.retain(|s| primaries.contains(s));
+                }
+                self.complete_up(inner, sink).await;
+            }
+            Event::FlushCheck if !self.complete => {
+                if !self.refused {
+                    self.track_missing(inner).await;
+                }
+                self.complete_up(inner, sink).await;
+            }
+            Event::FlushCheck => match inner.canaries(&self.canaries).await {
+                Canary::Present if !inner.live.load(Ordering::Acquire) => {
+                    // Redis answers again, and no connection dropped:
+                    // every push sent before these replies has arrived.
+                    sink.all();
+                    inner.live.store(true, Ordering::Release);
+                }
+                Canary::Present => {}
+                Canary::Missing => sink.all(),
+                Canary::NoAnswer => {
+                    // Pushes may be stuck with the answer (a silent
+                    // network failure, a frozen Redis): serve nothing
+                    // until it answers.
+                    inner.live.store(false, Ordering::Release);
+                    sink.all();
+                }
+            },
         }
     }
+
+    /// A connection dropped or failed (`None`: which one is not known):
+    /// nothing is served until it tracks again.
+    fn off(&mut self, inner: &Inner, sink: &dyn Invalidate, server: Option<&Server>) {
+        match server {
+            Some(s) if self.cluster => {
+                self.tracked.remove(s);
+            }
+            _ => self.tracked.clear(),
+        }
+        self.complete = false;
+        inner.live.store(false, Ordering::Release);
+        sink.all();
+    }
+
+    /// The primaries as the client last saw them (`None` off a cluster).
+    fn primaries(&self, inner: &Inner) -> Option<Vec<Server>> {
+        self.cluster.then(|| {
+            inner
+                .client
+                .cached_cluster_state()
+                .map(|s| s.unique_primary_nodes())
+                .unwrap_or_default()
+        })
+    }
+
+    /// Turns tracking on where it is not: each untracked primary, or the
+    /// one server.
+    async fn track_missing(&mut self, inner: &Inner) {
+        match self.primaries(inner) {
+            Some(primaries) => {
+                for p in primaries {
+                    if !self.tracked.contains(&p) {
+                        self.track(inner, Some(p)).await;
+                    }
+                }
+            }
+            None if self.tracked.is_empty() => self.track(inner, None).await,
+            None => {}
+        }
+    }
+
+    async fn track(&mut self, inner: &Inner, server: Option<Server>) {
+        let target = server.as_ref().filter(|_| self.cluster);
+        match inner.track(target, &self.prefixes).await {
+            Ok(()) => {
+                let server = server.unwrap_or_else(|| Server::new("redis", 0));
+                self.tracked.insert(server);
+            }
+            Err(e) if transient(&e) => {
+                tracing::debug!(error = %e, "client tracking not on yet: tried again in a second");
+            }
+            Err(e) => {
+                self.refused = true;
+                tracing::warn!(error = %e, "Redis refused client tracking: the in-process cache stays off");
+            }
+        }
+    }
+
+    /// Once every primary tracks: places the canaries, forgets whatever
+    /// was read before (it was not tracked), and goes live.
+    async fn complete_up(&mut self, inner: &Inner, sink: &dyn Invalidate) {
+        if self.complete {
+            return;
+        }
+        let canaries = match self.primaries(inner) {
+            Some(primaries) => {
+                if primaries.is_empty() || primaries.iter().any(|p| !self.tracked.contains(p)) {
+                    return;
+                }
+                let Some(state) = inner.client.cached_cluster_state() else {
+                    return;
+                };
+                match primaries
+                    .iter()
+                    .map(|p| self.canary_on(|slot| state.get_server(slot) == Some(p)))
+                    .collect::<Option<Vec<_>>>()
+                {
+                    Some(c) => c,
+                    None => return,
+                }
+            }
+            None if self.tracked.is_empty() => return,
+            None => vec![self.keys.key(&["canary"])],
+        };
+        for c in &canaries {
+            if inner.set_canary(c).await.is_err() {
+                return;
+            }
+        }
+        self.canaries = canaries;
+        // Reads sent before this point were not tracked: none of them may
+        // fill the cache.
+        sink.all();
+        self.complete = true;
+        inner.live.store(true, Ordering::Release);
+    }
+
+    /// A canary key in a slot `owned` accepts.
+    fn canary_on(&self, owned: impl Fn(u16) -> bool) -> Option<String> {
+        // A primary holding even one slot in 16,384 is found within a few
+        // hundred thousand tries on average; past that it holds none.
+        (0..1_000_000u32)
+            .map(|n| self.keys.key(&["canary", &n.to_string()]))
+            .find(|k| owned(crate::slot(k)))
+    }
+}
+
+/// Whether a failure to turn tracking on may pass by itself (the
+/// connection, not a refusal).
+fn transient(e: &fred::error::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::IO
+            | ErrorKind::Timeout
+            | ErrorKind::Canceled
+            | ErrorKind::Routing
+            | ErrorKind::Cluster
+            | ErrorKind::Backpressure
+    )
 }
 
 /// What a check of the canary found.
@@ -271,8 +483,14 @@ enum Canary {
 enum Event {
     /// Time to check that Redis was not flushed.
     FlushCheck,
-    /// `true`: the channel closed (the client is gone).
-    Reconnected(bool),
-    Error(bool),
-    Invalidated(Result<fred::types::client::Invalidation, RecvError>),
+    /// A connection (to this server, when known) is up again.
+    Reconnected(Option<Server>),
+    /// A connection (to this server, when known) failed.
+    Error(Option<Server>),
+    /// The cluster's slots or primaries changed.
+    Topology,
+    /// These keys changed (none: the database was flushed).
+    Invalidated(Vec<fred::types::Key>),
+    /// Pushes were dropped: the listener fell behind.
+    Lost,
 }

@@ -350,9 +350,10 @@ impl SessionsBuilder {
     /// more saves of one session racing from several instances within
     /// that moment are merged best effort.) Uses one
     /// more connection per instance
-    /// (RESP3, `CLIENT TRACKING ... NOLOOP`); stays off while that
-    /// connection is down or the breaker is open, and for good if the ACL
-    /// refuses `CLIENT TRACKING`. Off by default.
+    /// (RESP3, `CLIENT TRACKING ... NOLOOP`; on Redis Cluster, tracked
+    /// at every primary); stays off while that connection (or, on a
+    /// cluster, any primary's) is down or the breaker is open, and while
+    /// the ACL refuses `CLIENT TRACKING`. Off by default.
     pub fn local_cache(mut self, capacity: usize, max_age: Duration) -> Self {
         self.local_cache = Some((capacity, max_age));
         self

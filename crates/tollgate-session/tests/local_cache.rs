@@ -1,9 +1,9 @@
 //! The in-process session cache against real Redis: a cached load costs
 //! no command, a change made through another instance reaches it, a
 //! restarted, frozen or flushed Redis empties it, it works over TLS with an ACL
-//! user, and without `CLIENT TRACKING` (ACL) or on a
-//! cluster it stays off while sessions keep working; the health report
-//! says whether it serves.
+//! user and on Redis Cluster (every primary tracked, one restarted or
+//! flushed on its own), without `CLIENT TRACKING` (ACL) it stays off while
+//! sessions keep working; the health report says whether it serves.
 
 mod common;
 
@@ -419,14 +419,152 @@ async fn over_tls_with_an_acl_user_the_cache_works() {
     .await;
 }
 
+/// Which of the test cluster's primaries serves `key` (the slots are split
+/// evenly, in order).
+fn node_of(key: &str) -> usize {
+    usize::from(tollgate_redis::slot(key) / (16_384 / 3)).min(2)
+}
+
+/// Commands the cluster ran during `f`, the counters' own reads excluded.
+async fn cluster_commands<T>(
+    cluster: &RedisCluster,
+    f: impl std::future::Future<Output = T>,
+) -> (T, u64) {
+    let first = cluster.commands_processed();
+    let before = cluster.commands_processed();
+    let noise = before - first;
+    let out = f.await;
+    (out, cluster.commands_processed() - before - noise)
+}
+
+/// One session per primary (the hash of the one on primary `i` at `i`),
+/// created through `a` and loaded until its loads are served in process.
+async fn a_session_on_each_primary(cluster: &RedisCluster, a: &RedisStore) -> Vec<String> {
+    let mut sessions: Vec<Option<String>> = vec![None, None, None];
+    while sessions.iter().any(Option::is_none) {
+        let h = hash();
+        let node = node_of(&a.record_key(&h));
+        if sessions[node].is_none() {
+            assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+            sessions[node] = Some(h);
+        }
+    }
+    let sessions: Vec<String> = sessions.into_iter().flatten().collect();
+    for h in &sessions {
+        let in_a_row = std::cell::Cell::new(0);
+        wait_until("loads served in process", || async {
+            let (r, cost) = cluster_commands(cluster, a.load(h)).await;
+            assert_eq!(entry(&r.unwrap(), "n").as_deref(), Some("1"));
+            in_a_row.set(if cost == 0 { in_a_row.get() + 1 } else { 0 });
+            in_a_row.get() >= 3
+        })
+        .await;
+    }
+    sessions
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_a_cluster_the_cache_stays_off_and_sessions_work() {
+async fn on_a_cluster_changes_at_every_primary_reach_the_cache() {
     let cluster = RedisCluster::start();
     let a = cached(tollgate_testkit::connect(&cluster.url()).await);
-    let h = hash();
-    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
-    assert_eq!(entry(&a.load(&h).await.unwrap(), "n").as_deref(), Some("1"));
-    assert!(!a.local_cache_live());
+    let b = RedisStore::new(tollgate_testkit::connect(&cluster.url()).await, timeouts());
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    // Served in process, whichever primary holds the record.
+    let sessions = a_session_on_each_primary(&cluster, &a).await;
+
+    // Each primary pushes the changes to its own keys.
+    for h in &sessions {
+        let loaded = b.load(h).await.unwrap().expect("record");
+        b.save(h, None, &set("n", "2"), loaded.generation)
+            .await
+            .unwrap();
+    }
+    for h in &sessions {
+        wait_until("the change to reach the cache", || async {
+            entry(&a.load(h).await.unwrap(), "n").as_deref() == Some("2")
+        })
+        .await;
+    }
+
+    // This instance's own save is read back at once, from the cache.
+    let base = a.load(&sessions[1]).await.unwrap().expect("record");
+    a.save_from(&sessions[1], None, &set("n", "3"), base)
+        .await
+        .unwrap();
+    let (r, cost) = cluster_commands(&cluster, a.load(&sessions[1])).await;
+    assert_eq!(entry(&r.unwrap(), "n").as_deref(), Some("3"));
+    assert_eq!(cost, 0, "what a save wrote stays cached");
+
+    for h in &sessions {
+        assert!(b.delete(h).await.unwrap());
+    }
+    for h in &sessions {
+        wait_until("the deletion to reach the cache", || async {
+            a.load(h).await.unwrap().is_none()
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_flushed_primary_empties_the_cache() {
+    let cluster = RedisCluster::start();
+    let a = cached(tollgate_testkit::connect(&cluster.url()).await);
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let sessions = a_session_on_each_primary(&cluster, &a).await;
+    // One primary flushed: its notice names no key, and only its own
+    // canary shows it.
+    assert!(matches!(
+        cluster.nodes()[1].command(&["FLUSHALL"]),
+        Ok(Reply::Status(_))
+    ));
+    wait_until("the flush to reach the cache", || async {
+        a.load(&sessions[1]).await.unwrap().is_none()
+    })
+    .await;
+    for h in [&sessions[0], &sessions[2]] {
+        assert_eq!(entry(&a.load(h).await.unwrap(), "n").as_deref(), Some("1"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_restarted_primary_empties_the_cache_and_it_serves_again() {
+    let mut cluster = RedisCluster::start();
+    let a = cached(tollgate_testkit::connect(&cluster.url()).await);
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let sessions = a_session_on_each_primary(&cluster, &a).await;
+
+    // The primary comes back empty (no persistence): its session is gone,
+    // and the cache does not serve it.
+    tokio::task::block_in_place(|| cluster.restart_node(2));
+    wait_until("the restart to reach the cache", || async {
+        matches!(a.load(&sessions[2]).await, Ok(None))
+    })
+    .await;
+    wait_until("the cache to go live again", || async {
+        a.local_cache_live()
+    })
+    .await;
+    assert!(a.load(&sessions[2]).await.unwrap().is_none());
+    // Tracked again at every primary: cached loads, and changes reach it.
+    let again = a_session_on_each_primary(&cluster, &a).await;
+    deletions_elsewhere_reach(&cluster, &a, &again).await;
+    assert_eq!(
+        entry(&a.load(&sessions[0]).await.unwrap(), "n").as_deref(),
+        Some("1")
+    );
+}
+
+/// Deletes `sessions` through another instance, each seen gone by `a`.
+async fn deletions_elsewhere_reach(cluster: &RedisCluster, a: &RedisStore, sessions: &[String]) {
+    let b = RedisStore::new(tollgate_testkit::connect(&cluster.url()).await, timeouts());
+    for h in sessions {
+        assert!(b.delete(h).await.unwrap());
+        wait_until("the deletion to reach the cache", || async {
+            a.load(h).await.unwrap().is_none()
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

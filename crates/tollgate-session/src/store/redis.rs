@@ -275,9 +275,10 @@ impl RedisStore {
     /// at most `max_age`, kept exact by Redis's client tracking on a
     /// connection of their own: a record changed or deleted anywhere is
     /// dropped here when Redis says so, normally well under a millisecond
-    /// later. A load served from it costs no round trip. Off while the
-    /// breaker is open, while that connection is down, and for good if
-    /// Redis refuses `CLIENT TRACKING` (an ACL without it).
+    /// later. A load served from it costs no round trip. On Redis
+    /// Cluster every primary is tracked. Off while the breaker is open,
+    /// while that connection (any primary's, on a cluster) is down, and
+    /// while Redis refuses `CLIENT TRACKING` (an ACL without it).
     ///
     /// The connection opens at once when called inside a Tokio runtime,
     /// else on first use.
