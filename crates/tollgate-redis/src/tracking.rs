@@ -449,8 +449,8 @@ impl Watch {
 
     /// A canary key in a slot `owned` accepts.
     fn canary_on(&self, owned: impl Fn(u16) -> bool) -> Option<String> {
-        // A primary holding even one slot in 16,384 is found within a few
-        // hundred thousand tries on average; past that it holds none.
+        // A primary holding a single slot takes 16,384 tries on average;
+        // missing it in a million has odds below e^-60.
         (0..1_000_000u32)
             .map(|n| self.keys.key(&["canary", &n.to_string()]))
             .find(|k| owned(crate::slot(k)))
