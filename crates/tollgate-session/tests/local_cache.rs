@@ -2,7 +2,7 @@
 //! no command, a change made through another instance reaches it, a
 //! restarted, frozen or flushed Redis empties it, it works over TLS with an ACL
 //! user and on Redis Cluster (every primary tracked, one restarted or
-//! flushed on its own), without `CLIENT TRACKING` (ACL) it stays off while
+//! flushed on its own, a slot moved between primaries), without `CLIENT TRACKING` (ACL) it stays off while
 //! sessions keep working; the health report says whether it serves.
 
 mod common;
@@ -451,16 +451,22 @@ async fn a_session_on_each_primary(cluster: &RedisCluster, a: &RedisStore) -> Ve
     }
     let sessions: Vec<String> = sessions.into_iter().flatten().collect();
     for h in &sessions {
-        let in_a_row = std::cell::Cell::new(0);
-        wait_until("loads served in process", || async {
-            let (r, cost) = cluster_commands(cluster, a.load(h)).await;
-            assert_eq!(entry(&r.unwrap(), "n").as_deref(), Some("1"));
-            in_a_row.set(if cost == 0 { in_a_row.get() + 1 } else { 0 });
-            in_a_row.get() >= 3
-        })
-        .await;
+        wait_served_in_process(cluster, a, h, "1").await;
     }
     sessions
+}
+
+/// Waits until loads of `h` through `a` cost the cluster no command, three
+/// in a row, each finding `n` = `n`.
+async fn wait_served_in_process(cluster: &RedisCluster, a: &RedisStore, h: &str, n: &str) {
+    let in_a_row = std::cell::Cell::new(0);
+    wait_until("loads served in process", || async {
+        let (r, cost) = cluster_commands(cluster, a.load(h)).await;
+        assert_eq!(entry(&r.unwrap(), "n").as_deref(), Some(n));
+        in_a_row.set(if cost == 0 { in_a_row.get() + 1 } else { 0 });
+        in_a_row.get() >= 3
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -553,6 +559,56 @@ async fn on_a_cluster_a_restarted_primary_empties_the_cache_and_it_serves_again(
         entry(&a.load(&sessions[0]).await.unwrap(), "n").as_deref(),
         Some("1")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_record_whose_slot_moves_stays_exact() {
+    let cluster = RedisCluster::start();
+    let a = cached(tollgate_testkit::connect(&cluster.url()).await);
+    let b = RedisStore::new(tollgate_testkit::connect(&cluster.url()).await, timeouts());
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let sessions = a_session_on_each_primary(&cluster, &a).await;
+    let h = &sessions[0];
+    let key = a.record_key(h);
+    let slot = tollgate_redis::slot(&key).to_string();
+
+    // Resharding: the record's slot moves from the first primary to the
+    // second, the record with it.
+    let nodes = cluster.nodes();
+    let ids: Vec<String> = nodes
+        .iter()
+        .map(|n| match n.command(&["CLUSTER", "MYID"]) {
+            Ok(Reply::Bulk(id)) => id,
+            other => panic!("CLUSTER MYID: {other:?}"),
+        })
+        .collect();
+    let ok = |r: Result<Reply, String>| assert!(matches!(r, Ok(Reply::Status(_))), "{r:?}");
+    ok(nodes[1].command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &ids[0]]));
+    ok(nodes[0].command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &ids[1]]));
+    let port = nodes[1].port().to_string();
+    ok(nodes[0].command(&["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", &key]));
+    for n in nodes {
+        ok(n.command(&["CLUSTER", "SETSLOT", &slot, "NODE", &ids[1]]));
+    }
+
+    // A change saved where the record lives now reaches the cache (the new
+    // primary tracks it), and nothing older is served meanwhile.
+    let loaded = b.load(h).await.unwrap().expect("record");
+    assert_eq!(entry(&Some(loaded.clone()), "n").as_deref(), Some("1"));
+    b.save(h, None, &set("n", "2"), loaded.generation)
+        .await
+        .unwrap();
+    wait_until("the change to reach the cache", || async {
+        entry(&a.load(h).await.unwrap(), "n").as_deref() == Some("2")
+    })
+    .await;
+    // Served in process again once the cache has followed the move.
+    wait_until("the cache to go live again", || async {
+        a.local_cache_live()
+    })
+    .await;
+    wait_served_in_process(&cluster, &a, h, "2").await;
+    deletions_elsewhere_reach(&cluster, &a, std::slice::from_ref(h)).await;
 }
 
 /// Deletes `sessions` through another instance, each seen gone by `a`.
