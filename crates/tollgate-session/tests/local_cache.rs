@@ -456,6 +456,15 @@ async fn a_session_on_each_primary(cluster: &RedisCluster, a: &RedisStore) -> Ve
     sessions
 }
 
+/// A cached store on `cluster`, live, with a session on each primary that
+/// it serves in process.
+async fn live_on_cluster(cluster: &RedisCluster) -> (RedisStore, Vec<String>) {
+    let a = cached(tollgate_testkit::connect(&cluster.url()).await);
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let sessions = a_session_on_each_primary(cluster, &a).await;
+    (a, sessions)
+}
+
 /// Waits until loads of `h` through `a` cost the cluster no command, three
 /// in a row, each finding `n` = `n`.
 async fn wait_served_in_process(cluster: &RedisCluster, a: &RedisStore, h: &str, n: &str) {
@@ -472,11 +481,9 @@ async fn wait_served_in_process(cluster: &RedisCluster, a: &RedisStore, h: &str,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_changes_at_every_primary_reach_the_cache() {
     let cluster = RedisCluster::start();
-    let a = cached(tollgate_testkit::connect(&cluster.url()).await);
-    let b = RedisStore::new(tollgate_testkit::connect(&cluster.url()).await, timeouts());
-    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
     // Served in process, whichever primary holds the record.
-    let sessions = a_session_on_each_primary(&cluster, &a).await;
+    let (a, sessions) = live_on_cluster(&cluster).await;
+    let b = RedisStore::new(tollgate_testkit::connect(&cluster.url()).await, timeouts());
 
     // Each primary pushes the changes to its own keys.
     for h in &sessions {
@@ -515,9 +522,7 @@ async fn on_a_cluster_changes_at_every_primary_reach_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_a_flushed_primary_empties_the_cache() {
     let cluster = RedisCluster::start();
-    let a = cached(tollgate_testkit::connect(&cluster.url()).await);
-    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
-    let sessions = a_session_on_each_primary(&cluster, &a).await;
+    let (a, sessions) = live_on_cluster(&cluster).await;
     // One primary flushed: its notice names no key, and only its own
     // canary shows it.
     assert!(matches!(
@@ -536,9 +541,7 @@ async fn on_a_cluster_a_flushed_primary_empties_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_a_restarted_primary_empties_the_cache_and_it_serves_again() {
     let mut cluster = RedisCluster::start();
-    let a = cached(tollgate_testkit::connect(&cluster.url()).await);
-    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
-    let sessions = a_session_on_each_primary(&cluster, &a).await;
+    let (a, sessions) = live_on_cluster(&cluster).await;
 
     // The primary comes back empty (no persistence): its session is gone,
     // and the cache does not serve it.
@@ -564,10 +567,8 @@ async fn on_a_cluster_a_restarted_primary_empties_the_cache_and_it_serves_again(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_a_record_whose_slot_moves_stays_exact() {
     let cluster = RedisCluster::start();
-    let a = cached(tollgate_testkit::connect(&cluster.url()).await);
+    let (a, sessions) = live_on_cluster(&cluster).await;
     let b = RedisStore::new(tollgate_testkit::connect(&cluster.url()).await, timeouts());
-    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
-    let sessions = a_session_on_each_primary(&cluster, &a).await;
     let h = &sessions[0];
     let key = a.record_key(h);
     let slot = tollgate_redis::slot(&key).to_string();
