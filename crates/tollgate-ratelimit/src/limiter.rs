@@ -386,6 +386,9 @@ pub(crate) struct Pending {
     pub identity: String,
     pub checks: Checks,
     pub grpc: bool,
+    /// When the decision began: the one clock reading a decision takes
+    /// (its latency, the deny cache's and the lease's "now").
+    pub started: Instant,
 }
 
 impl RateLimiter {
@@ -460,6 +463,7 @@ impl RateLimiter {
             identity,
             checks,
             grpc: is_grpc(view.headers),
+            started: Instant::now(),
         })
     }
 
@@ -477,7 +481,7 @@ impl RateLimiter {
     /// or this instance's lease answers. `None`: Redis must be asked
     /// ([`decide`](Self::decide)).
     pub(crate) fn decide_now(&self, p: &Pending) -> Option<Report> {
-        let started = Instant::now();
+        let started = p.started;
         let inner = &self.inner;
         if let Some(hit) = inner.deny_cache.get(&p.identity, &p.checks, started) {
             self.deny_cache_hit(p, &hit, started);
@@ -517,7 +521,7 @@ impl RateLimiter {
     /// The part of a decision that waits for Redis, for a request
     /// [`decide_now`](Self::decide_now) could not answer.
     pub(crate) async fn decide_remote(&self, p: &Pending) -> Report {
-        let started = Instant::now();
+        let started = p.started;
         let inner = &self.inner;
         let (report, store) = match &inner.redis {
             None => (self.decide_memory(p, Source::Memory), Store::Memory),
@@ -640,6 +644,7 @@ impl RateLimiter {
                         identity: p.identity.clone(),
                         checks: p.checks.clone(),
                         grpc: p.grpc,
+                        started: p.started,
                     };
                     for c in &mut leased.checks {
                         c.cost = chunk;
@@ -905,6 +910,7 @@ impl RateLimiter {
                 shadow: false,
             }],
             grpc: false,
+            started: Instant::now(),
         })
     }
 
