@@ -277,9 +277,9 @@ struct Watch {
     cluster: bool,
     keys: KeySpace,
     prefixes: Vec<String>,
-    /// Cluster: the primaries whose connection has tracking on.
-    /// Otherwise the one server, once tracking is on.
-    tracked: HashSet<Server>,
+    /// The primaries whose connection has tracking on (`None`: the one
+    /// connection, off a cluster).
+    tracked: HashSet<Option<Server>>,
     /// One per primary (one in all, off a cluster).
     canaries: Vec<String>,
     /// Every primary tracks and the canaries are placed.
@@ -306,10 +306,7 @@ impl Watch {
             Event::Reconnected(server) => {
                 self.off(inner, sink, server.as_ref());
                 self.refused = false;
-                match server {
-                    Some(s) => self.track(inner, Some(s)).await,
-                    None => self.track_missing(inner).await,
-                }
+                self.track_missing(inner).await;
                 self.complete_up(inner, sink).await;
             }
             Event::Topology => {
@@ -319,9 +316,8 @@ impl Watch {
                 self.complete = false;
                 inner.live.store(false, Ordering::Release);
                 sink.all();
-                if let Some(primaries) = self.primaries(inner) {
-                    self.tracked.retain(|s| primaries.contains(s));
-                }
+                let primaries = self.primaries(inner);
+                self.tracked.retain(|s| primaries.contains(s));
                 self.complete_up(inner, sink).await;
             }
             Event::FlushCheck if !self.complete => {
@@ -355,7 +351,7 @@ impl Watch {
     fn off(&mut self, inner: &Inner, sink: &dyn Invalidate, server: Option<&Server>) {
         match server {
             Some(s) if self.cluster => {
-                self.tracked.remove(s);
+                self.tracked.remove(&Some(s.clone()));
             }
             _ => self.tracked.clear(),
         }
@@ -364,38 +360,31 @@ impl Watch {
         sink.all();
     }
 
-    /// The primaries as the client last saw them (`None` off a cluster).
-    fn primaries(&self, inner: &Inner) -> Option<Vec<Server>> {
-        self.cluster.then(|| {
-            inner
-                .client
-                .cached_cluster_state()
-                .map(|s| s.unique_primary_nodes())
-                .unwrap_or_default()
-        })
+    /// The primaries as the client last saw them; off a cluster, the one
+    /// connection (`None`).
+    fn primaries(&self, inner: &Inner) -> Vec<Option<Server>> {
+        if !self.cluster {
+            return vec![None];
+        }
+        inner
+            .client
+            .cached_cluster_state()
+            .map(|s| s.unique_primary_nodes().into_iter().map(Some).collect())
+            .unwrap_or_default()
     }
 
-    /// Turns tracking on where it is not: each untracked primary, or the
-    /// one server.
+    /// Turns tracking on at every primary where it is not on.
     async fn track_missing(&mut self, inner: &Inner) {
-        match self.primaries(inner) {
-            Some(primaries) => {
-                for p in primaries {
-                    if !self.tracked.contains(&p) {
-                        self.track(inner, Some(p)).await;
-                    }
-                }
+        for p in self.primaries(inner) {
+            if !self.tracked.contains(&p) {
+                self.track(inner, p).await;
             }
-            None if self.tracked.is_empty() => self.track(inner, None).await,
-            None => {}
         }
     }
 
     async fn track(&mut self, inner: &Inner, server: Option<Server>) {
-        let target = server.as_ref().filter(|_| self.cluster);
-        match inner.track(target, &self.prefixes).await {
+        match inner.track(server.as_ref(), &self.prefixes).await {
             Ok(()) => {
-                let server = server.unwrap_or_else(|| Server::new("redis", 0));
                 self.tracked.insert(server);
             }
             Err(e) if transient(&e) => {
@@ -414,25 +403,18 @@ impl Watch {
         if self.complete {
             return;
         }
-        let canaries = match self.primaries(inner) {
-            Some(primaries) => {
-                if primaries.is_empty() || primaries.iter().any(|p| !self.tracked.contains(p)) {
-                    return;
-                }
-                let Some(state) = inner.client.cached_cluster_state() else {
-                    return;
-                };
-                match primaries
-                    .iter()
-                    .map(|p| self.canary_on(|slot| state.get_server(slot) == Some(p)))
-                    .collect::<Option<Vec<_>>>()
-                {
-                    Some(c) => c,
-                    None => return,
-                }
-            }
-            None if self.tracked.is_empty() => return,
-            None => vec![self.keys.key(&["canary"])],
+        let primaries = self.primaries(inner);
+        if primaries.is_empty() || primaries.iter().any(|p| !self.tracked.contains(p)) {
+            return;
+        }
+        let state = inner.client.cached_cluster_state();
+        let canary = |p: &Option<Server>| match (p, &state) {
+            (None, _) => Some(self.keys.key(&["canary"])),
+            (Some(p), Some(state)) => self.canary_on(|slot| state.get_server(slot) == Some(p)),
+            (Some(_), None) => None,
+        };
+        let Some(canaries) = primaries.iter().map(canary).collect::<Option<Vec<_>>>() else {
+            return;
         };
         for c in &canaries {
             if inner.set_canary(c).await.is_err() {
