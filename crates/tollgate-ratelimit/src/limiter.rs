@@ -684,7 +684,9 @@ impl RateLimiter {
     /// if it holds enough.
     fn lease_spend(&self, key: &str, p: &Pending, chunk: u32) -> Option<Report> {
         let mut m = self.inner.leases.lock().ok()?;
-        self.spend(m.get_mut(key)?, key, p, chunk, Instant::now())
+        // Called right after the request was prepared, without waiting:
+        // its reading of the clock is current.
+        self.spend(m.get_mut(key)?, key, p, chunk, p.started)
     }
 
     /// Spends from `l` (live, holding enough), starting a top-up when due.
