@@ -2,8 +2,9 @@
 //! no command, a change made through another instance reaches it, a
 //! restarted, frozen or flushed Redis empties it, it works over TLS with an ACL
 //! user and on Redis Cluster (every primary tracked, one restarted or
-//! flushed on its own, a slot moved between primaries), without `CLIENT TRACKING` (ACL) it stays off while
-//! sessions keep working; the health report says whether it serves.
+//! flushed on its own, a slot moved between primaries), without
+//! `CLIENT TRACKING` (ACL) it stays off while sessions keep working; the
+//! health report says whether it serves.
 
 mod common;
 
@@ -41,13 +42,31 @@ fn entry(r: &Option<Record>, k: &str) -> Option<String> {
     r.as_ref().and_then(|r| r.data.get(k).cloned())
 }
 
-/// Commands `server` ran during `f`, the counter's own reads excluded.
-async fn commands<T>(server: &RedisServer, f: impl std::future::Future<Output = T>) -> (T, u64) {
-    let first = server.commands_processed();
-    let before = server.commands_processed();
+/// A Redis whose commands can be counted: one server, or a cluster's
+/// primaries together.
+trait Counted {
+    fn processed(&self) -> u64;
+}
+
+impl Counted for RedisServer {
+    fn processed(&self) -> u64 {
+        self.commands_processed()
+    }
+}
+
+impl Counted for RedisCluster {
+    fn processed(&self) -> u64 {
+        self.commands_processed()
+    }
+}
+
+/// Commands `redis` ran during `f`, the counters' own reads excluded.
+async fn commands<T>(redis: &impl Counted, f: impl std::future::Future<Output = T>) -> (T, u64) {
+    let first = redis.processed();
+    let before = redis.processed();
     let noise = before - first;
     let out = f.await;
-    (out, server.commands_processed() - before - noise)
+    (out, redis.processed() - before - noise)
 }
 
 /// A cached store on `server`, live, with one session (`n` = 1) that it
@@ -61,14 +80,19 @@ async fn live_session(server: &RedisServer) -> (RedisStore, String) {
     (a, h)
 }
 
-/// Waits until loads of `h` are served in process, three in a row. (The push for the
+/// Waits until loads of `h` are served in process, three in a row, each
+/// finding the record (with `n` = `n`, when given). (The push for the
 /// record's creation may be handled after the first load filled the cache,
 /// and then empty it once: a lost fill costs a read, never a stale record.)
-async fn wait_cached(server: &RedisServer, a: &RedisStore, h: &str) {
+async fn wait_cached(redis: &impl Counted, a: &RedisStore, h: &str, n: Option<&str>) {
     let in_a_row = std::cell::Cell::new(0);
     wait_until("loads served in process", || async {
-        let (r, cost) = commands(server, a.load(h)).await;
-        assert!(r.unwrap().is_some());
+        let (r, cost) = commands(redis, a.load(h)).await;
+        let r = r.unwrap();
+        assert!(r.is_some());
+        if n.is_some() {
+            assert_eq!(entry(&r, "n").as_deref(), n);
+        }
         in_a_row.set(if cost == 0 { in_a_row.get() + 1 } else { 0 });
         in_a_row.get() >= 3
     })
@@ -87,7 +111,7 @@ async fn a_cached_load_costs_no_command_and_changes_elsewhere_reach_it() {
     assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
     // The first load reads Redis; the next ones are served in process.
     assert_eq!(entry(&a.load(&h).await.unwrap(), "n").as_deref(), Some("1"));
-    wait_cached(&server, &a, &h).await;
+    wait_cached(&server, &a, &h, None).await;
     let (r, cost) = commands(&server, async {
         for _ in 0..5 {
             assert_eq!(entry(&a.load(&h).await.unwrap(), "n").as_deref(), Some("1"));
@@ -167,7 +191,7 @@ async fn a_save_from_a_cached_record_is_one_command_and_stays_cached() {
     let server = RedisServer::start();
     let (a, h) = live_session(&server).await;
     let b = RedisStore::new(tollgate_testkit::connect(&server.url()).await, timeouts());
-    wait_cached(&server, &a, &h).await;
+    wait_cached(&server, &a, &h, None).await;
     for n in 2..5 {
         let (sets, all) = (calls(&server, &["set"]), calls(&server, SESSION_COMMANDS));
         let base = a.load(&h).await.unwrap().expect("record");
@@ -227,14 +251,14 @@ async fn racing_saves_from_cached_records_all_survive() {
             a.save_from(&h, None, &first, base).await.unwrap(),
             SaveOutcome::Saved
         );
-        wait_cached(&server, &a, &h).await;
+        wait_cached(&server, &a, &h, None).await;
         let from_a = a.load(&h).await.unwrap().expect("record");
         // The other instance has heard of that save and holds its record.
         wait_until("both caches to hold the same record", || async {
             b.load(&h).await.unwrap().as_ref() == Some(&from_a)
         })
         .await;
-        wait_cached(&server, &b, &h).await;
+        wait_cached(&server, &b, &h, None).await;
         let from_b = b.load(&h).await.unwrap().expect("record");
         assert_eq!(from_a, from_b);
         let removal = Diff {
@@ -344,7 +368,7 @@ async fn a_frozen_redis_turns_the_cache_off_without_any_request() {
 async fn a_flushed_redis_empties_the_cache() {
     let server = RedisServer::start();
     let (a, h) = live_session(&server).await;
-    wait_cached(&server, &a, &h).await;
+    wait_cached(&server, &a, &h, None).await;
     // Redis's notice of a flush names no key (and never reaches the cache);
     // the canary check catches it within about a second, well before the
     // cache's 60 s max age.
@@ -425,18 +449,6 @@ fn node_of(key: &str) -> usize {
     usize::from(tollgate_redis::slot(key) / (16_384 / 3)).min(2)
 }
 
-/// Commands the cluster ran during `f`, the counters' own reads excluded.
-async fn cluster_commands<T>(
-    cluster: &RedisCluster,
-    f: impl std::future::Future<Output = T>,
-) -> (T, u64) {
-    let first = cluster.commands_processed();
-    let before = cluster.commands_processed();
-    let noise = before - first;
-    let out = f.await;
-    (out, cluster.commands_processed() - before - noise)
-}
-
 /// One session per primary (the hash of the one on primary `i` at `i`),
 /// created through `a` and loaded until its loads are served in process.
 async fn a_session_on_each_primary(cluster: &RedisCluster, a: &RedisStore) -> Vec<String> {
@@ -451,7 +463,7 @@ async fn a_session_on_each_primary(cluster: &RedisCluster, a: &RedisStore) -> Ve
     }
     let sessions: Vec<String> = sessions.into_iter().flatten().collect();
     for h in &sessions {
-        wait_served_in_process(cluster, a, h, "1").await;
+        wait_cached(cluster, a, h, Some("1")).await;
     }
     sessions
 }
@@ -463,19 +475,6 @@ async fn live_on_cluster(cluster: &RedisCluster) -> (RedisStore, Vec<String>) {
     wait_until("the cache to go live", || async { a.local_cache_live() }).await;
     let sessions = a_session_on_each_primary(cluster, &a).await;
     (a, sessions)
-}
-
-/// Waits until loads of `h` through `a` cost the cluster no command, three
-/// in a row, each finding `n` = `n`.
-async fn wait_served_in_process(cluster: &RedisCluster, a: &RedisStore, h: &str, n: &str) {
-    let in_a_row = std::cell::Cell::new(0);
-    wait_until("loads served in process", || async {
-        let (r, cost) = cluster_commands(cluster, a.load(h)).await;
-        assert_eq!(entry(&r.unwrap(), "n").as_deref(), Some(n));
-        in_a_row.set(if cost == 0 { in_a_row.get() + 1 } else { 0 });
-        in_a_row.get() >= 3
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,7 +503,7 @@ async fn on_a_cluster_changes_at_every_primary_reach_the_cache() {
     a.save_from(&sessions[1], None, &set("n", "3"), base)
         .await
         .unwrap();
-    let (r, cost) = cluster_commands(&cluster, a.load(&sessions[1])).await;
+    let (r, cost) = commands(&cluster, a.load(&sessions[1])).await;
     assert_eq!(entry(&r.unwrap(), "n").as_deref(), Some("3"));
     assert_eq!(cost, 0, "what a save wrote stays cached");
 
@@ -608,7 +607,7 @@ async fn on_a_cluster_a_record_whose_slot_moves_stays_exact() {
         a.local_cache_live()
     })
     .await;
-    wait_served_in_process(&cluster, &a, h, "2").await;
+    wait_cached(&cluster, &a, h, Some("2")).await;
     deletions_elsewhere_reach(&cluster, &a, std::slice::from_ref(h)).await;
 }
 
