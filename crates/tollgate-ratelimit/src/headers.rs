@@ -17,7 +17,8 @@ pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-
 pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 /// `X-RateLimit-Reset` (seconds until the quota is whole again).
 pub static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-/// `X-RateLimit-Policy` (the name of the reported policy).
+/// `X-RateLimit-Policy` (the name of the reported policy; sent only when
+/// asked for, [`RateLimiterBuilder::policy_header`](crate::RateLimiterBuilder::policy_header)).
 pub static X_RATELIMIT_POLICY: HeaderName = HeaderName::from_static("x-ratelimit-policy");
 /// IETF `RateLimit-Policy`.
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -28,6 +29,7 @@ pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct HeaderOptions {
     pub legacy: bool,
+    pub policy: bool,
     pub ietf: bool,
 }
 
@@ -35,6 +37,7 @@ impl HeaderOptions {
     /// No header at all.
     pub(crate) const NONE: HeaderOptions = HeaderOptions {
         legacy: false,
+        policy: false,
         ietf: false,
     };
 }
@@ -78,13 +81,15 @@ pub(crate) fn apply(report: &Report, identity: &str, opts: HeaderOptions, h: &mu
         return;
     };
     if opts.legacy {
-        h.reserve(4);
+        h.reserve(3);
         h.insert(X_RATELIMIT_LIMIT.clone(), limit_value(d.limit));
         h.insert(X_RATELIMIT_REMAINING.clone(), num(d.remaining));
         h.insert(X_RATELIMIT_RESET.clone(), num(d.reset));
-        if let Some(v) = policy_value(&d.policy) {
-            h.insert(X_RATELIMIT_POLICY.clone(), v);
-        }
+    }
+    if opts.policy
+        && let Some(v) = policy_value(&d.policy)
+    {
+        h.insert(X_RATELIMIT_POLICY.clone(), v);
     }
     if let Some(r) = d.retry_after
         && report.verdict == RequestVerdict::Deny
@@ -323,6 +328,7 @@ mod tests {
         let b: Arc<str> = Arc::from("sustained");
         let opts = HeaderOptions {
             legacy: true,
+            policy: true,
             ietf: false,
         };
         for (policy, limit) in [(&a, 5_000), (&a, 5_000), (&b, 70_000), (&a, 5_000), (&b, 3)] {

@@ -13,8 +13,10 @@
 //!   `X-RateLimit-Remaining`, `X-RateLimit-Reset` (seconds) for the most
 //!   constraining policy; a denial is a 429 with `Retry-After` and an
 //!   `application/problem+json` body, or for gRPC an HTTP 200 with
-//!   `grpc-status: 8`. The IETF `RateLimit-Policy`/`RateLimit` fields are
-//!   optional ([`RateLimiterBuilder::ietf_headers`]).
+//!   `grpc-status: 8`. `X-RateLimit-Policy` (the reported policy's name)
+//!   and the IETF `RateLimit-Policy`/`RateLimit` fields are optional
+//!   ([`RateLimiterBuilder::policy_header`],
+//!   [`RateLimiterBuilder::ietf_headers`]).
 //! - While Redis is down each policy follows its [`FailureMode`]: the
 //!   in-process fallback (default), fail open, or fail closed (503).
 //! - Identity comes from a [`KeyExtractor`]: [`PeerIp`] (trusted proxies,

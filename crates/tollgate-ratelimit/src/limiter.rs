@@ -114,6 +114,15 @@ impl RateLimiterBuilder {
         self
     }
 
+    /// Adds `X-RateLimit-Policy`, the name of the policy the other headers
+    /// report, on every response (default false: one header fewer per
+    /// response, and a denial's body names the policy already). Useful
+    /// while tuning a table with several policies per route.
+    pub fn policy_header(mut self, on: bool) -> Self {
+        self.headers.policy = on;
+        self
+    }
+
     /// Remembers up to `capacity` denied identities until their retry
     /// time and answers them without asking Redis (0 disables; default
     /// 10,000). It only ever denies, and only while Redis itself said the
@@ -402,6 +411,7 @@ impl RateLimiter {
             shadow: false,
             headers: HeaderOptions {
                 legacy: true,
+                policy: false,
                 ietf: false,
             },
             deny_cache: 10_000,

@@ -73,6 +73,7 @@ async fn all_or_nothing(url: String) {
     let limiter = RateLimiter::builder(t)
         .redis(h.clone())
         .deny_cache(0)
+        .policy_header(true)
         .build();
     let svc = service(limiter.clone());
     assert_eq!(send(&svc, req("/", "192.0.2.1:1")).await.status(), 200);
@@ -107,6 +108,7 @@ async fn golden_headers(url: String) {
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some("1"));
     assert_eq!(header(&res, "x-ratelimit-reset"), Some("30"));
     assert_eq!(header(&res, "retry-after"), None);
+    assert_eq!(header(&res, "x-ratelimit-policy"), None, "opt-in only");
     let pk = header(&res, "ratelimit")
         .unwrap()
         .rsplit_once("pk=")
@@ -293,7 +295,7 @@ async fn windows_in_redis(url: String) {
         ],
         &["fixed", "sliding"],
     );
-    let svc = service(RateLimiter::builder(t).redis(h).build());
+    let svc = service(RateLimiter::builder(t).redis(h).policy_header(true).build());
     let a = send(&svc, req("/", "192.0.2.20:1")).await;
     assert_eq!(header(&a, "x-ratelimit-remaining"), Some("1"));
     assert_eq!(header(&a, "x-ratelimit-policy"), Some("fixed"));

@@ -147,6 +147,7 @@ async fn third_call_is_resource_exhausted(url: String) {
     let limiter = RateLimiter::builder(table)
         .redis(common::connect(&url).await)
         .key(tonic_peer())
+        .policy_header(true)
         .build();
 
     let incoming = TcpIncoming::bind("127.0.0.1:0".parse::<SocketAddr>().unwrap()).unwrap();

@@ -8,7 +8,7 @@
 //! charged (governor has no refund). That errs on the strict side.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher as _;
+use std::hash::{BuildHasher as _, BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -26,7 +26,35 @@ use crate::quota::{Algorithm, Quota, Status, Verdict, WindowState, window};
 /// governor is keyed by a 64-bit keyed hash of the identity rather than
 /// the identity itself: no allocation per decision, and with a random
 /// per-process key two identities share a bucket with probability 2^-64.
-type Gov = RateLimiter<u64, DefaultKeyedStateStore<u64>, DefaultClock, StateInformationMiddleware>;
+type Gov = RateLimiter<
+    u64,
+    DefaultKeyedStateStore<u64, BuildHasherDefault<PreHashed>>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
+
+/// The hasher of governor's map. Its keys are keyed SipHash values
+/// already: uniform, and unpredictable without this process's random key,
+/// so the map uses them as they are instead of hashing them again.
+#[derive(Clone, Copy, Debug, Default)]
+struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys reach this map; anything else is folded in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// A policy's first limiter, made on first use, and whether an admin
 /// reset retired it.
@@ -131,7 +159,7 @@ impl MemoryStore {
     }
 
     fn new_gov(&self, quota: Quota) -> Gov {
-        RateLimiter::keyed(quota.to_governor(self.divisor))
+        RateLimiter::dashmap_with_hasher(quota.to_governor(self.divisor), Default::default())
             .with_middleware::<StateInformationMiddleware>()
     }
 
