@@ -17,6 +17,7 @@ use tollgate_redis::fred::interfaces::{ClientLike, EventInterface, PubsubInterfa
 use crate::entry::{Entry, Stored};
 use crate::error::Error;
 use crate::flight::{Flights, Role};
+use crate::key::UrlKey;
 use crate::l1::{L1, L1Value, LOCAL_MAX_BYTES};
 use crate::store::{MemoryStore, RedisStore, Store};
 
@@ -255,8 +256,8 @@ impl Cache {
 
     /// The stored response under `key` in this instance's L1, decoded once
     /// per L1 entry (not per hit). Synchronous: an L1 hit needs no task.
-    pub(crate) fn l1_entry(&self, key: &str) -> Option<Arc<Entry>> {
-        self.inner.l1.as_ref()?.entry(key)
+    pub(crate) fn l1_entry(&self, url: &UrlKey) -> Option<Arc<Entry>> {
+        self.inner.l1.as_ref()?.entry(url)
     }
 
     /// What an HTTP cache key holds: L1 (decoded once), then the store.

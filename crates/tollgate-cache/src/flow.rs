@@ -187,7 +187,7 @@ enum Lookup {
 /// stores' lookups run whole under a timer (see `serve`).
 async fn lookup(shared: &Shared, ctx: &Ctx) -> Result<Lookup, crate::Error> {
     let started = std::time::Instant::now();
-    let Some(found) = shared.cache.get_stored(&ctx.url.key).await? else {
+    let Some(found) = shared.cache.get_stored(ctx.url.key()).await? else {
         return Ok(Lookup::Miss { vary: false });
     };
     match found {
@@ -221,7 +221,7 @@ pub(crate) fn l1_hit<B>(
     if ctx.refresh {
         return None;
     }
-    let e = shared.cache.l1_entry(&ctx.url.key)?;
+    let e = shared.cache.l1_entry(&ctx.url)?;
     let now = now_ms();
     if e.ttl_ms(now) <= 0 || !usable(ctx, req, &e) {
         return None;
@@ -283,7 +283,8 @@ impl Report {
 
     fn with_key(mut self, shared: &Shared, ctx: &Ctx) -> Self {
         if shared.show_key {
-            self.status.push_str(&format!("; key=\"{}\"", ctx.url.key));
+            self.status
+                .push_str(&format!("; key=\"{}\"", ctx.url.key()));
         }
         self
     }
@@ -330,7 +331,7 @@ where
         // carries only the lookup's state, and its future stays small enough
         // for the allocator's per-thread cache (under 1 KiB); a miss pays one
         // more allocation next to an origin call.
-        let found = if shared.flights.contains(&ctx.url.key, shared.cache.epoch()) {
+        let found = if shared.flights.contains(ctx.url.key(), shared.cache.epoch()) {
             // A fill is under way: wait for it rather than ask the store.
             Ok(Lookup::Miss { vary: false })
         } else if shared.cache.bounds_reads() {
@@ -422,7 +423,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body,
 {
-    let key = ctx.url.key.clone();
+    let key = ctx.url.key().to_owned();
     let known_uncacheable = shared.uncacheable.contains_key(&key);
     let mut guard: Option<FlightGuard<Arc<Entry>>> = None;
     if !known_uncacheable && !ctx.refresh {
@@ -688,12 +689,12 @@ fn plan_store(
         }
     }
     let store_key = if vary.is_empty() {
-        ctx.url.key.clone()
+        ctx.url.key().to_owned()
     } else {
         key::variant_key(&ctx.url, &vary_values)
     };
     Ok(Plan {
-        base_key: ctx.url.key.clone(),
+        base_key: ctx.url.key().to_owned(),
         store_key,
         vary,
         meta: Meta {
@@ -840,7 +841,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     ResBody::Data: Send,
     ResBody::Error: Send,
 {
-    let Some(mark) = RefreshMark::claim(&shared, &ctx.url.key) else {
+    let Some(mark) = RefreshMark::claim(&shared, ctx.url.key()) else {
         return;
     };
     // The refresh wants a full response, not a 304 for this client.

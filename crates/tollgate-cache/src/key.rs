@@ -19,13 +19,27 @@ pub(crate) struct KeyConfig {
 /// The key of one URL (before Vary).
 #[derive(Clone, Debug)]
 pub(crate) struct UrlKey {
-    /// The readable key material (hashed into `key`).
+    /// The readable key material (hashed into the store key).
     pub material: String,
-    /// Logical store key: `r:<sha256>`.
-    pub key: String,
+    /// Logical store key, `r:<sha256>`, made on first use: a hit in this
+    /// thread's L1 front is found by the material and never needs it.
+    key: std::sync::OnceLock<String>,
 }
 
 impl UrlKey {
+    /// A key over `material`.
+    pub(crate) fn new(material: String) -> Self {
+        UrlKey {
+            material,
+            key: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The logical store key: `r:` and the SHA-256 of the material.
+    pub(crate) fn key(&self) -> &str {
+        self.key.get_or_init(|| prefixed_hash("r:", &self.material))
+    }
+
     /// The tag every entry of this path carries (any query, any user, any
     /// variant), for invalidation by unsafe methods. Computed only when a
     /// response is stored: the scheme, host and path are the material's
@@ -153,10 +167,7 @@ pub(crate) fn url_key(
     // Lowercase the host in place (ASCII: same length).
     let at = 5 + scheme.len();
     material[at..at + host.len()].make_ascii_lowercase();
-    Ok(UrlKey {
-        key: prefixed_hash("r:", &material),
-        material,
-    })
+    Ok(UrlKey::new(material))
 }
 
 pub(crate) fn url_tag(scheme: &str, host: &str, path: &str) -> String {
@@ -293,7 +304,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(a.key, b.key);
+        assert_eq!(a.key(), b.key());
     }
 
     #[test]
@@ -309,11 +320,11 @@ mod tests {
         open.allowed_hosts.clear();
         let a = url_key(&open, &uri, &h("a.com"), None).unwrap();
         let b = url_key(&open, &uri, &h("b.com"), None).unwrap();
-        assert_ne!(a.key, b.key);
+        assert_ne!(a.key(), b.key());
         assert_ne!(a.url_tag(), b.url_tag());
         assert!(url_key(&open, &uri, &h("a.com\"x"), None).is_err());
         let u = url_key(&open, &uri, &h("a.com"), Some("u1")).unwrap();
-        assert_ne!(u.key, a.key);
+        assert_ne!(u.key(), a.key());
         assert_eq!(u.url_tag(), a.url_tag(), "one URL tag for every user");
         // The tag a stored entry carries is the one an unsafe method on the
         // same URL invalidates, whatever the query.

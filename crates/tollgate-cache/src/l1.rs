@@ -16,6 +16,10 @@
 //! - a slot expires when its L1 value does (the L1's time to live, from
 //!   the value's creation, which precedes its insertion).
 //!
+//! Slots are found by the URL's key material, not by its store key: a hit
+//! on a slot never hashes the URL (the store key is a hash of the
+//! material, so one names the same entry as the other).
+//!
 //! A slot hit often enough under one generation gets a copy of the entry of
 //! its own (body and headers), whose reference counts no other thread
 //! touches; bodies above [`LOCAL_MAX_BYTES`] are never copied.
@@ -28,6 +32,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::entry::{Entry, Stored};
+use crate::key::UrlKey;
 
 /// Slots in each thread's front.
 const FRONT_SLOTS: usize = 16;
@@ -89,7 +94,8 @@ pub(crate) struct L1 {
 struct Slot {
     l1: u64,
     generation: u64,
-    key: String,
+    /// The URL's key material.
+    material: String,
     until: Instant,
     entry: Arc<Entry>,
     hits: u32,
@@ -151,16 +157,20 @@ impl L1 {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The decoded response under `key`: from this thread's front when it
-    /// holds it under the current generation, else from moka (filling a
-    /// slot).
-    pub(crate) fn entry(&self, key: &str) -> Option<Arc<Entry>> {
+    /// The decoded response under `url`'s key: from this thread's front
+    /// when it holds it under the current generation, else from moka
+    /// (filling a slot).
+    pub(crate) fn entry(&self, url: &UrlKey) -> Option<Arc<Entry>> {
         let generation = self.generation.load(Ordering::Acquire);
         let now = Instant::now();
+        let material = url.material.as_str();
         let found = FRONT.with(|f| {
             let mut f = f.try_borrow_mut().ok()?;
             let slot = f.slots.iter_mut().find(|s| {
-                s.l1 == self.id && s.generation == generation && s.key == key && s.until > now
+                s.l1 == self.id
+                    && s.generation == generation
+                    && s.material == material
+                    && s.until > now
             })?;
             slot.hits = slot.hits.saturating_add(1);
             if slot.hits == LOCAL_AFTER_HITS && slot.entry.body.len() <= LOCAL_MAX_BYTES {
@@ -176,7 +186,7 @@ impl L1 {
         }
         // The generation was read before this read: a change made since
         // leaves the slot behind an older generation, never used.
-        let value = self.cache.get(key)?;
+        let value = self.cache.get(url.key())?;
         let entry = value.entry()?;
         let until = value.made + self.ttl;
         FRONT.with(|f| {
@@ -186,14 +196,17 @@ impl L1 {
             let slot = Slot {
                 l1: self.id,
                 generation,
-                key: key.to_owned(),
+                material: material.to_owned(),
                 until,
                 entry: entry.clone(),
                 hits: 0,
             };
             let Front { slots, next } = &mut *f;
             // This key's old slot, else a free one, else the next in turn.
-            if let Some(old) = slots.iter_mut().find(|s| s.l1 == self.id && s.key == key) {
+            if let Some(old) = slots
+                .iter_mut()
+                .find(|s| s.l1 == self.id && s.material == material)
+            {
                 *old = slot;
             } else if slots.len() < FRONT_SLOTS {
                 slots.push(slot);
@@ -219,23 +232,32 @@ mod tests {
         e.header("etag")
     }
 
+    fn url(material: &str) -> UrlKey {
+        UrlKey::new(material.to_owned())
+    }
+
     #[test]
     fn the_front_follows_every_change() {
         let l1 = L1::new(Duration::from_secs(60), 1 << 20);
-        l1.insert("k".into(), value("\"1\""));
+        let (k, other) = (url("k"), url("other"));
+        l1.insert(k.key().to_owned(), value("\"1\""));
         // Enough hits for the slot to hold a copy of its own.
         for _ in 0..2 * LOCAL_AFTER_HITS {
-            let e = l1.entry("k").expect("hit");
+            let e = l1.entry(&k).expect("hit");
             assert_eq!(etag(&e), Some("\"1\""));
         }
-        l1.insert("k".into(), value("\"2\""));
-        assert_eq!(l1.entry("k").as_deref().and_then(etag), Some("\"2\""));
-        l1.invalidate("k");
-        assert!(l1.entry("k").is_none());
-        l1.insert("k".into(), value("\"3\""));
-        assert!(l1.entry("k").is_some());
+        assert!(l1.entry(&other).is_none(), "another URL's slot");
+        l1.insert(other.key().to_owned(), value("\"o\""));
+        assert_eq!(l1.entry(&other).as_deref().and_then(etag), Some("\"o\""));
+        l1.insert(k.key().to_owned(), value("\"2\""));
+        assert_eq!(l1.entry(&k).as_deref().and_then(etag), Some("\"2\""));
+        l1.invalidate(k.key());
+        assert!(l1.entry(&k).is_none());
+        assert_eq!(l1.entry(&other).as_deref().and_then(etag), Some("\"o\""));
+        l1.insert(k.key().to_owned(), value("\"3\""));
+        assert!(l1.entry(&k).is_some());
         l1.invalidate_all();
-        assert!(l1.entry("k").is_none());
+        assert!(l1.entry(&k).is_none());
     }
 
     #[test]
@@ -244,31 +266,34 @@ mod tests {
             L1::new(Duration::from_secs(60), 1 << 20),
             L1::new(Duration::from_secs(60), 1 << 20),
         );
-        a.insert("k".into(), value("\"a\""));
-        assert!(a.entry("k").is_some());
-        assert!(b.entry("k").is_none());
-        b.insert("k".into(), value("\"b\""));
-        assert_eq!(b.entry("k").as_deref().and_then(etag), Some("\"b\""));
-        assert_eq!(a.entry("k").as_deref().and_then(etag), Some("\"a\""));
+        let k = url("k");
+        a.insert(k.key().to_owned(), value("\"a\""));
+        assert!(a.entry(&k).is_some());
+        assert!(b.entry(&k).is_none());
+        b.insert(k.key().to_owned(), value("\"b\""));
+        assert_eq!(b.entry(&k).as_deref().and_then(etag), Some("\"b\""));
+        assert_eq!(a.entry(&k).as_deref().and_then(etag), Some("\"a\""));
     }
 
     #[test]
     fn a_slot_expires_with_its_value() {
         let l1 = L1::new(Duration::from_millis(50), 1 << 20);
-        l1.insert("k".into(), value("\"1\""));
-        assert!(l1.entry("k").is_some());
+        let k = url("k");
+        l1.insert(k.key().to_owned(), value("\"1\""));
+        assert!(l1.entry(&k).is_some());
         std::thread::sleep(Duration::from_millis(80));
-        assert!(l1.entry("k").is_none());
+        assert!(l1.entry(&k).is_none());
     }
 
     #[test]
     fn a_copy_of_its_own_answers_the_same() {
         let l1 = L1::new(Duration::from_secs(60), 1 << 20);
-        l1.insert("k".into(), value("\"1\""));
-        let first = l1.entry("k").expect("hit");
+        let k = url("k");
+        l1.insert(k.key().to_owned(), value("\"1\""));
+        let first = l1.entry(&k).expect("hit");
         let mut last = first.clone();
         for _ in 0..2 * LOCAL_AFTER_HITS {
-            last = l1.entry("k").expect("hit");
+            last = l1.entry(&k).expect("hit");
         }
         assert!(!Arc::ptr_eq(&first, &last), "the slot was never copied");
         assert_eq!(first.body, last.body);
