@@ -254,8 +254,9 @@ impl Cache {
         Ok(v)
     }
 
-    /// The stored response under `key` in this instance's L1, decoded once
-    /// per L1 entry (not per hit). Synchronous: an L1 hit needs no task.
+    /// The stored response under `url`'s key in this instance's L1, decoded
+    /// once per L1 entry (not per hit); a hit in this thread's front never
+    /// computes the key. Synchronous: an L1 hit needs no task.
     pub(crate) fn l1_entry(&self, url: &UrlKey) -> Option<Arc<Entry>> {
         self.inner.l1.as_ref()?.entry(url)
     }
