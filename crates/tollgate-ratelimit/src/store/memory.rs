@@ -242,6 +242,9 @@ impl MemoryStore {
             }
             out[i] = Some(v);
         }
+        // The identity's key in governor's maps: hashed once per request,
+        // whatever the number of GCRA policies.
+        let mut gcra_key = None;
         for (i, c) in checks.iter().enumerate() {
             if c.algorithm != Algorithm::Gcra {
                 continue;
@@ -250,7 +253,8 @@ impl MemoryStore {
                 // Not charged: report the quota as it stands.
                 self.gcra_peek(c)
             } else {
-                let mut v = self.gcra_check(identity, c);
+                let key = *gcra_key.get_or_insert_with(|| self.hasher.hash_one(identity));
+                let mut v = self.gcra_check(key, c);
                 if v.status != Status::Allowed {
                     if c.shadow {
                         v.status = Status::ShadowDenied;
@@ -291,11 +295,11 @@ impl MemoryStore {
         }
     }
 
-    fn gcra_check(&self, identity: &str, c: &PolicyCheck) -> Verdict {
+    /// Charges `c` to the identity whose governor key is `key`.
+    fn gcra_check(&self, key: u64, c: &PolicyCheck) -> Verdict {
         let Some(n) = NonZeroU32::new(c.cost) else {
             return self.gcra_peek(c);
         };
-        let key = self.hasher.hash_one(identity);
         self.with_limiter(c.index, c.quota, |gov| self.gcra_verdict(gov, c, key, n))
     }
 
