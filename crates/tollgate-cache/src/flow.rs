@@ -238,12 +238,47 @@ fn fresh_hit<B>(
     now: u64,
 ) -> Response<CacheBody<B>> {
     count(&ctx.label, "hit");
-    let report = Report {
-        x_cache: "HIT",
-        status: format!("tollgate; hit; ttl={}", e.ttl_ms(now) / 1000),
-    }
-    .with_key(shared, ctx);
+    let ttl = e.ttl_ms(now) / 1000;
+    let report = if shared.show_key {
+        Report {
+            x_cache: "HIT",
+            status: format!("tollgate; hit; ttl={ttl}").into(),
+        }
+        .with_key(shared, ctx)
+    } else {
+        Report {
+            x_cache: "HIT",
+            status: Status::Value(hit_status(ttl)),
+        }
+    };
     from_entry(e, ctx, req, now, report)
+}
+
+/// `Cache-Status` of a fresh hit with `ttl` seconds left. It changes once
+/// a second at most: this thread's last value is reused rather than
+/// formatted and allocated for every hit.
+fn hit_status(ttl: i64) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(i64, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let make = || {
+        HeaderValue::from_maybe_shared(Bytes::from(format!("tollgate; hit; ttl={ttl}")))
+            .unwrap_or_else(|_| HeaderValue::from_static("tollgate; hit"))
+    };
+    LAST.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return make();
+        };
+        match &*last {
+            Some((t, v)) if *t == ttl => v.clone(),
+            _ => {
+                let v = make();
+                *last = Some((ttl, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 /// Whether a stored response may answer this request (`req`: its
@@ -262,29 +297,47 @@ fn usable(ctx: &Ctx, req: &HeaderMap, e: &Entry) -> bool {
 /// How the response is reported.
 pub(crate) struct Report {
     x_cache: &'static str,
-    status: String,
+    status: Status,
+}
+
+/// A `Cache-Status` value: text still to be made a header value, or one
+/// made already.
+enum Status {
+    Text(String),
+    Value(HeaderValue),
+}
+
+impl From<String> for Status {
+    fn from(s: String) -> Self {
+        Status::Text(s)
+    }
 }
 
 impl Report {
     pub(crate) fn bypass(detail: &str) -> Self {
         Report {
             x_cache: "BYPASS",
-            status: format!("tollgate; fwd=bypass; detail={detail}"),
+            status: format!("tollgate; fwd=bypass; detail={detail}").into(),
         }
     }
 
     pub(crate) fn apply(self, h: &mut HeaderMap) {
         h.insert(X_CACHE.clone(), HeaderValue::from_static(self.x_cache));
-        // The report's own bytes become the value (no copy).
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(self.status)) {
+        let value = match self.status {
+            // The report's own bytes become the value (no copy).
+            Status::Text(s) => HeaderValue::from_maybe_shared(Bytes::from(s)).ok(),
+            Status::Value(v) => Some(v),
+        };
+        if let Some(v) = value {
             h.insert(CACHE_STATUS.clone(), v);
         }
     }
 
     fn with_key(mut self, shared: &Shared, ctx: &Ctx) -> Self {
-        if shared.show_key {
-            self.status
-                .push_str(&format!("; key=\"{}\"", ctx.url.key()));
+        if shared.show_key
+            && let Status::Text(s) = &mut self.status
+        {
+            s.push_str(&format!("; key=\"{}\"", ctx.url.key()));
         }
         self
     }
@@ -375,7 +428,8 @@ where
                         status: format!(
                             "tollgate; hit; ttl=-{}; detail=stale-while-revalidate",
                             stale_for.div_ceil(1000)
-                        ),
+                        )
+                        .into(),
                     }
                     .with_key(&shared, &ctx);
                     let res = from_entry(&e, &ctx, &ctx.headers, now, report);
@@ -451,7 +505,8 @@ where
                     "tollgate; fwd={fwd}; fwd-status={}; collapsed; ttl={}",
                     e.meta.status,
                     e.ttl_ms(now) / 1000
-                ),
+                )
+                .into(),
             }
             .with_key(&shared, &ctx);
             return Ok(from_entry(&e, &ctx, &ctx.headers, now, report));
@@ -510,7 +565,7 @@ where
     };
     let report = Report {
         x_cache: "MISS",
-        status,
+        status: status.into(),
     }
     .with_key(&shared, &ctx);
     report.apply(&mut parts.headers);
@@ -535,7 +590,7 @@ fn serve_stale<B>(
     ));
     let report = Report {
         x_cache: "STALE",
-        status,
+        status: status.into(),
     }
     .with_key(shared, ctx);
     from_entry(e, ctx, &ctx.headers, now, report)
@@ -1022,5 +1077,20 @@ mod future_size {
     fn a_lookup_future_fits_the_allocator_cache() {
         let size = output_size(serve::<Route, Body, Body>);
         assert!(size <= 1024, "serve: {size} bytes");
+    }
+}
+
+#[cfg(test)]
+mod hit_status_value {
+    use super::hit_status;
+
+    #[test]
+    fn each_ttl_gets_its_own_value() {
+        assert_eq!(hit_status(299), "tollgate; hit; ttl=299");
+        // The same second again: this thread's value, unchanged.
+        assert_eq!(hit_status(299), "tollgate; hit; ttl=299");
+        assert_eq!(hit_status(298), "tollgate; hit; ttl=298");
+        assert_eq!(hit_status(299), "tollgate; hit; ttl=299");
+        assert_eq!(hit_status(0), "tollgate; hit; ttl=0");
     }
 }

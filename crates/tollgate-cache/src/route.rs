@@ -155,14 +155,8 @@ pub(crate) struct RouteTable {
     /// Each rule with its pattern and the label it reports under.
     rules: Vec<(RoutePattern, Arc<RouteRule>, Arc<str>)>,
     default: Arc<RouteRule>,
-    /// Labels of route templates seen so far (bounded: templates are the
-    /// application's routes, never raw paths), so that a request does not
-    /// allocate one.
-    templates: std::sync::RwLock<std::collections::HashMap<String, Arc<str>>>,
 }
 
-/// Most distinct route templates whose labels are kept.
-const MAX_TEMPLATES: usize = 4096;
 /// The label of requests no rule matched and no template names.
 static OTHER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("other"));
 
@@ -197,24 +191,15 @@ impl RouteTable {
                 })
                 .collect(),
             default: Arc::new(default),
-            templates: Default::default(),
         })
     }
 
-    /// The shared label of a route template.
+    /// The label of a route template: this thread's own copy
+    /// ([`tollgate_redis::local`]), so a request neither allocates one nor
+    /// takes a lock. Templates are the application's routes, never raw
+    /// paths: the set stays small.
     fn template_label(&self, template: &str) -> Arc<str> {
-        if let Ok(m) = self.templates.read()
-            && let Some(l) = m.get(template)
-        {
-            return l.clone();
-        }
-        let label: Arc<str> = Arc::from(template);
-        if let Ok(mut m) = self.templates.write()
-            && m.len() < MAX_TEMPLATES
-        {
-            m.insert(template.to_owned(), label.clone());
-        }
-        label
+        tollgate_redis::local::local_str(template)
     }
 
     /// The rule for a request, and the label to report it under.
