@@ -9,7 +9,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::decision::Report;
-use crate::headers::{self, HeaderOptions};
+use crate::headers::{self, Stamp};
 use crate::limiter::{Pending, RateLimiter};
 
 pin_project! {
@@ -41,8 +41,7 @@ pin_project! {
         Calling {
             #[pin]
             fut: S::Future,
-            report: Option<(Report, String)>,
-            opts: HeaderOptions,
+            stamp: Option<Stamp>,
         },
         /// Refused: the ready response (429, 503, 400).
         Ready {
@@ -55,13 +54,10 @@ impl<S, ReqBody> ResponseFuture<S, ReqBody>
 where
     S: Service<Request<ReqBody>>,
 {
-    pub(crate) fn calling(fut: S::Future, report: Option<(Report, String)>) -> Self {
+    /// Served without a check: no header.
+    pub(crate) fn calling(fut: S::Future) -> Self {
         ResponseFuture {
-            state: State::Calling {
-                fut,
-                report,
-                opts: HeaderOptions::NONE,
-            },
+            state: State::Calling { fut, stamp: None },
         }
     }
 
@@ -90,8 +86,7 @@ where
         ResponseFuture {
             state: State::Calling {
                 fut: inner.call(req),
-                report: Some((report, pending.identity)),
-                opts,
+                stamp: Stamp::of(report, pending.identity, opts),
             },
         }
     }
@@ -163,14 +158,13 @@ where
                     let fut = svc.call(req);
                     state.set(State::Calling {
                         fut,
-                        report: Some((report, pending.identity)),
-                        opts,
+                        stamp: Stamp::of(report, pending.identity, opts),
                     });
                 }
-                Proj::Calling { fut, report, opts } => {
+                Proj::Calling { fut, stamp } => {
                     let mut res = ready!(fut.poll(cx))?;
-                    if let Some((report, identity)) = report.take() {
-                        headers::apply(&report, identity.as_str(), *opts, res.headers_mut());
+                    if let Some(stamp) = stamp.take() {
+                        stamp.apply(res.headers_mut());
                     }
                     return Poll::Ready(Ok(res));
                 }

@@ -33,15 +33,6 @@ pub(crate) struct HeaderOptions {
     pub ietf: bool,
 }
 
-impl HeaderOptions {
-    /// No header at all.
-    pub(crate) const NONE: HeaderOptions = HeaderOptions {
-        legacy: false,
-        policy: false,
-        ietf: false,
-    };
-}
-
 thread_local! {
     /// The last policy-name and limit values this thread wrote: the same
     /// few repeat on every response, and a clone is a reference count
@@ -75,16 +66,70 @@ fn policy_value(name: &Arc<str>) -> Option<HeaderValue> {
     })
 }
 
+/// What the headers of a request let through need from its report: the
+/// few fields of the most constraining policy, kept in the response's
+/// future instead of the whole report and key.
+pub(crate) enum Stamp {
+    /// `X-RateLimit-*` (and the name for `X-RateLimit-Policy`).
+    Fields {
+        legacy: Option<(u64, u64, u64)>,
+        policy: Option<Arc<str>>,
+    },
+    /// The IETF fields name every policy and a hash of the key: the whole
+    /// report.
+    Full(Box<(Report, String, HeaderOptions)>),
+}
+
+impl Stamp {
+    /// The stamp of a request `report` let through; `None` when it gets no
+    /// header.
+    pub(crate) fn of(report: Report, identity: String, opts: HeaderOptions) -> Option<Stamp> {
+        if opts.ietf {
+            return Some(Stamp::Full(Box::new((report, identity, opts))));
+        }
+        if !opts.legacy && !opts.policy {
+            return None;
+        }
+        let d = report.most_constraining()?;
+        Some(Stamp::Fields {
+            legacy: opts.legacy.then_some((d.limit, d.remaining, d.reset)),
+            policy: opts.policy.then(|| d.policy.clone()),
+        })
+    }
+
+    /// Adds the headers to a response.
+    pub(crate) fn apply(self, h: &mut HeaderMap) {
+        match self {
+            Stamp::Fields { legacy, policy } => {
+                if let Some((limit, remaining, reset)) = legacy {
+                    legacy_fields(h, limit, remaining, reset);
+                }
+                if let Some(v) = policy.as_ref().and_then(policy_value) {
+                    h.insert(X_RATELIMIT_POLICY.clone(), v);
+                }
+            }
+            Stamp::Full(full) => {
+                let (report, identity, opts) = *full;
+                apply(&report, &identity, opts, h);
+            }
+        }
+    }
+}
+
+fn legacy_fields(h: &mut HeaderMap, limit: u64, remaining: u64, reset: u64) {
+    h.reserve(3);
+    h.insert(X_RATELIMIT_LIMIT.clone(), limit_value(limit));
+    h.insert(X_RATELIMIT_REMAINING.clone(), num(remaining));
+    h.insert(X_RATELIMIT_RESET.clone(), num(reset));
+}
+
 /// Adds the rate-limit headers of `report` (most constraining policy).
 pub(crate) fn apply(report: &Report, identity: &str, opts: HeaderOptions, h: &mut HeaderMap) {
     let Some(d) = report.most_constraining() else {
         return;
     };
     if opts.legacy {
-        h.reserve(3);
-        h.insert(X_RATELIMIT_LIMIT.clone(), limit_value(d.limit));
-        h.insert(X_RATELIMIT_REMAINING.clone(), num(d.remaining));
-        h.insert(X_RATELIMIT_RESET.clone(), num(d.reset));
+        legacy_fields(h, d.limit, d.remaining, d.reset);
     }
     if opts.policy
         && let Some(v) = policy_value(&d.policy)
@@ -337,6 +382,31 @@ mod tests {
             assert_eq!(h[&X_RATELIMIT_POLICY], policy.as_ref());
             assert_eq!(h[&X_RATELIMIT_LIMIT], limit.to_string().as_str());
             assert_eq!(h[&X_RATELIMIT_REMAINING], (limit - 1).to_string().as_str());
+        }
+    }
+
+    /// A served request's stamp adds the same headers as the whole report
+    /// would, in every combination of header sets.
+    #[test]
+    fn a_stamp_adds_what_the_report_would() {
+        let policy: Arc<str> = Arc::from("api");
+        for bits in 0..8u8 {
+            let opts = HeaderOptions {
+                legacy: bits & 1 != 0,
+                policy: bits & 2 != 0,
+                ietf: bits & 4 != 0,
+            };
+            let r = report(&policy, 100);
+            let mut whole = HeaderMap::new();
+            apply(&r, "ip:192.0.2.1", opts, &mut whole);
+            let mut stamped = HeaderMap::new();
+            if let Some(stamp) = Stamp::of(r, "ip:192.0.2.1".to_owned(), opts) {
+                stamp.apply(&mut stamped);
+            }
+            assert_eq!(stamped, whole, "{opts:?}");
+            assert_eq!(whole.contains_key(&X_RATELIMIT_LIMIT), opts.legacy);
+            assert_eq!(whole.contains_key(&X_RATELIMIT_POLICY), opts.policy);
+            assert_eq!(whole.contains_key(&RATELIMIT), opts.ietf);
         }
     }
 }

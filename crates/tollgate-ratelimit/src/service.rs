@@ -65,7 +65,7 @@ where
         // one that waits for Redis takes the readied service into its future
         // (leaving a fresh clone, polled ready before its own call).
         match self.limiter.prepare(&RequestView::of(&req)) {
-            Prepared::Pass => ResponseFuture::calling(self.inner.call(req), None),
+            Prepared::Pass => ResponseFuture::calling(self.inner.call(req)),
             Prepared::NoKey(status) => {
                 let grpc = crate::route::is_grpc(req.headers());
                 let code = if status == http::StatusCode::TOO_MANY_REQUESTS {
