@@ -21,6 +21,7 @@ use crate::key::{self, UrlKey};
 use crate::layer::{RequestDirectives, Shared, screen};
 use crate::route::{RouteRule, matched_path};
 use crate::store::now_ms;
+use tollgate_redis::header_value::LastValue;
 
 /// `X-Cache`.
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -259,26 +260,18 @@ fn fresh_hit<B>(
 /// formatted and allocated for every hit.
 fn hit_status(ttl: i64) -> HeaderValue {
     thread_local! {
-        static LAST: std::cell::RefCell<Option<(i64, HeaderValue)>> =
-            const { std::cell::RefCell::new(None) };
+        static LAST: LastValue<i64> = const { LastValue::new() };
     }
-    let make = || {
-        HeaderValue::from_maybe_shared(Bytes::from(format!("tollgate; hit; ttl={ttl}")))
-            .unwrap_or_else(|_| HeaderValue::from_static("tollgate; hit"))
-    };
     LAST.with(|last| {
-        let Ok(mut last) = last.try_borrow_mut() else {
-            return make();
-        };
-        match &*last {
-            Some((t, v)) if *t == ttl => v.clone(),
-            _ => {
-                let v = make();
-                *last = Some((ttl, v.clone()));
-                v
-            }
-        }
+        last.get(
+            |t| *t == ttl,
+            || {
+                let text = format!("tollgate; hit; ttl={ttl}");
+                Some((ttl, HeaderValue::from_maybe_shared(Bytes::from(text)).ok()?))
+            },
+        )
     })
+    .unwrap_or_else(|| HeaderValue::from_static("tollgate; hit"))
 }
 
 /// Whether a stored response may answer this request (`req`: its

@@ -194,14 +194,6 @@ impl RouteTable {
         })
     }
 
-    /// The label of a route template: this thread's own copy
-    /// ([`tollgate_redis::local`]), so a request neither allocates one nor
-    /// takes a lock. Templates are the application's routes, never raw
-    /// paths: the set stays small.
-    fn template_label(&self, template: &str) -> Arc<str> {
-        tollgate_redis::local::local_str(template)
-    }
-
     /// The rule for a request, and the label to report it under.
     pub(crate) fn lookup(
         &self,
@@ -215,8 +207,12 @@ impl RouteTable {
             method
         };
         let probe = template.unwrap_or(path);
+        // A template's label is this thread's own copy
+        // ([`tollgate_redis::local`]): no allocation, no lock, no count
+        // shared with other threads. Templates are the application's routes,
+        // never raw paths, so the set stays small.
         let label = |fallback: &Arc<str>| match template {
-            Some(t) => self.template_label(t),
+            Some(t) => tollgate_redis::local::local_str(t),
             None => fallback.clone(),
         };
         for (p, r, l) in &self.rules {

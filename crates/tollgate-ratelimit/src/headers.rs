@@ -1,13 +1,12 @@
 //! Response headers and the ready-made denial responses.
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
 use sha2::{Digest, Sha256};
-use tollgate_redis::header_value::{SMALL_NUMBERS, number as num};
+use tollgate_redis::header_value::{LastValue, SMALL_NUMBERS, number as num};
 
 use crate::decision::{Decision, Report, RequestVerdict};
 
@@ -35,34 +34,26 @@ pub(crate) struct HeaderOptions {
 
 thread_local! {
     /// The last policy-name and limit values this thread wrote: the same
-    /// few repeat on every response, and a clone is a reference count
-    /// where building one validates and allocates.
-    static LAST_POLICY: RefCell<Option<(Arc<str>, HeaderValue)>> = const { RefCell::new(None) };
-    static LAST_LIMIT: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    /// few repeat on every response.
+    static LAST_POLICY: LastValue<Arc<str>> = const { LastValue::new() };
+    static LAST_LIMIT: LastValue<u64> = const { LastValue::new() };
 }
 
 fn limit_value(n: u64) -> HeaderValue {
     if n < SMALL_NUMBERS {
         return num(n);
     }
-    LAST_LIMIT.with_borrow_mut(|last| match last {
-        Some((k, v)) if *k == n => v.clone(),
-        _ => {
-            let v = HeaderValue::from(n);
-            *last = Some((n, v.clone()));
-            v
-        }
-    })
+    LAST_LIMIT
+        .with(|last| last.get(|k| *k == n, || Some((n, HeaderValue::from(n)))))
+        .unwrap_or_else(|| num(n))
 }
 
 fn policy_value(name: &Arc<str>) -> Option<HeaderValue> {
-    LAST_POLICY.with_borrow_mut(|last| match last {
-        Some((k, v)) if Arc::ptr_eq(k, name) => Some(v.clone()),
-        _ => {
-            let v = HeaderValue::from_str(name).ok()?;
-            *last = Some((name.clone(), v.clone()));
-            Some(v)
-        }
+    LAST_POLICY.with(|last| {
+        last.get(
+            |k| Arc::ptr_eq(k, name),
+            || Some((name.clone(), HeaderValue::from_str(name).ok()?)),
+        )
     })
 }
 

@@ -1,5 +1,6 @@
 //! Header values the layers write on every response.
 
+use std::cell::RefCell;
 use std::sync::LazyLock;
 
 use http::HeaderValue;
@@ -28,9 +29,71 @@ pub fn number(n: u64) -> HeaderValue {
     HeaderValue::from_bytes(digits).unwrap_or_else(|_| HeaderValue::from(n))
 }
 
+/// A thread's last value of one header and what it was made from, for a
+/// `thread_local!`: consecutive responses mostly carry the same value (a
+/// limit, a policy name, a cache hit's `Cache-Status` within one second),
+/// and cloning the kept one touches a reference count no other thread
+/// does, where making it formats and allocates.
+pub struct LastValue<K>(RefCell<Option<(K, HeaderValue)>>);
+
+impl<K> LastValue<K> {
+    /// Nothing kept yet.
+    pub const fn new() -> Self {
+        LastValue(RefCell::new(None))
+    }
+
+    /// The kept value if its key `matches`, else the one `make` returns
+    /// with its key, which is kept instead (`None` when `make` fails).
+    pub fn get(
+        &self,
+        matches: impl FnOnce(&K) -> bool,
+        make: impl FnOnce() -> Option<(K, HeaderValue)>,
+    ) -> Option<HeaderValue> {
+        let Ok(mut last) = self.0.try_borrow_mut() else {
+            return make().map(|(_, v)| v);
+        };
+        if let Some((k, v)) = &*last
+            && matches(k)
+        {
+            return Some(v.clone());
+        }
+        let (k, v) = make()?;
+        *last = Some((k, v.clone()));
+        Some(v)
+    }
+}
+
+impl<K> Default for LastValue<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_value_is_kept_until_another_key_comes() {
+        let last = LastValue::new();
+        let mut made = 0;
+        let mut get = |n: u64| {
+            last.get(
+                |k| *k == n,
+                || {
+                    made += 1;
+                    Some((n, HeaderValue::from(n)))
+                },
+            )
+        };
+        assert_eq!(get(7), Some(HeaderValue::from_static("7")));
+        assert_eq!(get(7), Some(HeaderValue::from_static("7")));
+        assert_eq!(get(8), Some(HeaderValue::from_static("8")));
+        assert_eq!(get(7), Some(HeaderValue::from_static("7")));
+        assert_eq!(made, 3, "a repeat is the kept value, a change makes one");
+        let failed: Option<HeaderValue> = last.get(|_| false, || None);
+        assert_eq!(failed, None);
+    }
 
     #[test]
     fn numbers_read_back_as_written() {
