@@ -23,7 +23,7 @@ use std::sync::{Arc, LazyLock};
 use anyhow::{Context as _, bail};
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -56,6 +56,21 @@ pub const VARIANTS: &[VariantSpec] = &[
         name: "bare",
         needs_redis: false,
         about: "plain axum, no layer: the baseline",
+    },
+    VariantSpec {
+        name: "bare-layer",
+        needs_redis: false,
+        about: "plain axum with a layer that does nothing (`tower::layer::util::Identity`) added by `Router::layer`: the floor of any layer added that way",
+    },
+    VariantSpec {
+        name: "bare-ratelimit-headers",
+        needs_redis: false,
+        about: "plain axum whose handler also sends the three `X-RateLimit-*` headers the rate limiter adds, with fixed values: the floor of any limiter that sends them",
+    },
+    VariantSpec {
+        name: "bare-cache-headers",
+        needs_redis: false,
+        about: "plain axum whose handler also sends the `Age`, `X-Cache` and `Cache-Status` a cache hit carries, with fixed values: the floor of any cache that sends them",
     },
     VariantSpec {
         name: "bare-handoff",
@@ -194,6 +209,41 @@ async fn ping() -> impl IntoResponse {
 pub async fn build(name: &str, deps: &Deps) -> anyhow::Result<Router> {
     let router = match name {
         "bare" => ping_router(),
+
+        "bare-layer" => ping_router().layer(tower::layer::util::Identity::new()),
+
+        "bare-ratelimit-headers" => Router::new().route(
+            "/api/ping",
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "application/json"),
+                        (HeaderName::from_static("x-ratelimit-limit"), "1000000"),
+                        (HeaderName::from_static("x-ratelimit-remaining"), "999999"),
+                        (HeaderName::from_static("x-ratelimit-reset"), "1"),
+                    ],
+                    PING_BODY,
+                )
+            }),
+        ),
+
+        "bare-cache-headers" => Router::new().route(
+            "/api/ping",
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "application/json"),
+                        (header::AGE, "0"),
+                        (HeaderName::from_static("x-cache"), "HIT"),
+                        (
+                            HeaderName::from_static("cache-status"),
+                            "tollgate; hit; ttl=599",
+                        ),
+                    ],
+                    PING_BODY,
+                )
+            }),
+        ),
 
         "bare-handoff" => {
             let echo = handoff_echo();

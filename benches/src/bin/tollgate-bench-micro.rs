@@ -7,9 +7,10 @@
 //! per request here, not its batched cost.
 //!
 //! Run with: `cargo run -p tollgate-benches --release --bin tollgate-bench-micro -- bare,ratelimit-fallback`
-//! (`--requests N`, default 200,000; `--tasks N` to run N request loops at
-//! once, contending as the workers of a server do; `--redis-url URL` for
-//! Redis variants). The allocation counter is itself a shared atomic: for
+//! (`--requests N` per variant, default 200,000, split over `--rounds N`,
+//! default 20, each round running `bare` between every two variants;
+//! `--tasks N` to run N request loops at once, contending as the workers
+//! of a server do; `--redis-url URL` for Redis variants). The allocation counter is itself a shared atomic: for
 //! `--tasks 2`, build with `--no-default-features` (no counting).
 
 use std::net::SocketAddr;
@@ -35,8 +36,7 @@ fn allocations() -> u64 {
     0
 }
 
-const USAGE: &str =
-    "usage: tollgate-bench-micro [--requests N] [--redis-url URL] VARIANT[,VARIANT...]";
+const USAGE: &str = "usage: tollgate-bench-micro [--requests N] [--rounds N] [--tasks N] [--redis-url URL] VARIANT[,VARIANT...]";
 
 fn main() -> std::process::ExitCode {
     tollgate_benches::exit_code(run(std::env::args().skip(1)))
@@ -44,6 +44,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let mut requests: u64 = 200_000;
+    let mut rounds: u64 = 20;
     let mut tasks: u64 = 1;
     let mut redis_url = tollgate_benches::default_redis_url();
     let mut names = Vec::new();
@@ -57,6 +58,14 @@ fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                     .replace(['_', ','], "")
                     .parse()
                     .context("--requests")?;
+            }
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .context("--rounds needs a value")?
+                    .parse::<u64>()
+                    .context("--rounds")?
+                    .max(1);
             }
             "--tasks" => {
                 tasks = args
@@ -81,19 +90,24 @@ fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?
-        .block_on(measure_all(&names, requests, tasks, &redis_url))
+        .block_on(measure_all(&names, requests, rounds, tasks, &redis_url))
 }
 
 async fn measure_all(
     names: &[String],
     requests: u64,
+    rounds: u64,
     tasks: u64,
     redis_url: &str,
 ) -> anyhow::Result<()> {
-    let mut base: Option<(f64, f64)> = None;
-    println!(
-        "| variant | ns/req | Δ ns vs bare | allocs/req | Δ allocs |\n| --- | ---: | ---: | ---: | ---: |"
-    );
+    // Every router is built and warmed up first (caches filled, lazily
+    // built state built); then each round runs `bare` between every two
+    // variants (bare A bare B bare …), `requests / rounds` requests each.
+    // A variant's cost is its run minus the mean of the `bare` runs right
+    // before and after it, and the median of those over the rounds is
+    // printed: a host whose speed drifts (shared hosts do, by tens of per
+    // cent over seconds) shifts both sides of each difference alike.
+    let mut apps = Vec::new();
     for name in
         std::iter::once("bare").chain(names.iter().map(String::as_str).filter(|n| *n != "bare"))
     {
@@ -109,39 +123,90 @@ async fn measure_all(
         let app = variants::build(name, &Deps::new(redis).with_url(redis_url.to_owned()))
             .await?
             .with_state(());
-        // Warm up (caches filled, lazily built state built), then measure
-        // three times and keep the fastest: the least disturbed.
         once(&app, requests / 10 + 1).await?;
-        let allocs = allocations();
-        let mut ns = f64::MAX;
-        for _ in 0..3 {
-            let started = Instant::now();
-            if tasks == 1 {
-                once(&app, requests).await?;
-            } else {
-                let all: Vec<_> = (0..tasks)
-                    .map(|_| {
-                        let app = app.clone();
-                        tokio::spawn(async move { once(&app, requests / tasks).await })
-                    })
-                    .collect();
-                for t in all {
-                    t.await.context("task")??;
-                }
-            }
-            // CPU time per request when the tasks keep every worker busy.
-            let busy = started.elapsed().as_nanos() as f64 * tasks.min(workers()) as f64;
-            ns = ns.min(busy / requests as f64);
+        apps.push((name, app));
+    }
+    let per_run = (requests / rounds).max(1);
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); apps.len()];
+    for _ in 0..rounds {
+        let bare_before = measure(&apps[0].1, per_run, tasks).await?;
+        runs[0].push(bare_before);
+        let mut before = bare_before;
+        for (i, (_, app)) in apps.iter().enumerate().skip(1) {
+            let run = measure(app, per_run, tasks).await?;
+            let after = measure(&apps[0].1, per_run, tasks).await?;
+            runs[0].push(after);
+            runs[i].push(Run {
+                ns: run.ns - (before.ns + after.ns) / 2.0,
+                allocs: run.allocs - (before.allocs + after.allocs) / 2.0,
+            });
+            before = after;
         }
-        let per = (allocations() - allocs) as f64 / (3 * requests) as f64;
-        let (bns, ballocs) = *base.get_or_insert((ns, per));
+    }
+    println!(
+        "{rounds} rounds of {per_run} requests per variant; medians\n\
+         | variant | ns/req | Δ ns vs bare (range) | allocs/req | Δ allocs |\n\
+         | --- | ---: | ---: | ---: | ---: |"
+    );
+    let bare_ns = median(runs[0].iter().map(|r| r.ns));
+    let bare_allocs = median(runs[0].iter().map(|r| r.allocs));
+    for (i, (name, _)) in apps.iter().enumerate() {
+        if i == 0 {
+            println!("| {name} | {bare_ns:.0} | +0 | {bare_allocs:.1} | +0.0 |");
+            continue;
+        }
+        let d = median(runs[i].iter().map(|r| r.ns));
+        let lo = runs[i].iter().map(|r| r.ns).fold(f64::MAX, f64::min);
+        let hi = runs[i].iter().map(|r| r.ns).fold(f64::MIN, f64::max);
+        let a = median(runs[i].iter().map(|r| r.allocs));
         println!(
-            "| {name} | {ns:.0} | {:+.0} | {per:.1} | {:+.1} |",
-            ns - bns,
-            per - ballocs
+            "| {name} | {:.0} | {d:+.0} ({lo:+.0} to {hi:+.0}) | {:.1} | {a:+.1} |",
+            bare_ns + d,
+            bare_allocs + a
         );
     }
     Ok(())
+}
+
+/// Nanoseconds and allocations per request of one run.
+#[derive(Clone, Copy)]
+struct Run {
+    ns: f64,
+    allocs: f64,
+}
+
+async fn measure(app: &axum::Router, requests: u64, tasks: u64) -> anyhow::Result<Run> {
+    let allocs = allocations();
+    let started = Instant::now();
+    if tasks == 1 {
+        once(app, requests).await?;
+    } else {
+        let all: Vec<_> = (0..tasks)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move { once(&app, requests / tasks).await })
+            })
+            .collect();
+        for t in all {
+            t.await.context("task")??;
+        }
+    }
+    // CPU time per request when the tasks keep every worker busy.
+    let busy = started.elapsed().as_nanos() as f64 * tasks.min(workers()) as f64;
+    Ok(Run {
+        ns: busy / requests as f64,
+        allocs: (allocations() - allocs) as f64 / requests as f64,
+    })
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Worker threads of the runtime (one per core).

@@ -1,10 +1,20 @@
 //! What is stored for a response, and its byte encoding.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
+use tollgate_redis::header_value::number;
 
 use crate::error::Error;
+use crate::flow::{CACHE_STATUS, X_CACHE};
+
+/// What the places of the headers a response fills in hold until then.
+const UNSET: HeaderValue = HeaderValue::from_static("");
+
+/// The headers the cache sets on each response it serves from an entry.
+fn is_filled(name: &HeaderName) -> bool {
+    *name == header::AGE || *name == X_CACHE || *name == CACHE_STATUS
+}
 
 const RESPONSE: &[u8; 4] = b"TGR1";
 const VARY: &[u8; 4] = b"TGV1";
@@ -35,7 +45,8 @@ pub(crate) struct Meta {
 pub(crate) struct Entry {
     pub meta: Meta,
     pub body: Bytes,
-    /// `meta.headers` as a header map, built once: a hit clones it.
+    /// `meta.headers` as a header map, built once, with `Content-Length`
+    /// and a place for each header a response fills in: a hit clones it.
     head: HeaderMap,
 }
 
@@ -100,8 +111,19 @@ impl Entry {
                 HeaderName::try_from(n.as_str()),
                 HeaderValue::try_from(v.as_str()),
             ) {
-                head.append(n, v);
+                // The cache's own headers are never stored; an entry from
+                // elsewhere that has them does not get them twice.
+                if !is_filled(&n) {
+                    head.append(n, v);
+                }
             }
+        }
+        if !head.contains_key(header::CONTENT_LENGTH) {
+            head.insert(header::CONTENT_LENGTH, number(body.len() as u64));
+        }
+        // The places of the values each response fills in.
+        for name in [header::AGE, X_CACHE.clone(), CACHE_STATUS.clone()] {
+            head.append(name, UNSET);
         }
         Entry { meta, body, head }
     }
@@ -110,12 +132,41 @@ impl Entry {
         StatusCode::from_u16(self.meta.status).unwrap_or(StatusCode::OK)
     }
 
-    /// A copy of the stored headers with room for `extra` more, so the
-    /// headers a hit adds (`Age`, `X-Cache`, ...) never grow the map.
-    pub(crate) fn headers(&self, extra: usize) -> HeaderMap {
-        let mut h = HeaderMap::with_capacity(self.head.len() + extra);
-        for (name, value) in &self.head {
-            h.append(name.clone(), value.clone());
+    /// The stored headers (with `Content-Length`), as one map.
+    pub(crate) fn stored_headers(&self) -> &HeaderMap {
+        &self.head
+    }
+
+    /// The headers of a response served from this entry: the stored ones,
+    /// `Content-Length`, and the given `Age`, `X-Cache` and `Cache-Status`
+    /// (none when `cache_status` is `None`). A copy of the map built once,
+    /// its three places filled by walking it: no header name is hashed and
+    /// the map never grows.
+    pub(crate) fn response_headers(
+        &self,
+        age: HeaderValue,
+        x_cache: HeaderValue,
+        cache_status: Option<HeaderValue>,
+    ) -> HeaderMap {
+        let mut h = self.head.clone();
+        let absent = cache_status.is_none();
+        let (mut age, mut x_cache, mut cache_status) = (Some(age), Some(x_cache), cache_status);
+        for (name, value) in h.iter_mut() {
+            let fill = if *name == header::AGE {
+                age.take()
+            } else if *name == X_CACHE {
+                x_cache.take()
+            } else if *name == CACHE_STATUS {
+                cache_status.take()
+            } else {
+                continue;
+            };
+            if let Some(v) = fill {
+                *value = v;
+            }
+        }
+        if absent {
+            h.remove(&CACHE_STATUS);
         }
         h
     }
@@ -176,5 +227,77 @@ mod tests {
             .unwrap();
         assert!(matches!(Stored::decode(&v).unwrap(), Stored::Vary(n) if n == ["accept-encoding"]));
         assert!(Stored::decode(&Bytes::from_static(b"garbage!")).is_err());
+    }
+
+    fn entry_with(headers: &[(&str, &str)], body: &'static [u8]) -> Entry {
+        let mut e = test_entry("\"x\"", body);
+        e.meta.headers = headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        Entry::new(e.meta, e.body)
+    }
+
+    #[test]
+    fn a_response_gets_its_own_values_in_the_stored_headers() {
+        let e = entry_with(
+            &[
+                ("content-type", "text/plain"),
+                ("link", "</a>"),
+                ("link", "</b>"),
+                // Never stored by this cache; one from elsewhere is dropped.
+                ("age", "999"),
+                ("x-cache", "HIT from elsewhere"),
+            ],
+            b"12345",
+        );
+        let h = e.response_headers(
+            HeaderValue::from_static("7"),
+            HeaderValue::from_static("HIT"),
+            Some(HeaderValue::from_static("tollgate; hit; ttl=3")),
+        );
+        let all = |name: &str| -> Vec<&str> {
+            h.get_all(name)
+                .iter()
+                .map(|v| v.to_str().expect("ascii"))
+                .collect()
+        };
+        assert_eq!(all("content-type"), ["text/plain"]);
+        assert_eq!(all("link"), ["</a>", "</b>"]);
+        assert_eq!(all("content-length"), ["5"]);
+        assert_eq!(all("age"), ["7"]);
+        assert_eq!(all("x-cache"), ["HIT"]);
+        assert_eq!(all("cache-status"), ["tollgate; hit; ttl=3"]);
+        assert_eq!(h.len(), 7);
+        assert!(
+            h.values().all(|v| !v.is_empty()),
+            "a place left unfilled: {h:?}"
+        );
+
+        // The next response starts from the stored map again.
+        let h = e.response_headers(
+            HeaderValue::from_static("8"),
+            HeaderValue::from_static("STALE"),
+            None,
+        );
+        assert_eq!(h.get("age"), Some(&HeaderValue::from_static("8")));
+        assert_eq!(h.get("x-cache"), Some(&HeaderValue::from_static("STALE")));
+        assert!(!h.contains_key("cache-status"));
+        assert!(
+            h.values().all(|v| !v.is_empty()),
+            "a place left unfilled: {h:?}"
+        );
+    }
+
+    #[test]
+    fn a_stored_content_length_is_kept() {
+        let e = entry_with(&[("content-length", "5")], b"12345");
+        let h = e.response_headers(
+            HeaderValue::from_static("0"),
+            HeaderValue::from_static("HIT"),
+            None,
+        );
+        assert_eq!(h.get_all("content-length").iter().count(), 1);
+        assert_eq!(h.len(), 3);
     }
 }

@@ -315,15 +315,22 @@ impl Report {
     }
 
     pub(crate) fn apply(self, h: &mut HeaderMap) {
-        h.insert(X_CACHE.clone(), HeaderValue::from_static(self.x_cache));
-        let value = match self.status {
+        let (x_cache, cache_status) = self.values();
+        h.insert(X_CACHE.clone(), x_cache);
+        if let Some(v) = cache_status {
+            h.insert(CACHE_STATUS.clone(), v);
+        }
+    }
+
+    /// The `X-Cache` and `Cache-Status` values (none for a status that is
+    /// not a valid header value).
+    fn values(self) -> (HeaderValue, Option<HeaderValue>) {
+        let cache_status = match self.status {
             // The report's own bytes become the value (no copy).
             Status::Text(s) => HeaderValue::from_maybe_shared(Bytes::from(s)).ok(),
             Status::Value(v) => Some(v),
         };
-        if let Some(v) = value {
-            h.insert(CACHE_STATUS.clone(), v);
-        }
+        (HeaderValue::from_static(self.x_cache), cache_status)
     }
 
     fn with_key(mut self, shared: &Shared, ctx: &Ctx) -> Self {
@@ -942,15 +949,12 @@ fn from_entry<B>(
     now: u64,
     report: Report,
 ) -> Response<CacheBody<B>> {
-    // Room for Age, Content-Length, X-Cache, Cache-Status and a tag.
-    let mut headers = e.headers(5);
-    headers.insert(
-        header::AGE,
-        tollgate_redis::header_value::number(e.age_s(now)),
-    );
+    let age = tollgate_redis::header_value::number(e.age_s(now));
     if not_modified(e, req) {
         let mut res = Response::new(CacheBody::empty());
         *res.status_mut() = StatusCode::NOT_MODIFIED;
+        let h = res.headers_mut();
+        let stored = e.stored_headers();
         for name in [
             header::CACHE_CONTROL,
             header::CONTENT_LOCATION,
@@ -959,21 +963,16 @@ fn from_entry<B>(
             header::EXPIRES,
             header::VARY,
             header::LAST_MODIFIED,
-            header::AGE,
         ] {
-            for v in headers.get_all(&name) {
-                res.headers_mut().append(name.clone(), v.clone());
+            for v in stored.get_all(&name) {
+                h.append(name.clone(), v.clone());
             }
         }
-        report.apply(res.headers_mut());
+        h.insert(header::AGE, age);
+        report.apply(h);
         return res;
     }
-    if !headers.contains_key(header::CONTENT_LENGTH) {
-        headers.insert(
-            header::CONTENT_LENGTH,
-            tollgate_redis::header_value::number(e.body.len() as u64),
-        );
-    }
+    let (x_cache, cache_status) = report.values();
     let body = if ctx.head {
         CacheBody::empty()
     } else {
@@ -981,8 +980,7 @@ fn from_entry<B>(
     };
     let mut res = Response::new(body);
     *res.status_mut() = e.status();
-    *res.headers_mut() = headers;
-    report.apply(res.headers_mut());
+    *res.headers_mut() = e.response_headers(age, x_cache, cache_status);
     res
 }
 

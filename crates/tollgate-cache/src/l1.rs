@@ -298,6 +298,6 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &last), "the slot was never copied");
         assert_eq!(first.body, last.body);
         assert_eq!(first.meta.headers, last.meta.headers);
-        assert_eq!(first.headers(0), last.headers(0));
+        assert_eq!(first.stored_headers(), last.stored_headers());
     }
 }
