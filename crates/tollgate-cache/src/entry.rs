@@ -118,7 +118,8 @@ impl Entry {
                 }
             }
         }
-        if !head.contains_key(header::CONTENT_LENGTH) {
+        // RFC 9110 §8.6: never on a 204 (a stored 304 or 1xx cannot be).
+        if meta.status != 204 && !head.contains_key(header::CONTENT_LENGTH) {
             head.insert(header::CONTENT_LENGTH, number(body.len() as u64));
         }
         // The places of the values each response fills in.
@@ -299,5 +300,19 @@ mod tests {
         );
         assert_eq!(h.get_all("content-length").iter().count(), 1);
         assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn a_no_content_response_gets_no_content_length() {
+        let mut e = test_entry("\"x\"", b"");
+        e.meta.status = 204;
+        let e = Entry::new(e.meta, e.body);
+        let h = e.response_headers(
+            HeaderValue::from_static("0"),
+            HeaderValue::from_static("HIT"),
+            None,
+        );
+        assert!(!h.contains_key("content-length"), "{h:?}");
+        assert_eq!(h.get("etag"), Some(&HeaderValue::from_static("\"x\"")));
     }
 }
