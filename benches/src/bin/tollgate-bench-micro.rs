@@ -51,30 +51,9 @@ fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let mut args = args.into_iter();
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--requests" => {
-                requests = args
-                    .next()
-                    .context("--requests needs a value")?
-                    .replace(['_', ','], "")
-                    .parse()
-                    .context("--requests")?;
-            }
-            "--rounds" => {
-                rounds = args
-                    .next()
-                    .context("--rounds needs a value")?
-                    .parse::<u64>()
-                    .context("--rounds")?
-                    .max(1);
-            }
-            "--tasks" => {
-                tasks = args
-                    .next()
-                    .context("--tasks needs a value")?
-                    .parse::<u64>()
-                    .context("--tasks")?
-                    .max(1);
-            }
+            "--requests" => requests = number(&mut args, "--requests")?,
+            "--rounds" => rounds = number(&mut args, "--rounds")?.max(1),
+            "--tasks" => tasks = number(&mut args, "--tasks")?.max(1),
             "--redis-url" => redis_url = args.next().context("--redis-url needs a value")?,
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -91,6 +70,15 @@ fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         .build()
         .context("building the tokio runtime")?
         .block_on(measure_all(&names, requests, rounds, tasks, &redis_url))
+}
+
+/// The value after `flag`, a count (`_` and `,` allowed as separators).
+fn number(args: &mut impl Iterator<Item = String>, flag: &str) -> anyhow::Result<u64> {
+    args.next()
+        .with_context(|| format!("{flag} needs a value"))?
+        .replace(['_', ','], "")
+        .parse()
+        .with_context(|| flag.to_owned())
 }
 
 async fn measure_all(

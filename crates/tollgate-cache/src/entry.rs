@@ -11,8 +11,9 @@ use crate::flow::{CACHE_STATUS, X_CACHE};
 /// What the places of the headers a response fills in hold until then.
 const UNSET: HeaderValue = HeaderValue::from_static("");
 
-/// The headers the cache sets on each response it serves from an entry.
-fn is_filled(name: &HeaderName) -> bool {
+/// The headers the cache sets on each response it serves from an entry:
+/// never stored.
+pub(crate) fn is_filled(name: &HeaderName) -> bool {
     *name == header::AGE || *name == X_CACHE || *name == CACHE_STATUS
 }
 

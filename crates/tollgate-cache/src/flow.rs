@@ -240,18 +240,17 @@ fn fresh_hit<B>(
 ) -> Response<CacheBody<B>> {
     count(&ctx.label, "hit");
     let ttl = e.ttl_ms(now) / 1000;
-    let report = if shared.show_key {
-        Report {
-            x_cache: "HIT",
-            status: format!("tollgate; hit; ttl={ttl}").into(),
-        }
-        .with_key(shared, ctx)
+    // The key is appended to the text: no shared value with it shown.
+    let status = if shared.show_key {
+        format!("tollgate; hit; ttl={ttl}").into()
     } else {
-        Report {
-            x_cache: "HIT",
-            status: Status::Value(hit_status(ttl)),
-        }
+        Status::Value(hit_status(ttl))
     };
+    let report = Report {
+        x_cache: "HIT",
+        status,
+    }
+    .with_key(shared, ctx);
     from_entry(e, ctx, req, now, report)
 }
 
@@ -727,9 +726,7 @@ fn plan_store(
         let name = n.as_str();
         if HOP_BY_HOP.contains(&name)
             || connection.iter().any(|c| c == name)
-            || n == header::AGE
-            || n == X_CACHE
-            || n == CACHE_STATUS
+            || crate::entry::is_filled(n)
         {
             continue;
         }

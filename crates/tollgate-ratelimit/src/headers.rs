@@ -44,7 +44,7 @@ fn limit_value(n: u64) -> HeaderValue {
         return num(n);
     }
     LAST_LIMIT
-        .with(|last| last.get(|k| *k == n, || Some((n, HeaderValue::from(n)))))
+        .with(|last| last.get(|k| *k == n, || Some((n, num(n)))))
         .unwrap_or_else(|| num(n))
 }
 
@@ -91,14 +91,7 @@ impl Stamp {
     /// Adds the headers to a response.
     pub(crate) fn apply(self, h: &mut HeaderMap) {
         match self {
-            Stamp::Fields { legacy, policy } => {
-                if let Some((limit, remaining, reset)) = legacy {
-                    legacy_fields(h, limit, remaining, reset);
-                }
-                if let Some(v) = policy.as_ref().and_then(policy_value) {
-                    h.insert(X_RATELIMIT_POLICY.clone(), v);
-                }
-            }
+            Stamp::Fields { legacy, policy } => fields(h, legacy, policy.as_ref()),
             Stamp::Full(full) => {
                 let (report, identity, opts) = *full;
                 apply(&report, &identity, opts, h);
@@ -107,11 +100,19 @@ impl Stamp {
     }
 }
 
-fn legacy_fields(h: &mut HeaderMap, limit: u64, remaining: u64, reset: u64) {
-    h.reserve(3);
-    h.insert(X_RATELIMIT_LIMIT.clone(), limit_value(limit));
-    h.insert(X_RATELIMIT_REMAINING.clone(), num(remaining));
-    h.insert(X_RATELIMIT_RESET.clone(), num(reset));
+/// `X-RateLimit-Limit`, `-Remaining` and `-Reset` from `legacy`, and
+/// `X-RateLimit-Policy` naming `policy`: the most constraining policy's
+/// headers, from a whole report or from a [`Stamp`].
+fn fields(h: &mut HeaderMap, legacy: Option<(u64, u64, u64)>, policy: Option<&Arc<str>>) {
+    if let Some((limit, remaining, reset)) = legacy {
+        h.reserve(3);
+        h.insert(X_RATELIMIT_LIMIT.clone(), limit_value(limit));
+        h.insert(X_RATELIMIT_REMAINING.clone(), num(remaining));
+        h.insert(X_RATELIMIT_RESET.clone(), num(reset));
+    }
+    if let Some(v) = policy.and_then(policy_value) {
+        h.insert(X_RATELIMIT_POLICY.clone(), v);
+    }
 }
 
 /// Adds the rate-limit headers of `report` (most constraining policy).
@@ -119,14 +120,11 @@ pub(crate) fn apply(report: &Report, identity: &str, opts: HeaderOptions, h: &mu
     let Some(d) = report.most_constraining() else {
         return;
     };
-    if opts.legacy {
-        legacy_fields(h, d.limit, d.remaining, d.reset);
-    }
-    if opts.policy
-        && let Some(v) = policy_value(&d.policy)
-    {
-        h.insert(X_RATELIMIT_POLICY.clone(), v);
-    }
+    fields(
+        h,
+        opts.legacy.then_some((d.limit, d.remaining, d.reset)),
+        opts.policy.then_some(&d.policy),
+    );
     if let Some(r) = d.retry_after
         && report.verdict == RequestVerdict::Deny
     {
