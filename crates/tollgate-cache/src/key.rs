@@ -70,6 +70,20 @@ pub(crate) fn host(
     checked_host(cfg, uri, headers).map(str::to_ascii_lowercase)
 }
 
+/// The bytes a host may hold: ASCII letters and digits, `-`, `.`, `_`, and
+/// `:`, `[` and `]` for a port and an IPv6 literal. One table lookup per
+/// byte: the host is checked on every cacheable request.
+static HOST_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b':' | b'[' | b']');
+        b += 1;
+    }
+    t
+};
+
 /// [`host`] as the request spells it (not yet lowercased).
 fn checked_host<'a>(
     cfg: &KeyConfig,
@@ -84,12 +98,7 @@ fn checked_host<'a>(
             .ok_or("no-host")?,
     };
     let host = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
-    if host.is_empty()
-        || host.len() > 255
-        || !host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
-    {
+    if host.is_empty() || host.len() > 255 || !host.bytes().all(|b| HOST_BYTES[usize::from(b)]) {
         return Err("bad-host");
     }
     if !cfg.allowed_hosts.is_empty() {
@@ -334,6 +343,45 @@ mod tests {
             Some(with_query.url_tag()),
             request_url_tag(&open, &uri, &h("a.com"))
         );
+    }
+
+    #[test]
+    fn hosts_hold_only_host_bytes() {
+        let mut open = cfg();
+        open.allowed_hosts.clear();
+        let uri: Uri = "/p".parse().unwrap();
+        for good in [
+            "a.com",
+            "A-b_c.example.com:8080",
+            "127.0.0.1:3000",
+            "[::1]:8080",
+            "[2001:db8::1]",
+            "user@a.com",
+        ] {
+            assert!(url_key(&open, &uri, &h(good), None).is_ok(), "{good}");
+        }
+        for bad in [
+            "a.com/x", "a .com", "a.com%2f", "a.com\"x", "a.com;x", "a,b", "a.com?", "a.com#", "",
+        ] {
+            assert_eq!(
+                url_key(&open, &uri, &h(bad), None).unwrap_err(),
+                "bad-host",
+                "{bad:?}"
+            );
+        }
+        // Every byte outside the set, alone in a host, is refused.
+        for b in 0x21u8..0x7f {
+            if b.is_ascii_alphanumeric() || b"-._:[]@".contains(&b) {
+                continue;
+            }
+            let host = format!("a{}b.com", char::from(b));
+            assert_eq!(
+                url_key(&open, &uri, &h(&host), None).unwrap_err(),
+                "bad-host",
+                "{host:?}"
+            );
+        }
+        assert!(url_key(&open, &uri, &h(&"a".repeat(256)), None).is_err());
     }
 
     #[test]
