@@ -165,8 +165,11 @@ mod tests {
     use super::*;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-    fn counter_values(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<(String, u64)> {
-        let mut seen: Vec<(String, u64)> = snapshotter
+    /// Each counter's labels (`key=value`, in order) and count, sorted.
+    fn counter_values(
+        snapshotter: &metrics_util::debugging::Snapshotter,
+    ) -> Vec<(Vec<String>, u64)> {
+        let mut seen: Vec<(Vec<String>, u64)> = snapshotter
             .snapshot()
             .into_vec()
             .into_iter()
@@ -175,8 +178,7 @@ mod tests {
                     k.key()
                         .labels()
                         .map(|l| format!("{}={}", l.key(), l.value()))
-                        .collect::<Vec<_>>()
-                        .join(","),
+                        .collect(),
                     n,
                 )),
                 _ => None,
@@ -202,10 +204,10 @@ mod tests {
                 }
             }
         });
-        let expected: Vec<(String, u64)> = (0..20)
+        let expected: Vec<(Vec<String>, u64)> = (0..20)
             .map(|i| {
                 let n: u64 = (0..3).map(|round| ((i + round) % 3 + 1) as u64).sum();
-                (format!("route=/r{i:02}"), n)
+                (vec![format!("route=/r{i:02}")], n)
             })
             .collect();
         assert_eq!(counter_values(&snapshotter), expected);
@@ -231,7 +233,7 @@ mod tests {
         });
         let seen = counter_values(&snapshotter);
         assert!(
-            seen.contains(&("route=/hot".to_owned(), 2)),
+            seen.contains(&(vec!["route=/hot".to_owned()], 2)),
             "{:?}",
             &seen[..3]
         );
@@ -259,22 +261,7 @@ mod tests {
                 [Some(("store", "redis")), Some(("result", "hit"))],
             );
         });
-        let mut seen: Vec<(Vec<String>, u64)> = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter_map(|(k, _, _, v)| match v {
-                DebugValue::Counter(n) => Some((
-                    k.key()
-                        .labels()
-                        .map(|l| format!("{}={}", l.key(), l.value()))
-                        .collect(),
-                    n,
-                )),
-                _ => None,
-            })
-            .collect();
-        seen.sort();
+        let seen = counter_values(&snapshotter);
         assert_eq!(
             seen,
             vec![
