@@ -53,10 +53,17 @@ pub struct Decision {
     /// Seconds to wait before retrying (denials only), rounded up, at
     /// least 1.
     pub retry_after: Option<u64>,
-    /// The quota's period (the IETF `w` parameter).
+    /// The time the whole capacity takes to come back, the IETF `w`
+    /// parameter that goes with `limit` as `q`: the period for the window
+    /// algorithms; for GCRA the burst times the emission interval (the
+    /// period when the burst is the limit).
     pub window: Duration,
     /// Where it was decided.
     pub source: Source,
+    /// Whether the policy is in shadow mode (counted, never enforced). A
+    /// shadow policy's figures are not sent in the headers while an
+    /// enforced policy applies to the request.
+    pub shadow: bool,
     pub(crate) reset_us: u64,
     pub(crate) retry_us: u64,
 }
@@ -84,11 +91,18 @@ impl Decision {
             remaining: v.remaining.min(limit),
             reset: ceil_secs(v.reset_us),
             retry_after: (outcome == Outcome::Denied).then(|| ceil_secs(v.retry_us).max(1)),
-            window: quota.period(),
+            window: window_of(quota, algorithm),
             source,
+            shadow: false,
             reset_us: v.reset_us,
             retry_us: v.retry_us,
         }
+    }
+
+    /// The same decision, of a policy in shadow mode when `shadow`.
+    pub(crate) fn in_shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self
     }
 
     /// A copy holding this thread's own copy of the policy name
@@ -111,11 +125,22 @@ impl Decision {
             remaining: limit,
             reset: 0,
             retry_after: None,
-            window: quota.period(),
+            window: window_of(quota, algorithm),
             source: Source::FailOpen,
+            shadow: false,
             reset_us: 0,
             retry_us: 0,
         }
+    }
+}
+
+/// The time `quota`'s capacity under `algorithm` takes to come back.
+fn window_of(quota: &Quota, algorithm: Algorithm) -> Duration {
+    match algorithm {
+        Algorithm::Gcra => {
+            Duration::from_micros(quota.t_us().saturating_mul(u64::from(quota.burst())))
+        }
+        _ => quota.period(),
     }
 }
 
@@ -150,8 +175,9 @@ impl Report {
     }
 
     /// The most constraining decision: on a denial the enforced denial with
-    /// the longest wait; otherwise the decision with the fewest remaining
-    /// (ties: the longest reset).
+    /// the longest wait; otherwise the enforced decision with the fewest
+    /// remaining (ties: the longest reset), a shadow policy's only when
+    /// every policy of the request is in shadow mode.
     pub fn most_constraining(&self) -> Option<&Decision> {
         let wanted = match self.verdict {
             RequestVerdict::Deny => Some(Outcome::Denied),
@@ -167,10 +193,16 @@ impl Report {
         {
             return Some(d);
         }
-        self.decisions.iter().min_by(|a, b| {
-            a.remaining
-                .cmp(&b.remaining)
-                .then(b.reset_us.cmp(&a.reset_us))
-        })
+        let fewest = |shadow: bool| {
+            self.decisions
+                .iter()
+                .filter(|d| d.shadow == shadow)
+                .min_by(|a, b| {
+                    a.remaining
+                        .cmp(&b.remaining)
+                        .then(b.reset_us.cmp(&a.reset_us))
+                })
+        };
+        fewest(false).or_else(|| fewest(true))
     }
 }

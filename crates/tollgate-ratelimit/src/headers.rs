@@ -140,7 +140,10 @@ pub(crate) fn apply(report: &Report, identity: &str, opts: HeaderOptions, h: &mu
                     "{};q={};w={};pk={pk}",
                     sf_string(&d.policy),
                     d.limit,
-                    d.window.as_secs().max(1)
+                    crate::quota::ceil_secs(
+                        u64::try_from(d.window.as_micros()).unwrap_or(u64::MAX)
+                    )
+                    .max(1)
                 )
             })
             .collect::<Vec<_>>()
@@ -351,6 +354,47 @@ mod tests {
                 v,
                 crate::Source::Redis,
             )],
+        }
+    }
+
+    /// `q` and `w` describe one capacity: a GCRA policy of 100 a minute
+    /// with a burst of 10 allows 10 per 6 s (its `Limit` and `Remaining`
+    /// count out of 10), not 10 per minute. A limit that does not divide
+    /// the period still states the whole period.
+    #[test]
+    fn ietf_policy_states_the_capacity_and_its_window() {
+        let name: Arc<str> = Arc::from("api");
+        let opts = HeaderOptions {
+            legacy: false,
+            policy: false,
+            ietf: true,
+        };
+        for (quota, want) in [
+            (crate::Quota::per_minute(100).with_burst(10), "q=10;w=6;"),
+            (crate::Quota::per_minute(7), "q=7;w=60;"),
+        ] {
+            let v = crate::quota::Verdict {
+                status: crate::quota::Status::Allowed,
+                remaining: 1,
+                reset_us: 0,
+                retry_us: 0,
+            };
+            let d = Decision::from_verdict(
+                &name,
+                &quota,
+                crate::Algorithm::Gcra,
+                v,
+                crate::Source::Redis,
+            );
+            let r = Report {
+                route: Arc::from("/"),
+                verdict: RequestVerdict::Allow,
+                decisions: vec![d],
+            };
+            let mut h = HeaderMap::new();
+            apply(&r, "k", opts, &mut h);
+            let field = h[&RATELIMIT_POLICY].to_str().unwrap();
+            assert!(field.contains(want), "{field}");
         }
     }
 

@@ -85,7 +85,11 @@ where
 /// `ConnectInfo<SocketAddr>`, tonic's `TcpConnectInfo` with the `tonic`
 /// feature, or a plain `SocketAddr` extension), or — when
 /// the peer is a trusted proxy — the first untrusted address found walking
-/// `Forwarded` (or, without it, `X-Forwarded-For`) from right to left.
+/// the proxies' forwarding header from right to left: `X-Forwarded-For` by
+/// default, `Forwarded` when [`proxy_header`](PeerIp::proxy_header) says
+/// so. Only that one header is read: most proxies append to one and pass
+/// the other through from the client unchanged, so reading both would let
+/// a client choose its own address.
 ///
 /// IPv4-mapped IPv6 addresses are unwrapped; IPv6 addresses are grouped by
 /// prefix (/56 by default: one customer's allocation), IPv4 by /32.
@@ -107,6 +111,7 @@ where
 #[must_use]
 pub struct PeerIp {
     trusted: Vec<IpNet>,
+    header: ProxyHeader,
     v6_prefix: u8,
     v4_prefix: u8,
 }
@@ -115,10 +120,24 @@ impl Default for PeerIp {
     fn default() -> Self {
         PeerIp {
             trusted: Vec::new(),
+            header: ProxyHeader::default(),
             v6_prefix: 56,
             v4_prefix: 32,
         }
     }
+}
+
+/// The forwarding header the trusted proxies write, the one [`PeerIp`]
+/// walks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProxyHeader {
+    /// `X-Forwarded-For` (nginx, HAProxy, cloud load balancers, most
+    /// CDNs). The default.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239): the `for=` parameter of each element. An
+    /// element without one is an unreadable hop.
+    Forwarded,
 }
 
 impl PeerIp {
@@ -130,6 +149,13 @@ impl PeerIp {
     /// Proxies (CIDRs) whose forwarding headers are believed.
     pub fn trust_proxies(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
         self.trusted.extend(nets);
+        self
+    }
+
+    /// Which forwarding header the trusted proxies write (default
+    /// `X-Forwarded-For`); the other is ignored.
+    pub fn proxy_header(mut self, header: ProxyHeader) -> Self {
+        self.header = header;
         self
     }
 
@@ -155,7 +181,7 @@ impl PeerIp {
         if !self.trusted(peer) {
             return Some(peer);
         }
-        let hops = forwarded_for(req.headers);
+        let hops = forwarded_for(req.headers, self.header);
         let mut client = peer;
         for hop in hops.iter().rev() {
             match hop {
@@ -240,38 +266,38 @@ fn peer_addr(ext: &Extensions) -> Option<SocketAddr> {
     ext.get::<SocketAddr>().copied()
 }
 
-/// The `for=` values of `Forwarded` (all lines, left to right) or, without
-/// it, the `X-Forwarded-For` values. `None` marks an unreadable hop.
-fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    let fwd: Vec<Option<IpAddr>> = headers
-        .get_all(http::header::FORWARDED)
-        .iter()
-        .flat_map(|v| {
-            let s = v.to_str().unwrap_or("\u{0}");
-            s.split(',')
-                .map(|elem| {
-                    elem.split(';')
-                        .find_map(|pair| {
-                            let (k, v) = pair.trim().split_once('=')?;
-                            k.trim().eq_ignore_ascii_case("for").then(|| parse_hop(v))
-                        })
-                        .flatten()
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    if !fwd.is_empty() {
-        return fwd;
+/// The addresses of `header` (all lines, left to right). `None` marks an
+/// unreadable hop. Each comma-separated element is read on its own, so a
+/// byte a client put in its own element cannot hide the hops a proxy
+/// appended after it.
+fn forwarded_for(headers: &HeaderMap, header: ProxyHeader) -> Vec<Option<IpAddr>> {
+    let name = match header {
+        ProxyHeader::XForwardedFor => X_FORWARDED_FOR,
+        ProxyHeader::Forwarded => http::header::FORWARDED,
+    };
+    let mut hops = Vec::new();
+    for line in headers.get_all(name) {
+        for elem in line.as_bytes().split(|&b| b == b',') {
+            let Ok(elem) = std::str::from_utf8(elem) else {
+                hops.push(None);
+                continue;
+            };
+            hops.push(match header {
+                ProxyHeader::XForwardedFor => parse_hop(elem),
+                ProxyHeader::Forwarded => elem
+                    .split(';')
+                    .find_map(|pair| {
+                        let (k, v) = pair.trim().split_once('=')?;
+                        k.trim().eq_ignore_ascii_case("for").then(|| parse_hop(v))
+                    })
+                    .flatten(),
+            });
+        }
     }
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .flat_map(|v| {
-            let s = v.to_str().unwrap_or("\u{0}");
-            s.split(',').map(parse_hop).collect::<Vec<_>>()
-        })
-        .collect()
+    hops
 }
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// `1.2.3.4`, `1.2.3.4:80`, `"[2001:db8::1]:4711"`, `2001:db8::1`.
 fn parse_hop(v: &str) -> Option<IpAddr> {
@@ -411,6 +437,7 @@ mod tests {
             ],
         );
         assert_eq!(key(&ex, &r).as_deref(), Some("ip:7.7.7.7"));
+        let fwd = ex.clone().proxy_header(ProxyHeader::Forwarded);
         let r = req(
             "10.0.0.1:5",
             &[
@@ -421,7 +448,10 @@ mod tests {
                 ("x-forwarded-for", "5.5.5.5"),
             ],
         );
-        assert_eq!(key(&ex, &r).as_deref(), Some("ip:2001:db8:cafe::/56"));
+        assert_eq!(key(&fwd, &r).as_deref(), Some("ip:2001:db8:cafe::/56"));
+        // An element without `for=`: as far as the chain can be believed.
+        let r = req("10.0.0.1:5", &[("forwarded", "for=6.6.6.6, proto=https")]);
+        assert_eq!(key(&fwd, &r).as_deref(), Some("ip:10.0.0.1"));
         // Unreadable hop: stop at the last trusted proxy.
         let r = req(
             "10.0.0.1:5",
@@ -431,6 +461,50 @@ mod tests {
         // No header: the proxy itself.
         let r = req("10.0.0.1:5", &[]);
         assert_eq!(key(&ex, &r).as_deref(), Some("ip:10.0.0.1"));
+    }
+
+    /// Proxies append to `X-Forwarded-For` and pass a client's own
+    /// `Forwarded` through: reading it too would let the client pick its
+    /// key (and the other way round when `Forwarded` is the proxies').
+    #[test]
+    fn only_the_proxies_header_is_read() {
+        let trusted = || PeerIp::new().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
+        let spoofed = req(
+            "10.0.0.1:5",
+            &[("forwarded", "for=1.1.1.1"), ("x-forwarded-for", "6.6.6.6")],
+        );
+        assert_eq!(key(&trusted(), &spoofed).as_deref(), Some("ip:6.6.6.6"));
+        let only_forwarded = req("10.0.0.1:5", &[("forwarded", "for=1.1.1.1")]);
+        assert_eq!(
+            key(&trusted(), &only_forwarded).as_deref(),
+            Some("ip:10.0.0.1")
+        );
+        let fwd = trusted().proxy_header(ProxyHeader::Forwarded);
+        let spoofed = req(
+            "10.0.0.1:5",
+            &[("x-forwarded-for", "1.1.1.1"), ("forwarded", "for=6.6.6.6")],
+        );
+        assert_eq!(key(&fwd, &spoofed).as_deref(), Some("ip:6.6.6.6"));
+    }
+
+    /// A byte that is not text, in the client's own element, makes only
+    /// that element unreadable: the address the proxy appended after it on
+    /// the same line still keys the request.
+    #[test]
+    fn a_bad_byte_spoils_only_its_own_hop() {
+        let ex = PeerIp::new().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
+        let mut r = req("10.0.0.1:5", &[]);
+        r.headers_mut().insert(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"\x80, 6.6.6.6").unwrap(),
+        );
+        assert_eq!(key(&ex, &r).as_deref(), Some("ip:6.6.6.6"));
+        // Behind a second trusted proxy, the unreadable hop stops the walk.
+        r.headers_mut().insert(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"6.6.6.6, \x80, 10.0.0.9").unwrap(),
+        );
+        assert_eq!(key(&ex, &r).as_deref(), Some("ip:10.0.0.9"));
     }
 
     #[test]

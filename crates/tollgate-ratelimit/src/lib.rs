@@ -107,7 +107,9 @@ pub use headers::{
     RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT, X_RATELIMIT_POLICY, X_RATELIMIT_REMAINING,
     X_RATELIMIT_RESET,
 };
-pub use key::{ExtensionKey, FnKey, HeaderKey, KeyExtractor, PeerIp, RequestView, key_fn};
+pub use key::{
+    ExtensionKey, FnKey, HeaderKey, KeyExtractor, PeerIp, ProxyHeader, RequestView, key_fn,
+};
 pub use layer::RateLimitLayer;
 pub use limiter::{Cost, MissingKey, Plan, RateLimiter, RateLimiterBuilder};
 pub use policy::{

@@ -164,6 +164,13 @@ impl RateLimiterBuilder {
     /// capped at the smallest burst; a request costing at least the chunk
     /// is decided exactly.
     ///
+    /// A lease is kept per identity and list of policies (a route's, or
+    /// the default), and debits every policy of its list. A policy that
+    /// several lists include (say a per-tenant policy on every route, each
+    /// route with a burst policy of its own) gets an equal part of the
+    /// chunk in each list's lease, so that its leases together never take
+    /// more than one chunk.
+    ///
     /// Each instance has at most one lease request per (policies, identity)
     /// in flight; concurrent requests for the same identity wait for it
     /// (within the handle's deadline, like a Redis call) and spend from it.
@@ -177,7 +184,7 @@ impl RateLimiterBuilder {
     /// the next tokens are on their way instead of waiting for them.
     ///
     /// Bound: tokens are debited in Redis before they are spent and an
-    /// instance never holds more than one chunk per identity, so in any
+    /// instance never holds more than one chunk per identity and policy, so in any
     /// window at most `chunk × instances` requests beyond what exact mode
     /// admits may be admitted. A lease may be spent for `chunk × T` after
     /// it was taken, and at least 1 s (a chunk of a generous quota would
@@ -617,8 +624,15 @@ impl RateLimiter {
             return 0;
         }
         let cost = p.checks[0].cost;
-        let min_burst = p.checks.iter().map(|c| c.quota.burst()).min().unwrap_or(0);
-        let chunk = chunk.min(min_burst);
+        let table = &self.inner.table;
+        // A policy several lists share gets an equal part of the chunk in
+        // each list's lease, so its leases together stay within one chunk.
+        let chunk = p
+            .checks
+            .iter()
+            .map(|c| c.quota.burst().min(chunk / table.lease_sets(c.index)))
+            .min()
+            .unwrap_or(0);
         if cost == 0 || chunk <= cost { 0 } else { chunk }
     }
 
@@ -872,6 +886,7 @@ impl RateLimiter {
                     },
                     _ => Decision::fail_open(&policy.name, &c.quota, c.algorithm),
                 }
+                .in_shadow(c.shadow)
             })
             .collect();
         let mut report = Report {
@@ -897,6 +912,7 @@ impl RateLimiter {
                     v.status = Status::ShadowDenied;
                 }
                 Decision::from_verdict(&policy.name, &c.quota, c.algorithm, v, source)
+                    .in_shadow(c.shadow)
             })
             .collect();
         Report {
@@ -1033,6 +1049,8 @@ struct DenyCache {
 struct CachedDenial {
     policies: Vec<usize>,
     cost: u32,
+    /// When the denied request began: the report's times count from then.
+    at: Instant,
     until: Instant,
     report: Report,
 }
@@ -1087,22 +1105,28 @@ impl DenyCache {
             return None;
         }
         let mut map = self.map.lock().ok()?;
-        let (mut report, left) = Self::with_entry_key(identity, checks, |key| {
+        let (mut report, left, elapsed) = Self::with_entry_key(identity, checks, |key| {
             let e = map.get(key)?;
             if e.until <= now {
                 map.remove(key);
                 return None;
             }
-            // A cheaper request may conform earlier than the cached one.
-            if cost < e.cost || e.policies.len() != checks.len() {
+            // Only the same cost: a cheaper request may conform earlier
+            // than the cached one, a dearer one later (or never: more than
+            // the capacity is its own answer, which Redis gives).
+            if cost != e.cost || e.policies.len() != checks.len() {
                 return None;
             }
             let left = u64::try_from((e.until - now).as_micros()).unwrap_or(u64::MAX);
-            Some((e.report.clone(), left))
+            let elapsed = u64::try_from((now - e.at).as_micros()).unwrap_or(u64::MAX);
+            Some((e.report.clone(), left, elapsed))
         })?;
         drop(map);
         for d in &mut report.decisions {
             d.source = Source::DenyCache;
+            // The reset counts down from when the denial was cached.
+            d.reset_us = d.reset_us.saturating_sub(elapsed);
+            d.reset = crate::quota::ceil_secs(d.reset_us);
             if d.outcome == Outcome::Denied {
                 d.retry_us = left.min(d.retry_us);
                 d.retry_after = Some(crate::quota::ceil_secs(d.retry_us).max(1));
@@ -1142,6 +1166,7 @@ impl DenyCache {
             CachedDenial {
                 policies: checks.iter().map(|c| c.index).collect(),
                 cost: checks.first().map_or(1, |c| c.cost),
+                at: started,
                 until,
                 report: report.clone(),
             },
@@ -1173,5 +1198,78 @@ mod future_size {
     fn a_redis_decision_future_is_small() {
         let size = output_size(RateLimiter::decide_remote);
         assert!(size <= 512, "decide_remote: {size} bytes");
+    }
+}
+
+#[cfg(test)]
+mod deny_cache_tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::DenyCache;
+    use crate::decision::{Decision, Report, RequestVerdict, Source};
+    use crate::quota::{Algorithm, Quota, Status, Verdict};
+    use crate::store::PolicyCheck;
+
+    fn checks(cost: u32) -> Vec<PolicyCheck> {
+        vec![PolicyCheck {
+            index: 0,
+            quota: Quota::per_minute(5),
+            algorithm: Algorithm::FixedWindow,
+            cost,
+            shadow: false,
+        }]
+    }
+
+    /// A fixed window of 5 per minute, denied with 50 s of it left.
+    fn denial() -> Report {
+        let v = Verdict {
+            status: Status::Denied,
+            remaining: 0,
+            reset_us: 50_000_000,
+            retry_us: 50_000_000,
+        };
+        let name: Arc<str> = Arc::from("api");
+        Report {
+            route: Arc::from("/"),
+            verdict: RequestVerdict::Deny,
+            decisions: vec![Decision::from_verdict(
+                &name,
+                &Quota::per_minute(5),
+                Algorithm::FixedWindow,
+                v,
+                Source::Redis,
+            )],
+        }
+    }
+
+    /// A cached denial's `Reset` counts down with its `Retry-After`
+    /// instead of repeating what Redis said when it was cached.
+    #[test]
+    fn a_cached_denial_counts_down() {
+        let cache = DenyCache::new(8);
+        let at = Instant::now();
+        cache.insert("ip:1", &checks(1), &denial(), at);
+        let hit = cache
+            .get("ip:1", &checks(1), at + Duration::from_secs(20))
+            .expect("cached");
+        let d = &hit.decisions[0];
+        assert_eq!((d.reset, d.retry_after), (30, Some(30)));
+        assert_eq!(d.source, Source::DenyCache);
+    }
+
+    /// Only a request of the same cost is answered from the cache: a
+    /// cheaper one may conform sooner, a dearer one later or never (more
+    /// than the capacity is Redis's answer to give, not a 429).
+    #[test]
+    fn only_the_same_cost_is_answered() {
+        let cache = DenyCache::new(8);
+        let at = Instant::now();
+        cache.insert("ip:1", &checks(2), &denial(), at);
+        let later = at + Duration::from_secs(1);
+        assert!(cache.get("ip:1", &checks(2), later).is_some());
+        assert!(cache.get("ip:1", &checks(1), later).is_none());
+        assert!(cache.get("ip:1", &checks(6), later).is_none());
+        assert!(cache.get("ip:2", &checks(2), later).is_none());
     }
 }

@@ -352,11 +352,13 @@ impl PolicyTableBuilder {
         } else {
             Some(resolve("default", &self.default)?)
         };
+        let lease_sets = lease_sets(&policies, &rules, default.as_deref());
         Ok(PolicyTable {
             inner: Arc::new(TableInner {
                 policies,
                 rules,
                 default,
+                lease_sets,
             }),
         })
     }
@@ -376,6 +378,48 @@ struct TableInner {
     policies: Vec<Arc<Policy>>,
     rules: Vec<CompiledRule>,
     default: Option<Arc<[usize]>>,
+    /// Per policy, how many distinct policy lists a request may be checked
+    /// against include it (see [`PolicyTable::lease_sets`]).
+    lease_sets: Box<[u32]>,
+}
+
+/// For each policy, the number of distinct lists of policies that a request
+/// can be checked against and that include it: the lists of the rules and
+/// the default, each also without the policies a plan makes unlimited.
+fn lease_sets(
+    policies: &[Arc<Policy>],
+    rules: &[CompiledRule],
+    default: Option<&[usize]>,
+) -> Box<[u32]> {
+    let mut lists: HashSet<Vec<usize>> = HashSet::new();
+    let listed = rules
+        .iter()
+        .filter_map(|r| r.policies.as_deref())
+        .chain(default);
+    for list in listed {
+        let plans: HashSet<&str> = list
+            .iter()
+            .flat_map(|&i| policies[i].plans.iter().map(|(name, _)| name.as_str()))
+            .collect();
+        let variants = std::iter::once(None).chain(plans.into_iter().map(Some));
+        for plan in variants {
+            let checked: Vec<usize> = list
+                .iter()
+                .copied()
+                .filter(|&i| policies[i].quota_for(plan).is_some())
+                .collect();
+            if !checked.is_empty() {
+                lists.insert(checked);
+            }
+        }
+    }
+    let mut counts = vec![0u32; policies.len()];
+    for list in &lists {
+        for &i in list {
+            counts[i] += 1;
+        }
+    }
+    counts.into()
 }
 
 /// The validated policy table: route pattern (+ method) → policies, a
@@ -438,6 +482,14 @@ impl PolicyTable {
 
     pub(crate) fn len(&self) -> usize {
         self.inner.policies.len()
+    }
+
+    /// How many distinct policy lists that include policy `i` a request
+    /// can be checked against (at least 1). Lease mode keeps a lease per
+    /// list and identity, each debiting every policy of its list, so a
+    /// policy in several lists gets this share of the chunk in each.
+    pub(crate) fn lease_sets(&self, i: usize) -> u32 {
+        self.inner.lease_sets.get(i).copied().unwrap_or(1).max(1)
     }
 
     /// The names of the policies that apply to `method` + `path` (empty

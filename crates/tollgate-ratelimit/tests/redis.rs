@@ -19,9 +19,11 @@ redis_tests!(
     ipv6_prefix_shares_a_bucket,
     admin_peek_and_reset,
     plans_and_shadow,
+    shadow_policy_stays_out_of_the_headers,
     windows_in_redis,
     lease_mode_stays_within_bound,
     lease_takes_one_chunk_at_a_time,
+    a_shared_policy_leases_one_chunk_in_all,
 );
 
 fn table(policies: Vec<Policy>, default: &[&str]) -> PolicyTable {
@@ -286,6 +288,33 @@ async fn plans_and_shadow(url: String) {
     );
 }
 
+/// A shadow policy that would deny does not put `Remaining: 0` (and its
+/// name) on a response the enforced policy lets through: clients would
+/// back off from a limit that is not enforced. With only shadow policies
+/// on a request, theirs are the figures sent.
+async fn shadow_policy_stays_out_of_the_headers(url: String) {
+    let h = connect(&url).await;
+    let t = PolicyTable::builder()
+        .policy(Policy::new("api", Quota::per_hour(3)))
+        .policy(Policy::new("watch", Quota::per_hour(1)).shadow(true))
+        .route("/watched", ["watch"])
+        .default_policies(["api", "watch"])
+        .build()
+        .unwrap();
+    let svc = service(RateLimiter::builder(t).redis(h).policy_header(true).build());
+    send(&svc, req("/", "192.0.2.30:1")).await;
+    let res = send(&svc, req("/", "192.0.2.30:1")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "x-ratelimit-policy"), Some("api"));
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some("3"));
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("1"));
+    send(&svc, req("/watched", "192.0.2.31:1")).await;
+    let res = send(&svc, req("/watched", "192.0.2.31:1")).await;
+    assert_eq!(res.status(), 200, "shadow mode never denies");
+    assert_eq!(header(&res, "x-ratelimit-policy"), Some("watch"));
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("0"));
+}
+
 async fn windows_in_redis(url: String) {
     let h = connect(&url).await;
     let t = table(
@@ -384,4 +413,34 @@ async fn lease_takes_one_chunk_at_a_time(url: String) {
             "after {spent} requests Redis was debited {debited}"
         );
     }
+}
+
+/// A policy on several routes' lists (`api` here, on three) is leased a
+/// third of the chunk in each list's lease, so one instance never holds
+/// more than one chunk of it: the `chunk × instances` bound holds per
+/// policy, not per list.
+async fn a_shared_policy_leases_one_chunk_in_all(url: String) {
+    let h = connect(&url).await;
+    let t = PolicyTable::builder()
+        .policy(Policy::new("api", Quota::per_hour(100)))
+        .policy(Policy::new("write", Quota::per_hour(100)))
+        .policy(Policy::new("other", Quota::per_hour(100)))
+        .route("/a", ["api"])
+        .route("/b", ["api", "write"])
+        .default_policies(["api", "other"])
+        .build()
+        .unwrap();
+    let limiter = RateLimiter::builder(t)
+        .redis(h)
+        .deny_cache(0)
+        .lease(30)
+        .build();
+    let svc = service(limiter.clone());
+    for path in ["/a", "/b", "/c"] {
+        assert_eq!(send(&svc, req(path, "198.51.100.3:1")).await.status(), 200);
+    }
+    let d = limiter.peek("api", "ip:198.51.100.3").await.unwrap();
+    assert_eq!(100 - d.remaining, 30, "three leases of 10 from `api`");
+    let d = limiter.peek("write", "ip:198.51.100.3").await.unwrap();
+    assert_eq!(100 - d.remaining, 10);
 }

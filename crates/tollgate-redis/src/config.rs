@@ -16,10 +16,22 @@ pub enum Topology {
     Sentinel,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 enum Source {
     Url(String),
     Fred(Box<FredConfig>),
+}
+
+/// Without secrets: the URL with its passwords redacted, and of a fred
+/// configuration only that it is one (fred's own `Debug` prints the
+/// password).
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Url(url) => f.debug_tuple("Url").field(&redact_url(url)).finish(),
+            Source::Fred(_) => f.write_str("Fred(..)"),
+        }
+    }
 }
 
 /// Everything needed to build a [`RedisHandle`](crate::RedisHandle).
@@ -33,6 +45,7 @@ enum Source {
 ///     .deadline(Duration::from_millis(30));
 /// assert_eq!(cfg.get_deadline(), Duration::from_millis(30));
 /// ```
+/// Its `Debug` output carries no password.
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct RedisConfig {
@@ -244,6 +257,22 @@ fn rustls_connector(pem: &[u8]) -> Result<fred::types::config::TlsConnector, Err
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_has_no_password() {
+        let cfg = RedisConfig::from_url(
+            "redis-sentinel://alice:hunter2@h:26379/0?sentinelServiceName=m&sentinelPassword=s3cret",
+        );
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        assert!(shown.contains("alice:***@h:26379"), "{shown}");
+        let fred = FredConfig::from_url("redis://alice:hunter2@h:6379").expect("a valid URL");
+        let shown = format!("{:?}", RedisConfig::from_fred(fred));
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
 
     #[test]
     fn parses_each_scheme() {

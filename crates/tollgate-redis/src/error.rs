@@ -102,18 +102,44 @@ pub(crate) fn is_outage_error(e: &fred::error::Error) -> bool {
     }
 }
 
-/// Removes the password from a Redis URL so it can be logged.
+/// Removes the secrets from a Redis URL so it can be logged: the password
+/// of `user:password@` and the value of any query parameter whose name
+/// mentions a password (Sentinel's `sentinelPassword`).
 pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => format!("{scheme}://***@{host}"),
-        },
-        None => url.to_owned(),
+    let (before, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let mut out = format!("{scheme}://");
+    match before.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            match userinfo.split_once(':') {
+                Some((user, _)) => out.push_str(&format!("{user}:***@")),
+                None => out.push_str("***@"),
+            }
+            out.push_str(host);
+        }
+        None => out.push_str(before),
     }
+    if let Some(query) = query {
+        out.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((k, _)) if k.to_ascii_lowercase().contains("pass") => {
+                    out.push_str(k);
+                    out.push_str("=***");
+                }
+                _ => out.push_str(pair),
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -126,5 +152,17 @@ mod tests {
         assert_eq!(redact_url("rediss://secret@h"), "rediss://***@h");
         assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
         assert_eq!(redact_url("nonsense"), "nonsense");
+        // Sentinel's own password travels in the query.
+        assert_eq!(
+            redact_url(
+                "redis-sentinel://u:pw@h:26379/0?sentinelServiceName=m&sentinelPassword=s3cret"
+            ),
+            "redis-sentinel://u:***@h:26379/0?sentinelServiceName=m&sentinelPassword=***"
+        );
+        // An `@` in a query value is not taken for the end of a password.
+        assert_eq!(
+            redact_url("redis-sentinel://h:26379/0?sentinelPassword=a@b"),
+            "redis-sentinel://h:26379/0?sentinelPassword=***"
+        );
     }
 }

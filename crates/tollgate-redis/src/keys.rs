@@ -46,7 +46,9 @@ impl KeySpace {
     }
 
     /// A key whose hash tag is `identity`: `ns:layer:{identity}:part...`.
-    /// Every key built with the same identity hashes to the same cluster slot.
+    /// Every key built with the same identity hashes to the same cluster
+    /// slot, the empty identity included (its tag is `{%}`, which no
+    /// escaped identity can be: `{}` is no hash tag to Redis).
     pub fn tagged(&self, identity: &str, parts: &[&str]) -> String {
         let mut k = String::with_capacity(self.prefix.len() + identity.len() + 16);
         self.write_tagged(&mut k, identity, parts);
@@ -59,7 +61,11 @@ impl KeySpace {
         out.clear();
         out.push_str(&self.prefix);
         out.push_str(":{");
-        push_escaped(out, identity);
+        if identity.is_empty() {
+            out.push('%');
+        } else {
+            push_escaped(out, identity);
+        }
         out.push('}');
         for p in parts {
             out.push(':');
@@ -128,6 +134,19 @@ mod tests {
         let b = ks.tagged("user:42", &["sustained"]);
         assert_eq!(slot(&a), slot(&b));
         assert_eq!(slot(&a), slot("{user:42}"));
+    }
+
+    /// `{}` is no hash tag to Redis: the keys of an empty identity would
+    /// land in different slots (a script touching them fails on a
+    /// cluster). Its tag is one no escaped identity can be.
+    #[test]
+    fn an_empty_identity_still_shares_a_slot() {
+        let ks = KeySpace::new("ns", "rl");
+        let a = ks.tagged("", &["burst"]);
+        let b = ks.tagged("", &["sustained"]);
+        assert_eq!(slot(&a), slot(&b));
+        assert_eq!(a, "ns:rl:{%}:burst");
+        assert_ne!(a, ks.tagged("%", &["burst"]));
     }
 
     #[test]

@@ -223,7 +223,7 @@ impl MemoryStore {
             };
             let key = (c.index, identity.to_owned());
             let state = windows.get(&key).map(|(s, _)| *s);
-            let (mut v, next) = window(
+            let (v, next) = window(
                 c.algorithm == Algorithm::SlidingWindow,
                 limit,
                 period,
@@ -231,6 +231,7 @@ impl MemoryStore {
                 now,
                 c.cost,
             );
+            let mut v = self.beyond_share(c, v);
             if v.status != Status::Allowed {
                 if c.shadow {
                     v.status = Status::ShadowDenied;
@@ -254,7 +255,7 @@ impl MemoryStore {
                 self.gcra_peek(c)
             } else {
                 let key = *gcra_key.get_or_insert_with(|| self.hasher.hash_one(identity));
-                let mut v = self.gcra_check(key, c);
+                let mut v = self.beyond_share(c, self.gcra_check(key, c));
                 if v.status != Status::Allowed {
                     if c.shadow {
                         v.status = Status::ShadowDenied;
@@ -282,6 +283,26 @@ impl MemoryStore {
                 })
             })
             .collect()
+    }
+
+    /// A cost over this instance's share of the capacity (the divisor's
+    /// doing) but within the whole capacity is a denial until the period
+    /// has passed, not "more than the policy can ever allow": Redis, back,
+    /// would admit it.
+    fn beyond_share(&self, c: &PolicyCheck, v: Verdict) -> Verdict {
+        if v.status != Status::ExceedsCapacity
+            || self.divisor <= 1
+            || c.cost > c.quota.capacity(c.algorithm)
+        {
+            return v;
+        }
+        let period = c.quota.period_us();
+        Verdict {
+            status: Status::Denied,
+            remaining: 0,
+            reset_us: period,
+            retry_us: period,
+        }
     }
 
     fn gcra_peek(&self, c: &PolicyCheck) -> Verdict {
@@ -427,5 +448,25 @@ mod tests {
         let d = store.decide("k", &c);
         assert_eq!(d[0].status, Status::Denied);
         assert!(d[0].retry_us > 0);
+    }
+
+    /// With the quota shared by a divisor, a cost within the policy's
+    /// capacity but over this instance's share is denied (429 and a
+    /// retry), not refused as more than the policy can ever allow (400);
+    /// a cost over the whole capacity still is.
+    #[tokio::test]
+    async fn a_cost_over_the_share_is_a_denial() {
+        let store = MemoryStore::new(2, 4, Duration::from_secs(60));
+        for algorithm in [Algorithm::Gcra, Algorithm::FixedWindow] {
+            let index = usize::from(algorithm != Algorithm::Gcra);
+            let mut c = [check(index, Quota::per_minute(10), algorithm)];
+            c[0].cost = 5;
+            let v = store.decide("k", &c);
+            assert_eq!(v[0].status, Status::Denied, "{algorithm:?}");
+            assert_eq!(v[0].retry_us, 60_000_000);
+            c[0].cost = 11;
+            let v = store.decide("k", &c);
+            assert_eq!(v[0].status, Status::ExceedsCapacity, "{algorithm:?}");
+        }
     }
 }
