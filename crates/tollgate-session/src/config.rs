@@ -21,7 +21,12 @@ pub enum FailureMode {
     /// created during the outage are served from it: a session that lives
     /// in Redis is never authenticated by the fallback, so one revoked in
     /// Redis cannot come back. Those users get a fresh session until Redis
-    /// answers again; sessions created in the fallback end when it does.
+    /// answers again; their cookie is not removed, so their Redis session
+    /// is theirs again once it does (unless the fresh session is written
+    /// to, which gives it a cookie of its own). Sessions created in the
+    /// fallback end when Redis answers again. Logging out a Redis session
+    /// while the breaker is open fails with [`Error::Unavailable`]
+    /// (see [`Session::destroy`](crate::Session::destroy)).
     #[default]
     Fallback,
     /// Answer 503 (`application/problem+json`) to every request while the

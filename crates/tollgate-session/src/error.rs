@@ -20,8 +20,10 @@ pub enum Error {
     /// The session store failed (Redis down, timed out, answered an error).
     #[error("session store failed")]
     Store(#[source] tollgate_redis::Error),
-    /// The store cannot be reached and the layer is configured to fail
-    /// closed.
+    /// The store cannot be reached and the operation cannot be served
+    /// without it: the layer is configured to fail closed, or
+    /// [`Session::destroy`](crate::Session::destroy) could not delete a
+    /// record that may live in Redis.
     #[error("the session store is unavailable")]
     Unavailable,
     /// A value could not be encoded to, or decoded from, JSON.

@@ -77,7 +77,14 @@ enum Phase {
     /// Nothing read yet.
     Unloaded,
     /// No record: a new one is created at the end if anything was written.
-    Fresh { id: SessionId, backend: Backend },
+    Fresh {
+        id: SessionId,
+        backend: Backend,
+        /// The incoming id may still have a record this request could not
+        /// use: its load failed, was answered by the fallback, or found the
+        /// record corrupt. Destroying the session must still delete it.
+        unresolved: bool,
+    },
     /// A live record, under the incoming id.
     Loaded {
         /// The keyed hash of the id (what the store knows it by), kept
@@ -217,38 +224,74 @@ impl Session {
     /// Ends the session now: the record is deleted (one store command, no
     /// read) and the response removes the cookie. A request still running
     /// on the same session cannot bring it back.
+    ///
+    /// # Errors
+    ///
+    /// When the record may live in Redis and Redis cannot delete it (the
+    /// breaker is open: [`Error::Unavailable`]; the command failed:
+    /// [`Error::Store`]), nothing is deleted and nothing changes: the
+    /// session stays as it was and the response keeps the cookie, so the
+    /// user can log out again once Redis answers. Removing the cookie
+    /// without deleting the record would leave a copy of the cookie
+    /// working.
     pub async fn destroy(&self) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
         let shared = self.shared();
-        let target = match std::mem::replace(&mut st.phase, Phase::Destroyed) {
-            Phase::Loaded { hash, backend, .. } => Some((hash, Some(backend))),
-            Phase::Unloaded => match &st.incoming {
+        let target = match &st.phase {
+            Phase::Loaded { hash, backend, .. } => Some((hash.clone(), Some(*backend))),
+            Phase::Unloaded
+            | Phase::Fresh {
+                unresolved: true, ..
+            } => match &st.incoming {
                 Incoming::Valid { id, .. } => Some((shared.hasher.session(id), None)),
                 _ => None,
             },
             Phase::Fresh { .. } | Phase::Destroyed => None,
         };
+        if let Some((hash, backend)) = target {
+            // On failure the state is untouched: see the doc above.
+            let backend = Box::pin(self.delete_record(&hash, backend)).await?;
+            metrics::counter!("tollgate_session_destroys_total", "store" => shared.label(backend))
+                .increment(1);
+        }
+        st.phase = Phase::Destroyed;
         st.diff = Diff::default();
         st.rotate = false;
-        let Some((hash, backend)) = target else {
-            return Ok(());
-        };
-        // The in-process store may hold it (created during an outage).
-        let _ = shared.memory.delete(&hash).await;
-        let backend = match backend {
+        Ok(())
+    }
+
+    /// Deletes the record under `hash` from the store that served it
+    /// (`Some`), or, for an id never looked up there (`None`), from
+    /// wherever it may live. Returns the store it was deleted from.
+    async fn delete_record(&self, hash: &str, served: Option<Backend>) -> Result<Backend, Error> {
+        let shared = self.shared();
+        // The in-process store holds the sessions created during an outage
+        // (never an id that lives in Redis).
+        let in_memory = shared.memory.delete(hash).await?;
+        let backend = match served {
             Some(b) => b,
-            None => shared.backend()?,
+            None if in_memory => {
+                return Ok(if shared.redis.is_some() {
+                    Backend::Fallback
+                } else {
+                    Backend::Primary
+                });
+            }
+            // Breaker open: the record may be in Redis, which cannot be
+            // told to delete it.
+            None => shared.backend().and_then(|b| match b {
+                Backend::Fallback => Err(Error::Unavailable),
+                Backend::Primary => Ok(b),
+            })?,
         };
         if backend == Backend::Primary
             && let Some(r) = &shared.redis
         {
-            r.delete(&hash).await.inspect_err(|e| {
+            r.delete(hash).await.inspect_err(|e| {
                 store_error(shared, backend, "destroy", e);
             })?;
         }
-        metrics::counter!("tollgate_session_destroys_total", "store" => shared.label(backend))
-            .increment(1);
-        Ok(())
+        Ok(backend)
     }
 
     /// The keyed hash of the session's id: what stores and user listings
@@ -298,10 +341,13 @@ impl Session {
             st.phase = Phase::Fresh {
                 id: SessionId::generate(),
                 backend,
+                unresolved: false,
             };
             return Ok(());
         };
         let hash = shared.hasher.session(id);
+        // Whether a miss may hide a record: the fallback cannot see Redis's.
+        let mut unresolved = backend == Backend::Fallback;
         // Boxed: inline, a store's load future (half a KiB for Redis) would
         // be part of the future of every `get`, `insert` and `remove`, and
         // so of every handler awaiting one.
@@ -310,6 +356,7 @@ impl Session {
             // Not a store outage: the record is unusable, start afresh.
             Err(e @ Error::Corrupt(_)) => {
                 store_error(shared, backend, "load", &e);
+                unresolved = true;
                 (None, backend)
             }
             Err(e) => {
@@ -319,6 +366,7 @@ impl Session {
                     return Err(Error::Unavailable);
                 }
                 metrics::counter!("tollgate_session_fallback_total", "op" => "load").increment(1);
+                unresolved = true;
                 (shared.memory.load(&hash).await?, Backend::Fallback)
             }
         };
@@ -339,6 +387,7 @@ impl Session {
             None => Phase::Fresh {
                 id: SessionId::generate(),
                 backend,
+                unresolved,
             },
         };
         Ok(())
@@ -347,54 +396,59 @@ impl Session {
     /// Whether the request needs nothing written or sent (checked without
     /// waiting: a handler still holding the state is not idle). Mirrors
     /// the cases of [`commit`](Self::commit) that neither touch the store
-    /// nor set a cookie: nothing read, or a record read and left as it
-    /// was (the common read-only request).
+    /// nor set a cookie: nothing read, a record read and left as it was
+    /// (the common read-only request), or no record and nothing written.
     pub(crate) fn is_idle(&self) -> bool {
         let Ok(st) = self.inner.state.try_lock() else {
             return false;
         };
         let resign = matches!(st.incoming, Incoming::Valid { resign: true, .. });
         match &st.phase {
-            Phase::Unloaded => matches!(
-                st.incoming,
-                Incoming::Absent | Incoming::Valid { resign: false, .. }
-            ),
+            Phase::Unloaded => !resign,
             Phase::Loaded { .. } => {
                 !st.rotate && st.diff.is_empty() && !resign && !self.shared().refreshes_cookie()
             }
-            Phase::Fresh { .. } => st.diff.is_empty() && matches!(st.incoming, Incoming::Absent),
+            Phase::Fresh { .. } => st.diff.is_empty(),
             Phase::Destroyed => false,
         }
     }
 
     /// Writes what the request changed and says what the response must
     /// carry.
+    ///
+    /// Only [`destroy`](Self::destroy) removes the cookie. A request that
+    /// finds no record, or no usable one (unknown, expired, revoked,
+    /// rotated away by a concurrent login, corrupt, unreadable while Redis
+    /// is down, a malformed or badly signed value), leaves the cookie
+    /// alone: a removal could reach the browser after a concurrent
+    /// response that set a new id and delete that one, and while Redis is
+    /// down the record may well still be alive. A dead cookie costs at most
+    /// a lookup per request that reads the session, and is replaced when a
+    /// session is next created.
     pub(crate) async fn commit(&self) -> Commit {
         let mut st = self.inner.state.lock().await;
         let shared = self.shared();
         let had_cookie = !matches!(st.incoming, Incoming::Absent);
-        let removal = || had_cookie.then_some(Outgoing::Remove);
         let phase = std::mem::replace(&mut st.phase, Phase::Destroyed);
         let diff = std::mem::take(&mut st.diff);
         let max_age = shared.refreshes_cookie();
         match phase {
             Phase::Unloaded => Commit {
                 out: match &st.incoming {
-                    Incoming::Invalid => Some(Outgoing::Remove),
                     Incoming::Valid { id, resign: true } => Some(Outgoing::Set(id.clone())),
                     _ => None,
                 },
                 failed: false,
             },
             Phase::Destroyed => Commit {
-                out: removal(),
+                out: had_cookie.then_some(Outgoing::Remove),
                 failed: false,
             },
             Phase::Fresh { .. } if diff.is_empty() => Commit {
-                out: removal(),
+                out: None,
                 failed: false,
             },
-            Phase::Fresh { id, backend } => {
+            Phase::Fresh { id, backend, .. } => {
                 let new = NewRecord {
                     data: diff.set,
                     user: diff.user.flatten(),
@@ -411,7 +465,7 @@ impl Session {
                         failed: false,
                     },
                     None => Commit {
-                        out: removal(),
+                        out: None,
                         failed: true,
                     },
                 }
@@ -425,9 +479,11 @@ impl Session {
                 let taken = on_store!(shared, backend, |s| Box::pin(s.take(&old)).await);
                 let mut record = match taken {
                     Ok(Some(r)) => r,
+                    // Destroyed, expired, or rotated by a concurrent
+                    // request (whose new cookie must survive).
                     Ok(None) => {
                         return Commit {
-                            out: Some(Outgoing::Remove),
+                            out: None,
                             failed: false,
                         };
                     }
@@ -457,7 +513,7 @@ impl Session {
                 }
                 Commit {
                     failed: created.is_none(),
-                    out: Some(created.map_or(Outgoing::Remove, Outgoing::Set)),
+                    out: created.map(Outgoing::Set),
                 }
             }
             Phase::Loaded {
@@ -496,7 +552,7 @@ impl Session {
                             .increment(1);
                         tracing::debug!(session = %hash, "session ended during the request: nothing saved");
                         Commit {
-                            out: Some(Outgoing::Remove),
+                            out: None,
                             failed: false,
                         }
                     }

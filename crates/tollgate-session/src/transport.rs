@@ -105,7 +105,10 @@ impl CookieConfig {
     }
 
     /// A `Max-Age`, making the cookie outlive the browser session. The
-    /// server-side timeouts still decide when the session ends.
+    /// server-side timeouts still decide when the session ends. At least
+    /// one second (the attribute counts whole seconds, and `Max-Age=0`
+    /// deletes the cookie); checked by
+    /// [`SessionsBuilder::build`](crate::SessionsBuilder::build).
     pub fn max_age(mut self, max_age: Duration) -> Self {
         self.max_age = Some(max_age);
         self
@@ -132,6 +135,12 @@ impl CookieConfig {
             return Err(Error::Config {
                 field: "cookie.domain",
                 reason: "must be non-empty and contain no `;` or control characters",
+            });
+        }
+        if self.max_age.is_some_and(|age| age < Duration::from_secs(1)) {
+            return Err(Error::Config {
+                field: "cookie.max_age",
+                reason: "must be at least one second: Max-Age counts whole seconds, and 0 deletes the cookie",
             });
         }
         if self.name.starts_with("__Host-") {
@@ -209,7 +218,8 @@ pub enum Transport {
     Cookie(CookieConfig),
     /// In a request/response header (e.g. `x-session-id`, usable as gRPC
     /// metadata). The response carries the header when the id is issued or
-    /// changes, and an empty value when the session ends.
+    /// changes, and an empty value when the handler destroys the session
+    /// (either way with `Cache-Control: no-store`).
     Header(HeaderName),
 }
 
@@ -290,7 +300,8 @@ impl Transport {
         }
     }
 
-    /// Writes `out` into response headers.
+    /// Writes `out` into response headers, with `Cache-Control: no-store`
+    /// in place of whatever the handler set.
     pub(crate) fn write(&self, out: &Outgoing, headers: &mut HeaderMap, ring: Option<&KeyRing>) {
         let (name, value) = match (self, out) {
             (Transport::Cookie(cfg), Outgoing::Set(id)) => {
@@ -306,12 +317,9 @@ impl Transport {
             }
             Err(_) => tracing::error!("session cookie is not a valid header value"),
         }
-        if matches!(self, Transport::Cookie(_)) {
-            // A response that sets the session cookie must never be cached
-            // by a shared cache.
-            headers
-                .entry(header::CACHE_CONTROL)
-                .or_insert(HeaderValue::from_static("no-store"));
-        }
+        // A response that sets (or removes) the session id must never be
+        // stored by a shared cache, which would hand it to other visitors:
+        // the handler's caching policy (say `public, max-age=600`) gives way.
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
 }

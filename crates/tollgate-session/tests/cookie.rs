@@ -144,6 +144,110 @@ fn builder_refuses_what_would_break_the_cookie() {
     assert!(b(host()).is_ok());
 }
 
+#[test]
+fn max_age_under_a_second_is_refused() {
+    let b = |age: Duration| {
+        Sessions::builder()
+            .cookie(CookieConfig::new().max_age(age))
+            .build()
+    };
+    // Max-Age counts whole seconds: these would be `Max-Age=0`, which
+    // deletes the cookie on every response.
+    for age in [
+        Duration::ZERO,
+        Duration::from_millis(1),
+        Duration::from_millis(999),
+    ] {
+        assert_eq!(field(b(age)), "cookie.max_age", "{age:?}");
+    }
+    assert!(b(Duration::from_secs(1)).is_ok());
+}
+
+/// Routes answering with a public caching policy: one creating a session,
+/// one ending it, one not touching it.
+fn cacheable_app(sessions: Sessions) -> axum::Router {
+    use axum::routing::{get, post};
+    fn public() -> [(HeaderName, &'static str); 1] {
+        [(http::header::CACHE_CONTROL, "public, max-age=600")]
+    }
+    axum::Router::new()
+        .route(
+            "/create",
+            post(|s: tollgate_session::Session| async move {
+                s.insert("a", &1).await?;
+                Ok::<_, Error>((public(), "ok"))
+            }),
+        )
+        .route(
+            "/read",
+            get(|s: tollgate_session::Session| async move {
+                let _: Option<u32> = s.get("a").await?;
+                Ok::<_, Error>((public(), "ok"))
+            }),
+        )
+        .route(
+            "/logout",
+            post(|s: tollgate_session::Session| async move {
+                s.destroy().await?;
+                Ok::<_, Error>((public(), "ok"))
+            }),
+        )
+        .route("/static", get(|| async { (public(), "ok") }))
+        .layer(tollgate_session::SessionLayer::new(sessions))
+}
+
+/// A response that sets or removes the session id is never cacheable by
+/// a shared cache, whatever the handler said; one that does not keeps the
+/// handler's policy.
+#[tokio::test]
+async fn a_response_carrying_the_id_is_never_cached() {
+    let cache_control = |res: &http::Response<Body>| -> Vec<String> {
+        res.headers()
+            .get_all(http::header::CACHE_CONTROL)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    let call = |app: &axum::Router, method: &str, path: &str, cookie: Option<&str>| {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        app.clone().oneshot(req.body(Body::empty()).unwrap())
+    };
+    // Max-Age: every response with a live session re-sends the cookie.
+    let sessions = Sessions::builder()
+        .cookie(CookieConfig::new().max_age(Duration::from_secs(3600)))
+        .build()
+        .unwrap();
+    let app = cacheable_app(sessions);
+    let res = call(&app, "POST", "/create", None).await.unwrap();
+    let set = res.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert_eq!(cache_control(&res), ["no-store"], "creating");
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let res = call(&app, "GET", "/read", Some(&cookie)).await.unwrap();
+    assert!(res.headers().contains_key("set-cookie"));
+    assert_eq!(cache_control(&res), ["no-store"], "re-sending");
+    let res = call(&app, "GET", "/static", Some(&cookie)).await.unwrap();
+    assert!(!res.headers().contains_key("set-cookie"));
+    assert_eq!(cache_control(&res), ["public, max-age=600"], "untouched");
+    let res = call(&app, "POST", "/logout", Some(&cookie)).await.unwrap();
+    assert!(
+        res.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    assert_eq!(cache_control(&res), ["no-store"], "removing");
+
+    // The header transport: the id travels in a response header just the same.
+    let name = HeaderName::from_static("x-session-id");
+    let app = cacheable_app(Sessions::builder().header(name).build().unwrap());
+    let res = call(&app, "POST", "/create", None).await.unwrap();
+    assert!(res.headers().contains_key("x-session-id"));
+    assert_eq!(cache_control(&res), ["no-store"], "header transport");
+}
+
 #[tokio::test]
 async fn header_transport() {
     let name = HeaderName::from_static("x-session-id");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use tollgate_redis::{LayerMode, RedisConfig, RedisHandle};
 use tollgate_session::{FailureMode, Sessions};
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::{RedisServer, Reply};
 
 async fn fragile(url: &str) -> RedisHandle {
     RedisHandle::connect(
@@ -135,4 +135,125 @@ async fn fail_closed_answers_503() {
     server.restart();
     wait_until("breaker closed", || h.is_available()).await;
     assert_eq!(c.send("GET", "/noop").await.status, 200);
+}
+
+/// Freezes Redis and sends requests carrying `cookie` until the breaker
+/// has opened (each load timing out is one failure); returns their
+/// responses.
+async fn freeze_until_open(
+    server: &mut RedisServer,
+    h: &RedisHandle,
+    app: &axum::Router,
+    cookie: &str,
+) -> Vec<Res> {
+    server.pause();
+    let started = Instant::now();
+    let mut responses = Vec::new();
+    while h.is_available() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the breaker never opened"
+        );
+        responses.push(send_with(app, "GET", "/whoami", Some(cookie)).await);
+    }
+    responses
+}
+
+/// A logged-in user through a frozen Redis: loads time out, then the
+/// breaker opens and the fallback answers. The user is anonymous meanwhile,
+/// but no response removes the cookie, so the session is theirs again
+/// once Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_never_removes_the_cookie() {
+    let mut server = RedisServer::start();
+    let h = fragile(&server.url()).await;
+    let mut alice = Client::new(app(redis_sessions(h.clone())));
+    alice.send("POST", "/login/alice").await;
+    assert_eq!(alice.send("GET", "/whoami").await.body, "alice");
+
+    let cookie = alice.cookie.clone().unwrap();
+    let failed = freeze_until_open(&mut server, &h, &alice.app, &cookie).await;
+    assert!(!failed.is_empty());
+    for res in &failed {
+        assert_eq!(
+            (res.status.as_u16(), res.body.as_str()),
+            (200, "anonymous"),
+            "{res:?}"
+        );
+        assert!(
+            res.set_cookie.is_empty(),
+            "a failed load keeps the cookie: {res:?}"
+        );
+        alice.absorb(res);
+    }
+    // Breaker open: the fallback does not know the id.
+    let res = alice.send("GET", "/whoami").await;
+    assert_eq!((res.status.as_u16(), res.body.as_str()), (200, "anonymous"));
+    assert!(res.set_cookie.is_empty(), "{res:?}");
+
+    server.resume();
+    wait_until("breaker closed", || h.is_available()).await;
+    assert_eq!(alice.send("GET", "/whoami").await.body, "alice");
+}
+
+/// Logging out while the breaker is open cannot delete the Redis record:
+/// it fails (503), and the cookie stays, whether the handler read the
+/// session first or not. Once Redis answers, logging out works and the
+/// old cookie is dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_while_redis_is_down_fails_and_keeps_the_session() {
+    let mut server = RedisServer::start();
+    let h = fragile(&server.url()).await;
+    let sessions = redis_sessions(h.clone());
+    let mut alice = Client::new(app(sessions.clone()));
+    alice.send("POST", "/login/alice").await;
+    let cookie = alice.cookie.clone().unwrap();
+    let key = sessions
+        .redis_store()
+        .unwrap()
+        .record_key(&sessions.id_hash_of(&alice.cookie_value().unwrap()).unwrap());
+
+    freeze_until_open(&mut server, &h, &alice.app, &cookie).await;
+    for path in ["/logout", "/read-then-logout"] {
+        let res = alice.send("POST", path).await;
+        assert_eq!(res.status, 503, "{path}: {res:?}");
+        assert!(res.set_cookie.is_empty(), "{path}: {res:?}");
+    }
+    assert_eq!(alice.cookie.as_deref(), Some(cookie.as_str()));
+
+    server.resume();
+    wait_until("breaker closed", || h.is_available()).await;
+    assert_eq!(server.command(&["EXISTS", &key]), Ok(Reply::Int(1)));
+    assert_eq!(alice.send("GET", "/whoami").await.body, "alice");
+    let res = alice.send("POST", "/logout").await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert!(res.set_cookie[0].contains("Max-Age=0"), "{res:?}");
+    assert_eq!(server.command(&["EXISTS", &key]), Ok(Reply::Int(0)));
+    let replay = send_with(&alice.app, "GET", "/whoami", Some(&cookie)).await;
+    assert_eq!(replay.body, "anonymous");
+}
+
+/// A loaded session whose delete fails (Redis froze after the load):
+/// `destroy` reports the error and the response keeps the cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_delete_keeps_the_cookie() {
+    let mut server = RedisServer::start();
+    let h = fragile(&server.url()).await;
+    let sessions = redis_sessions(h.clone());
+    let mut alice = Client::new(app(sessions.clone()));
+    alice.send("POST", "/login/alice").await;
+    let cookie = alice.cookie.clone().unwrap();
+    let gate = Gate::default();
+    let logout = {
+        let app = gated_app(sessions, gate.clone());
+        let cookie = cookie.clone();
+        tokio::spawn(async move { send_with(&app, "POST", "/gated-logout", Some(&cookie)).await })
+    };
+    gate.reached().await;
+    server.pause();
+    gate.release();
+    let res = logout.await.unwrap();
+    server.resume();
+    assert_eq!(res.status, 503, "{res:?}");
+    assert!(res.set_cookie.is_empty(), "{res:?}");
 }

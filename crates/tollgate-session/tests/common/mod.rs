@@ -214,17 +214,6 @@ pub fn app(sessions: Sessions) -> Router {
         .route("/get/{key}", get(get_key))
         .route("/set/{key}/{value}", post(set_key))
         .route(
-            "/slow-set/{key}/{value}",
-            post(
-                |session: Session, Path((key, value)): Path<(String, String)>| async move {
-                    let _: Option<String> = session.get("user").await?;
-                    tokio::time::sleep(Duration::from_millis(1000)).await;
-                    session.insert(&key, &value).await?;
-                    Ok::<_, tollgate_session::Error>("ok")
-                },
-            ),
-        )
-        .route(
             "/login/{user}",
             post(|session: Session, Path(user): Path<String>| async move {
                 session.rotate_id().await?;
@@ -236,6 +225,14 @@ pub fn app(sessions: Sessions) -> Router {
         .route(
             "/logout",
             post(|session: Session| async move {
+                session.destroy().await?;
+                Ok::<_, tollgate_session::Error>("ok")
+            }),
+        )
+        .route(
+            "/read-then-logout",
+            post(|session: Session| async move {
+                let _: Option<String> = session.get("user").await?;
                 session.destroy().await?;
                 Ok::<_, tollgate_session::Error>("ok")
             }),
@@ -297,6 +294,14 @@ impl Client {
 
     pub async fn send(&mut self, method: &str, path: &str) -> Res {
         let res = send_with(&self.app, method, path, self.cookie.as_deref()).await;
+        self.absorb(&res);
+        res
+    }
+
+    /// Applies a response's Set-Cookie headers to the jar, as a browser
+    /// does when that response arrives (also for responses to requests
+    /// sent with [`send_with`]).
+    pub fn absorb(&mut self, res: &Res) {
         for c in &res.set_cookie {
             let pair = c.split(';').next().unwrap().to_owned();
             if c.contains("Max-Age=0") {
@@ -305,7 +310,6 @@ impl Client {
                 self.cookie = Some(pair);
             }
         }
-        res
     }
 }
 
@@ -401,4 +405,79 @@ impl Drop for Monitor {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
+}
+
+/// A rendezvous with one request's handler: it signals once it has loaded
+/// the session, then waits to be released (no sleeping to order requests).
+#[derive(Clone, Default)]
+pub struct Gate {
+    loaded: std::sync::Arc<tokio::sync::Notify>,
+    release: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Gate {
+    /// Waits until the gated handler has loaded its session.
+    pub async fn reached(&self) {
+        self.loaded.notified().await;
+    }
+
+    /// Lets the gated handler go on.
+    pub fn release(&self) {
+        self.release.notify_one();
+    }
+
+    async fn pass(&self) {
+        self.loaded.notify_one();
+        self.release.notified().await;
+    }
+}
+
+/// The test application plus routes whose handlers load the session, stop
+/// at `gate`, then go on: `/gated-set/{key}/{value}` (insert),
+/// `/gated-login/{user}` (rotate, bind), `/gated-logout` (destroy). Use one
+/// gate (and so one such app) per request held.
+pub fn gated_app(sessions: Sessions, gate: Gate) -> Router {
+    let (g1, g2, g3) = (gate.clone(), gate.clone(), gate);
+    Router::new()
+        .route(
+            "/gated-set/{key}/{value}",
+            post(
+                move |session: Session, Path((key, value)): Path<(String, String)>| {
+                    let gate = g1.clone();
+                    async move {
+                        let _: Option<String> = session.get("user").await?;
+                        gate.pass().await;
+                        session.insert(&key, &value).await?;
+                        Ok::<_, tollgate_session::Error>("ok")
+                    }
+                },
+            ),
+        )
+        .route(
+            "/gated-login/{user}",
+            post(move |session: Session, Path(user): Path<String>| {
+                let gate = g2.clone();
+                async move {
+                    session.rotate_id().await?;
+                    gate.pass().await;
+                    session.bind_user(&user).await?;
+                    session.insert("user", &user).await?;
+                    Ok::<_, tollgate_session::Error>("ok")
+                }
+            }),
+        )
+        .route(
+            "/gated-logout",
+            post(move |session: Session| {
+                let gate = g3.clone();
+                async move {
+                    let _: Option<String> = session.get("user").await?;
+                    gate.pass().await;
+                    session.destroy().await?;
+                    Ok::<_, tollgate_session::Error>("ok")
+                }
+            }),
+        )
+        .layer(SessionLayer::new(sessions.clone()))
+        .merge(app(sessions))
 }
