@@ -239,7 +239,8 @@ pub(crate) async fn login_session(session: Session, Json(body): Json<Login>) -> 
     }
 }
 
-/// Logs out: the session is destroyed and the cookie cleared.
+/// Logs out: the session is destroyed and the cookie cleared (503 while
+/// Redis cannot delete a session it holds: the cookie is kept).
 pub(crate) async fn logout(session: Session) -> Response {
     match session.destroy().await {
         Ok(()) => Json(json!({ "logged_out": true })).into_response(),
