@@ -17,11 +17,18 @@ pub enum UsageError {
     /// restart); nothing was applied twice.
     #[error("retry: {0}")]
     Retry(String),
+    /// A write was sent but its outcome is unknown (the answer was lost, or
+    /// a later attempt of the same write could not be sent). It is retried
+    /// under the same id, so it is applied at most once.
+    #[error("usage write unconfirmed")]
+    Unconfirmed(#[source] tollgate_redis::Error),
 }
 
 impl UsageError {
     /// Whether the operation certainly never reached the store (so its
-    /// increments can simply be buffered again).
+    /// increments can simply be buffered again). Only meaningful for a
+    /// first attempt: once a write was sent, every later failure of it is
+    /// reported as [`Unconfirmed`](Self::Unconfirmed).
     pub fn not_sent(&self) -> bool {
         matches!(
             self,
@@ -29,5 +36,17 @@ impl UsageError {
                 tollgate_redis::Error::Unavailable | tollgate_redis::Error::Overloaded
             )
         )
+    }
+
+    /// This error, for an attempt of a write that was already sent once:
+    /// "never sent" no longer means "never applied".
+    pub(crate) fn after_sent(self) -> Self {
+        match self {
+            e if e.not_sent() => match e {
+                UsageError::Store(e) => UsageError::Unconfirmed(e),
+                other => other,
+            },
+            other => other,
+        }
     }
 }

@@ -235,8 +235,10 @@ impl UsageLayer {
     }
 
     /// When a hard quota cannot be checked (Redis unavailable): refuse with
-    /// 503 instead of letting the request through (default: through, and
-    /// counted).
+    /// 503, not counted, instead of letting the request through (default:
+    /// through, and counted). See
+    /// [`UsageTracker::try_consume_or_refuse`](crate::UsageTracker::try_consume_or_refuse)
+    /// for a check whose answer was lost.
     #[must_use]
     pub fn fail_closed(self, on: bool) -> Self {
         self.edit(|c| c.fail_closed = on)

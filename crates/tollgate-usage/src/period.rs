@@ -85,7 +85,10 @@ impl PeriodKind {
         PeriodKind::Daily
     }
 
-    /// The period containing the Unix millisecond `ms`.
+    /// The period containing the Unix millisecond `ms`. For a time outside
+    /// the supported calendar (see
+    /// [`checked_period_at`](Self::checked_period_at)) it is the period of
+    /// the Unix epoch: use `checked_period_at` for times from outside.
     ///
     /// ```
     /// use tollgate_usage::PeriodKind;
@@ -96,12 +99,31 @@ impl PeriodKind {
     /// assert_eq!(jan.end_ms, feb.start_ms);
     /// ```
     pub fn period_at(&self, ms: i64) -> Period {
-        let dt = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        self.checked_period_at(ms)
+            .or_else(|| self.checked_period_at(0))
+            .unwrap_or(Period {
+                start_ms: 0,
+                end_ms: 0,
+                label: String::new(),
+            })
+    }
+
+    /// The period containing the Unix millisecond `ms`, or `None` when the
+    /// period or its end is outside the supported calendar (years -9999 to
+    /// 9999): a timestamp in microseconds or nanoseconds, for instance.
+    ///
+    /// ```
+    /// use tollgate_usage::PeriodKind;
+    /// let now_us = 1_769_904_000_000_000; // microseconds, not milliseconds
+    /// assert!(PeriodKind::monthly().checked_period_at(now_us).is_none());
+    /// assert!(PeriodKind::monthly().checked_period_at(1_769_904_000_000).is_some());
+    /// ```
+    pub fn checked_period_at(&self, ms: i64) -> Option<Period> {
+        let dt = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
         let date = dt.date();
-        match *self {
+        Some(match *self {
             PeriodKind::Daily => {
-                let next = date.next_day().unwrap_or(date);
+                let next = date.next_day()?;
                 Period {
                     start_ms: midnight_ms(date),
                     end_ms: midnight_ms(next),
@@ -110,13 +132,13 @@ impl PeriodKind {
             }
             PeriodKind::Monthly { anchor_day } => {
                 let (y, m) = (date.year(), date.month());
-                let this = anchored(y, m, anchor_day);
+                let this = anchored(y, m, anchor_day)?;
                 let (start, end) = if date >= this {
                     let (ny, nm) = next_month(y, m);
-                    (this, anchored(ny, nm, anchor_day))
+                    (this, anchored(ny, nm, anchor_day)?)
                 } else {
                     let (py, pm) = prev_month(y, m);
-                    (anchored(py, pm, anchor_day), this)
+                    (anchored(py, pm, anchor_day)?, this)
                 };
                 let label = if anchor_day == 1 {
                     format!("{:04}-{:02}", start.year(), u8::from(start.month()))
@@ -129,7 +151,7 @@ impl PeriodKind {
                     label,
                 }
             }
-        }
+        })
     }
 }
 
@@ -141,9 +163,9 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn anchored(year: i32, month: Month, day: u8) -> Date {
+fn anchored(year: i32, month: Month, day: u8) -> Option<Date> {
     let day = day.min(month.length(year));
-    Date::from_calendar_date(year, month, day).unwrap_or(Date::MIN)
+    Date::from_calendar_date(year, month, day).ok()
 }
 
 fn next_month(year: i32, month: Month) -> (i32, Month) {
@@ -253,6 +275,25 @@ mod tests {
             })
         ));
         assert!(PeriodKind::monthly_anchored(32).is_err());
+    }
+
+    #[test]
+    fn times_outside_the_calendar_have_no_period() {
+        // Microseconds since the epoch, read as milliseconds: year ~58,000.
+        let us = 1_769_904_000_000_000;
+        // The last day and month the calendar has: their end is not in it.
+        let last_day = ms(9999, Month::December, 31, 12, 0, 0, 0);
+        for k in [PeriodKind::monthly(), PeriodKind::daily()] {
+            assert_eq!(k.checked_period_at(us), None);
+            assert_eq!(k.checked_period_at(last_day), None);
+            assert_eq!(k.checked_period_at(i64::MIN), None);
+        }
+        assert_eq!(PeriodKind::monthly().period_at(us).label, "1970-01");
+        let p = PeriodKind::daily()
+            .checked_period_at(ms(9999, Month::December, 30, 12, 0, 0, 0))
+            .expect("in range");
+        assert_eq!(p.label, "9999-12-30");
+        assert!(p.end_ms > p.start_ms);
     }
 
     proptest::proptest! {

@@ -123,9 +123,7 @@ impl Post {
         if self.cfg.per_status_class {
             tracker.record(&self.tenant, status_class(res.status()), 1);
         }
-        if res.status() == StatusCode::TOO_MANY_REQUESTS
-            && res.headers().contains_key("x-ratelimit-limit")
-        {
+        if res.status() == StatusCode::TOO_MANY_REQUESTS && is_rate_limit_denial(res.headers()) {
             tracker.record(&self.tenant, RATE_LIMITED, 1);
         }
         if let Some((limit, total)) = self.quota {
@@ -291,23 +289,29 @@ where
     let tracker = &cfg.tracker;
     let tenant = post.tenant.clone();
     let total = match hard_limit {
-        Some(limit) => match tracker.try_consume(&tenant, API_REQUEST, 1, limit).await {
-            QuotaOutcome::Allowed { total } => Some(total),
-            QuotaOutcome::Exceeded { total } => {
-                return Ok(quota_response(cfg.quota_status, tracker, limit, total));
+        Some(limit) => {
+            // Failing closed, a request the store cannot decide on is
+            // refused, and so not counted.
+            let outcome = tracker
+                .consume(&tenant, API_REQUEST, 1, limit, cfg.fail_closed)
+                .await;
+            match outcome {
+                QuotaOutcome::Allowed { total } => Some(total),
+                QuotaOutcome::Exceeded { total } => {
+                    return Ok(quota_response(cfg.quota_status, tracker, limit, total));
+                }
+                QuotaOutcome::Unavailable if cfg.fail_closed => {
+                    return Ok(unavailable_response());
+                }
+                QuotaOutcome::Unavailable => None,
             }
-            QuotaOutcome::Unavailable if cfg.fail_closed => {
-                return Ok(unavailable_response());
-            }
-            QuotaOutcome::Unavailable => None,
+        }
+        None => match tracker.config().mode {
+            WriteMode::Batched => Some(tracker.record(&tenant, API_REQUEST, 1)),
+            // Written (or, on failure, kept for a later write) but no
+            // total known: no quota headers rather than a made-up total.
+            WriteMode::Sync => tracker.record_now(&tenant, API_REQUEST, 1).await.ok(),
         },
-        None => Some(match tracker.config().mode {
-            WriteMode::Batched => tracker.record(&tenant, API_REQUEST, 1),
-            WriteMode::Sync => match tracker.record_now(&tenant, API_REQUEST, 1).await {
-                Ok(t) => t,
-                Err(_) => tracker.record(&tenant, API_REQUEST, 0),
-            },
-        }),
     };
     post.quota = match (post.quota, total) {
         (Some((limit, _)), Some(total)) => Some((limit, total)),
@@ -316,6 +320,15 @@ where
     let mut res = inner.call(req).await?;
     post.finish(&mut res);
     Ok(res)
+}
+
+/// Whether a 429 comes from a rate limiter: it carries the limiter's
+/// headers, legacy (`X-RateLimit-Limit`) or IETF (`RateLimit`,
+/// `RateLimit-Policy`).
+fn is_rate_limit_denial(h: &http::HeaderMap) -> bool {
+    h.contains_key("x-ratelimit-limit")
+        || h.contains_key("ratelimit")
+        || h.contains_key("ratelimit-policy")
 }
 
 fn status_class(s: StatusCode) -> &'static str {

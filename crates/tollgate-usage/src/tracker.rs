@@ -1,7 +1,7 @@
 //! The tracker: in-process aggregation, the background flusher, hard
 //! quotas and reporting.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -13,8 +13,14 @@ use tokio::sync::Notify;
 use crate::error::UsageError;
 use crate::period::{Period, PeriodKind, now_ms};
 use crate::store::{
-    Batch, MemoryStore, QuotaAnswer, QuotaOp, RedisStore, Store, TenantIncrements, Totals,
+    Batch, MARKER_TTL_SECS, MemoryStore, QuotaAnswer, QuotaOp, RedisStore, Store, TenantIncrements,
+    Totals,
 };
+
+/// The longest a write whose outcome is unknown is retried: the lifetime
+/// of the markers that make a retry harmless, minus an hour for the retry
+/// itself. Past it, a retry could count the units a second time.
+const MAX_RETRY_AGE: Duration = Duration::from_secs(MARKER_TTL_SECS.unsigned_abs() - 3600);
 
 /// When increments reach Redis.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -41,6 +47,7 @@ pub struct UsageConfig {
     pub(crate) top: bool,
     pub(crate) mode: WriteMode,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) max_retry_age: Duration,
 }
 
 impl Default for UsageConfig {
@@ -54,6 +61,7 @@ impl Default for UsageConfig {
             top: true,
             mode: WriteMode::Batched,
             shutdown_timeout: Duration::from_secs(10),
+            max_retry_age: MAX_RETRY_AGE,
         }
     }
 }
@@ -106,6 +114,16 @@ impl UsageConfig {
         self.shutdown_timeout = d;
         self
     }
+    /// How long a write that was sent but not confirmed (its answer was
+    /// lost) keeps being retried under its id. Default and maximum: 47
+    /// hours, an hour less than the lifetime of the markers that make such
+    /// a retry count once. Past it the units are counted as dropped, even
+    /// though the first attempt may have been applied: retrying then could
+    /// count them twice.
+    pub fn max_retry_age(mut self, d: Duration) -> Self {
+        self.max_retry_age = d.min(MAX_RETRY_AGE);
+        self
+    }
 }
 
 /// Counters of the tracker itself (also exported through `metrics`).
@@ -117,8 +135,10 @@ pub struct UsageStats {
     pub flushed: u64,
     /// Flushes that failed (and will be retried).
     pub flush_errors: u64,
-    /// Units that could not be kept (buffer full, or still unwritten at the
-    /// end of shutdown).
+    /// Units that could not be kept: buffer full, recorded for a time
+    /// outside the supported calendar, still unwritten at the end of
+    /// shutdown or recorded after it, or unconfirmed for longer than
+    /// [`UsageConfig::max_retry_age`].
     pub dropped: u64,
     /// Units waiting to be written.
     pub pending: u64,
@@ -137,9 +157,40 @@ pub enum QuotaOutcome {
         /// Current total.
         total: i64,
     },
-    /// The store could not decide (Redis unavailable). The increment was
-    /// counted anyway (buffered); the caller chooses to fail open or closed.
+    /// The store could not decide (Redis unavailable). After
+    /// [`UsageTracker::try_consume`] the increment is counted anyway (it is
+    /// written later, once); after
+    /// [`UsageTracker::try_consume_or_refuse`] it is not counted.
     Unavailable,
+}
+
+/// A write that was sent, or may have been, and awaits confirmation.
+#[derive(Clone, Debug)]
+struct Unconfirmed<T> {
+    write: T,
+    /// When it was queued: when it was first sent, or at most a store
+    /// deadline after (covered by the margin in [`MAX_RETRY_AGE`]). Its
+    /// markers live [`MARKER_TTL_SECS`] from when it was applied, if it was.
+    since: tokio::time::Instant,
+}
+
+impl<T> Unconfirmed<T> {
+    fn new(write: T) -> Self {
+        Unconfirmed {
+            write,
+            since: tokio::time::Instant::now(),
+        }
+    }
+}
+
+/// A quota operation to settle after its answer was lost.
+#[derive(Clone, Debug)]
+enum Replay {
+    /// The request was served: apply the operation (once, unconditionally).
+    Apply(QuotaOp),
+    /// The request was refused: undo the operation if it was applied, and
+    /// keep it from applying if it is still on its way.
+    Withdraw(QuotaOp),
 }
 
 #[derive(Debug)]
@@ -259,14 +310,20 @@ struct Inner {
     /// buffer and triggers a flush. Written only when a counter becomes
     /// pending or is flushed, not on every increment.
     dirty: AtomicUsize,
-    pending: Mutex<std::collections::VecDeque<Batch>>,
-    replays: Mutex<Vec<QuotaOp>>,
+    /// Batches that were (or may have been) sent, oldest first: retried
+    /// under their id until confirmed, never merged back into the buffer.
+    pending: Mutex<VecDeque<Unconfirmed<Batch>>>,
+    /// Quota operations whose answer was lost, oldest first.
+    replays: Mutex<VecDeque<Unconfirmed<Replay>>>,
     current: RwLock<CurrentPeriod>,
     instance: u64,
     seq: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
     notify: Notify,
     closed: AtomicBool,
+    /// Set once shutdown has flushed: increments made from then on are
+    /// counted as dropped (nothing would write them).
+    finished: AtomicBool,
     flushed: AtomicU64,
     flush_errors: AtomicU64,
     dropped: AtomicU64,
@@ -303,23 +360,24 @@ impl UsageTracker {
             config,
             shards: (0..shard_count()).map(|_| Shard::default()).collect(),
             dirty: AtomicUsize::new(0),
-            pending: Mutex::new(Default::default()),
-            replays: Mutex::new(Vec::new()),
+            pending: Mutex::new(VecDeque::new()),
+            replays: Mutex::new(VecDeque::new()),
             current: RwLock::new(current),
             instance: rand::random(),
             seq: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
             flushed: AtomicU64::new(0),
             flush_errors: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             pending_units: AtomicI64::new(0),
             exported: Mutex::new(UsageStats::default()),
         });
-        if inner.config.mode == WriteMode::Batched || inner.store.is_redis() {
-            tokio::spawn(flusher(Arc::downgrade(&inner)));
-        }
+        // In every mode and with every store: even synchronous mode buffers
+        // (per-route and status counters, custom metrics, failed writes).
+        tokio::spawn(flusher(Arc::downgrade(&inner)));
         UsageTracker { inner }
     }
 
@@ -379,7 +437,10 @@ impl UsageTracker {
     }
 
     /// [`record`](Self::record) at an explicit time (Unix ms), for imports
-    /// and tests of period boundaries.
+    /// and tests of period boundaries. A time whose period is outside the
+    /// supported calendar ([`PeriodKind::checked_period_at`]), such as a
+    /// timestamp in microseconds, is never written: its units are counted
+    /// as dropped and 0 is returned.
     pub fn record_at(&self, tenant: &str, metric: &str, n: i64, at_ms: i64) -> i64 {
         if n == 0 {
             return 0;
@@ -387,12 +448,22 @@ impl UsageTracker {
         self.add(tenant, metric, At::Time(at_ms), n, Units::Fresh)
     }
 
-    fn period_for(&self, at_ms: i64) -> (Arc<str>, i64) {
-        let p = self.recent_period(at_ms);
-        (p.label, p.expire_at)
+    /// The period of now (always in the calendar).
+    fn period_for(&self, now: i64) -> (Arc<str>, i64) {
+        let (cur, _) = self.current(now);
+        (cur.label.clone(), cur.expire_at)
     }
 
-    fn recent_period(&self, at_ms: i64) -> RecentPeriod {
+    /// The period containing `at_ms`, if it is in the supported calendar.
+    fn recent_period(&self, at_ms: i64) -> Option<RecentPeriod> {
+        let in_current = self
+            .inner
+            .current
+            .read()
+            .is_ok_and(|c| c.period.contains(at_ms));
+        if !in_current {
+            self.inner.config.period.checked_period_at(at_ms)?;
+        }
         let (cur, _) = self.current(at_ms);
         let c;
         let c = if cur.period.contains(at_ms) {
@@ -401,12 +472,12 @@ impl UsageTracker {
             c = Self::make_current(&self.inner.config, at_ms);
             &c
         };
-        RecentPeriod {
+        Some(RecentPeriod {
             start_ms: c.period.start_ms,
             end_ms: c.period.end_ms,
             label: c.label.clone(),
             expire_at: c.expire_at,
-        }
+        })
     }
 
     /// Buffers `n` units that could not be written now, in the period
@@ -461,6 +532,12 @@ impl UsageTracker {
         let Ok(mut buf) = shard.lock() else {
             return 0;
         };
+        // Checked under the share's lock: shutdown sets the flag before it
+        // takes each share for the last time, so an increment either lands
+        // before that and is flushed, or sees the flag here.
+        if units == Units::Fresh && inner.finished.load(Ordering::Acquire) {
+            return self.drop_units(n, units, &mut buf.added_pending);
+        }
         let Buffer {
             tenants,
             dirty,
@@ -475,7 +552,11 @@ impl UsageTracker {
                     .as_ref()
                     .is_some_and(|r| (r.start_ms..r.end_ms).contains(&ms))
                 {
-                    *recent = Some(self.recent_period(ms));
+                    match self.recent_period(ms) {
+                        Some(r) => *recent = Some(r),
+                        // Outside the calendar: written nowhere, counted.
+                        None => return self.drop_units(n, units, added_pending),
+                    }
                 }
                 match recent.as_ref() {
                     Some(r) => (&r.label, r.expire_at),
@@ -588,10 +669,7 @@ impl UsageTracker {
             }
             Err(e) => {
                 // It may have been applied: retry the same batch later.
-                self.inner.pending_units.fetch_add(n, Ordering::Relaxed);
-                if let Ok(mut p) = self.inner.pending.lock() {
-                    p.push_back(batch);
-                }
+                self.push_pending(batch);
                 Err(e)
             }
         }
@@ -599,13 +677,47 @@ impl UsageTracker {
 
     /// Checks a hard quota and consumes `n` units when the total stays
     /// within `limit`, atomically across instances (one coalesced script
-    /// call).
+    /// call). When the store cannot decide
+    /// ([`Unavailable`](QuotaOutcome::Unavailable)) the units are counted
+    /// anyway, exactly once: for a caller that then serves the request
+    /// (fails open).
     pub async fn try_consume(
         &self,
         tenant: &str,
         metric: &str,
         n: i64,
         limit: i64,
+    ) -> QuotaOutcome {
+        self.consume(tenant, metric, n, limit, false).await
+    }
+
+    /// [`try_consume`](Self::try_consume) for a caller that refuses the
+    /// request when the store cannot decide (fails closed): then nothing
+    /// is counted. If the check was sent and its answer lost, it may have
+    /// been applied in Redis; the flusher withdraws it (undoes its
+    /// increment, or keeps it from applying if it arrives later), so the
+    /// refused request is not counted once that succeeds. Until then (at
+    /// most [`UsageConfig::max_retry_age`]) the tenant's total may include
+    /// it.
+    pub async fn try_consume_or_refuse(
+        &self,
+        tenant: &str,
+        metric: &str,
+        n: i64,
+        limit: i64,
+    ) -> QuotaOutcome {
+        self.consume(tenant, metric, n, limit, true).await
+    }
+
+    /// [`try_consume`](Self::try_consume), or with `refuse`
+    /// [`try_consume_or_refuse`](Self::try_consume_or_refuse).
+    pub(crate) async fn consume(
+        &self,
+        tenant: &str,
+        metric: &str,
+        n: i64,
+        limit: i64,
+        refuse: bool,
     ) -> QuotaOutcome {
         let (label, expire_at) = self.period_for(now_ms());
         let op = QuotaOp {
@@ -642,18 +754,21 @@ impl UsageTracker {
                 QuotaOutcome::Exceeded { total }
             }
             Err(e) if e.not_sent() => {
-                // Counted in the buffer like any other increment.
-                self.buffer_units(tenant, metric, &label, expire_at, n);
+                if !refuse {
+                    // Counted in the buffer like any other increment.
+                    self.buffer_units(tenant, metric, &label, expire_at, n);
+                }
                 QuotaOutcome::Unavailable
             }
             Err(_) => {
                 // The answer was lost: the increment may have been applied.
-                // Replay the same operation later, unconditionally; its
-                // marker makes sure it counts once.
-                self.inner.pending_units.fetch_add(n, Ordering::Relaxed);
-                if let Ok(mut r) = self.inner.replays.lock() {
-                    r.push(QuotaOp { limit: None, ..op });
-                }
+                // Settle the same operation later; its marker makes sure it
+                // counts once (served) or not at all (refused).
+                self.push_replay(if refuse {
+                    Replay::Withdraw(op)
+                } else {
+                    Replay::Apply(QuotaOp { limit: None, ..op })
+                });
                 QuotaOutcome::Unavailable
             }
         }
@@ -795,6 +910,10 @@ impl UsageTracker {
     }
 
     async fn flush_locked(&self) -> Result<(), UsageError> {
+        let max_age = self.inner.config.max_retry_age;
+        // Batches sent before: retried under their id whatever the error
+        // (even "not sent": an earlier attempt may have been applied), so
+        // they never count twice.
         loop {
             let next = self
                 .inner
@@ -802,35 +921,31 @@ impl UsageTracker {
                 .lock()
                 .ok()
                 .and_then(|p| p.front().cloned());
-            let Some(batch) = next else { break };
-            let sent = self.apply(&batch).await;
-            if let Ok(mut p) = self.inner.pending.lock() {
-                p.pop_front();
+            let Some(p) = next else { break };
+            if p.since.elapsed() >= max_age {
+                self.give_up_batch(&p.write);
+                continue;
             }
-            match sent {
-                Ok(()) => {}
-                Err(e) if e.not_sent() => {
-                    // Never reached Redis: this one can merge back.
-                    self.restore(batch);
-                    return Err(e);
-                }
-                Err(e) => {
-                    if let Ok(mut p) = self.inner.pending.lock() {
-                        p.push_front(batch);
-                    }
-                    return Err(e);
-                }
-            }
+            self.apply(&p.write).await?;
+            self.remove_pending(&p.write.id);
         }
-        let replays: Vec<QuotaOp> = self
-            .inner
-            .replays
-            .lock()
-            .map(|mut r| std::mem::take(&mut *r))
-            .unwrap_or_default();
-        for (i, op) in replays.iter().enumerate() {
-            match self.inner.store.quota(op.clone()).await {
-                Ok(_) => {
+        // Quota operations whose answer was lost: the same op id again.
+        loop {
+            let next = self
+                .inner
+                .replays
+                .lock()
+                .ok()
+                .and_then(|r| r.front().cloned());
+            let Some(r) = next else { break };
+            if r.since.elapsed() >= max_age {
+                self.give_up_replay(&r.write);
+                continue;
+            }
+            match &r.write {
+                Replay::Apply(op) => {
+                    self.inner.store.quota(op.clone()).await?;
+                    self.remove_replay(&op.op_id);
                     self.inner.pending_units.fetch_sub(op.n, Ordering::Relaxed);
                     self.inner
                         .flushed
@@ -845,29 +960,123 @@ impl UsageTracker {
                         );
                     }
                 }
-                Err(e) => {
-                    if let Ok(mut r) = self.inner.replays.lock() {
-                        r.extend(replays[i..].iter().cloned());
-                    }
-                    return Err(e);
+                Replay::Withdraw(op) => {
+                    self.inner.store.withdraw_quota(op).await?;
+                    self.remove_replay(&op.op_id);
                 }
             }
         }
         let Some(batch) = self.take() else {
             return Ok(());
         };
+        // Pending before the first attempt: if this flush is dropped while
+        // it waits for the store, the batch is retried under its id, not
+        // lost.
+        let id = batch.id.clone();
+        if let Ok(mut p) = self.inner.pending.lock() {
+            p.push_back(Unconfirmed::new(batch.clone()));
+        }
         match self.apply(&batch).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.remove_pending(&id);
+                Ok(())
+            }
             Err(e) if e.not_sent() => {
+                // First attempt, never sent: it can merge back.
+                self.remove_pending(&id);
                 self.restore(batch);
                 Err(e)
             }
-            Err(e) => {
-                if let Ok(mut p) = self.inner.pending.lock() {
-                    p.push_back(batch);
-                }
-                Err(e)
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes a confirmed (or abandoned) batch from the retry queue.
+    fn remove_pending(&self, id: &str) {
+        if let Ok(mut p) = self.inner.pending.lock()
+            && let Some(i) = p.iter().position(|b| b.write.id == id)
+        {
+            p.remove(i);
+        }
+    }
+
+    /// Removes a settled (or abandoned) quota operation from its queue.
+    fn remove_replay(&self, op_id: &str) {
+        if let Ok(mut r) = self.inner.replays.lock()
+            && let Some(i) = r.iter().position(|r| match &r.write {
+                Replay::Apply(op) | Replay::Withdraw(op) => op.op_id == op_id,
+            })
+        {
+            r.remove(i);
+        }
+    }
+
+    /// A batch unconfirmed for too long: its markers may be gone, so a
+    /// retry could count it twice. Counted as dropped instead.
+    fn give_up_batch(&self, batch: &Batch) {
+        let units = batch.units();
+        tracing::error!(
+            batch = %batch.id,
+            units,
+            "usage batch unconfirmed for too long: counted as dropped"
+        );
+        self.remove_pending(&batch.id);
+        self.inner.pending_units.fetch_sub(units, Ordering::Relaxed);
+        self.inner
+            .dropped
+            .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
+    }
+
+    /// A quota operation unsettled for too long (see
+    /// [`give_up_batch`](Self::give_up_batch)).
+    fn give_up_replay(&self, replay: &Replay) {
+        match replay {
+            Replay::Apply(op) => {
+                tracing::error!(op = %op.op_id, units = op.n, "quota operation unconfirmed for too long: counted as dropped");
+                self.remove_replay(&op.op_id);
+                self.inner.pending_units.fetch_sub(op.n, Ordering::Relaxed);
+                self.inner
+                    .dropped
+                    .fetch_add(op.n.unsigned_abs(), Ordering::Relaxed);
             }
+            Replay::Withdraw(op) => {
+                tracing::error!(op = %op.op_id, units = op.n, "refused request's quota operation could not be withdrawn: it may stay counted");
+                self.remove_replay(&op.op_id);
+            }
+        }
+    }
+
+    /// Queues a batch that was sent but not confirmed, for a retry under
+    /// its id (after shutdown, nothing would retry it: counted as dropped).
+    fn push_pending(&self, batch: Batch) {
+        let units = batch.units();
+        if self.inner.finished.load(Ordering::Acquire) {
+            self.inner
+                .dropped
+                .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
+            return;
+        }
+        self.inner.pending_units.fetch_add(units, Ordering::Relaxed);
+        if let Ok(mut p) = self.inner.pending.lock() {
+            p.push_back(Unconfirmed::new(batch));
+        }
+    }
+
+    /// Queues a quota operation whose answer was lost (see
+    /// [`push_pending`](Self::push_pending)).
+    fn push_replay(&self, replay: Replay) {
+        let finished = self.inner.finished.load(Ordering::Acquire);
+        if let Replay::Apply(op) = &replay {
+            if finished {
+                self.inner
+                    .dropped
+                    .fetch_add(op.n.unsigned_abs(), Ordering::Relaxed);
+                return;
+            }
+            self.inner.pending_units.fetch_add(op.n, Ordering::Relaxed);
+        }
+        if let Ok(mut r) = self.inner.replays.lock() {
+            r.push_back(Unconfirmed::new(replay));
         }
     }
 
@@ -920,32 +1129,61 @@ impl UsageTracker {
 
     /// Stops the flusher and writes everything pending, retrying until the
     /// shutdown timeout. Whatever is still unwritten then is counted as
-    /// dropped (and logged), never silently lost.
+    /// dropped (and logged), never silently lost, and is never written
+    /// later. Increments recorded after shutdown are counted as dropped
+    /// too: nothing would write them.
     pub async fn shutdown(&self) -> UsageStats {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.notify.notify_one();
         let deadline = tokio::time::Instant::now() + self.inner.config.shutdown_timeout;
         loop {
             let ok = self.flush().await.is_ok();
-            let s = self.stats();
-            if ok && s.pending == 0 {
-                break;
+            if ok && self.stats().pending == 0 {
+                if self.inner.finished.swap(true, Ordering::AcqRel) {
+                    break;
+                }
+                // From now on increments are dropped; one more flush
+                // writes those made since the last one.
+                continue;
             }
             if tokio::time::Instant::now() >= deadline {
-                tracing::error!(
-                    units = s.pending,
-                    "usage still unwritten at shutdown: counted as dropped"
-                );
-                self.inner.dropped.fetch_add(s.pending, Ordering::Relaxed);
-                // Nothing is pending any more, in either share.
-                self.each_shard(|b| b.added_pending = 0);
-                self.inner.pending_units.store(0, Ordering::Relaxed);
-                self.export();
+                self.inner.finished.store(true, Ordering::Release);
+                self.drop_unwritten().await;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.stats()
+    }
+
+    /// Counts everything unwritten as dropped and forgets it: the buffer,
+    /// the batches awaiting a retry and the lost quota operations.
+    async fn drop_unwritten(&self) {
+        let _guard = self.inner.flush_lock.lock().await;
+        let mut units = self.take().map_or(0, |b| b.units());
+        if let Ok(mut p) = self.inner.pending.lock() {
+            units += p.drain(..).map(|b| b.write.units()).sum::<i64>();
+        }
+        let mut withdrawals = 0;
+        if let Ok(mut r) = self.inner.replays.lock() {
+            for r in r.drain(..) {
+                match r.write {
+                    Replay::Apply(op) => units += op.n,
+                    Replay::Withdraw(_) => withdrawals += 1,
+                }
+            }
+        }
+        self.each_shard(|b| b.added_pending = 0);
+        self.inner.pending_units.store(0, Ordering::Relaxed);
+        self.inner
+            .dropped
+            .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
+        tracing::error!(
+            units,
+            withdrawals,
+            "usage still unwritten at shutdown: counted as dropped"
+        );
+        self.export();
     }
 
     /// A tenant's usage in a period (default: the current one): one HGETALL.
@@ -987,16 +1225,20 @@ impl UsageTracker {
     }
 
     /// CSV (`tenant,period,metric,value`) of several tenants' usage in a
-    /// period.
+    /// period. Text fields are quoted when needed, and those a spreadsheet
+    /// would read as a formula (starting with `=`, `+`, `-`, `@`, a tab or
+    /// a carriage return) are prefixed with `'`: tenant ids come from
+    /// clients.
     pub async fn csv(&self, tenants: &[&str], period: Option<&str>) -> Result<String, UsageError> {
         let label = match period {
             Some(p) => p.to_owned(),
             None => self.current_period().label,
         };
         let mut out = String::from("tenant,period,metric,value\n");
+        let period = csv_field(&label);
         for t in tenants {
             for (m, v) in self.inner.store.usage(t, &label).await? {
-                let _ = writeln!(out, "{},{},{},{}", csv_field(t), label, csv_field(&m), v);
+                let _ = writeln!(out, "{},{},{},{}", csv_field(t), period, csv_field(&m), v);
             }
         }
         Ok(out)
@@ -1030,11 +1272,20 @@ fn merge(into: &mut Vec<(Arc<str>, i64)>, more: Vec<(Arc<str>, i64)>) {
     }
 }
 
+/// A text field of the CSV export: neutralised when a spreadsheet would
+/// run it as a formula (OWASP "CSV injection"), quoted when it holds a
+/// separator, a quote or a line break.
 fn csv_field(s: &str) -> String {
+    let formula = s.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let s = if formula {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_owned()
+        s
     }
 }
 

@@ -106,6 +106,27 @@ impl MemoryStore {
         }
     }
 
+    pub(super) fn withdraw_quota(&self, op: &QuotaOp) -> bool {
+        let Ok(mut s) = self.inner.lock() else {
+            return false;
+        };
+        if !s.mark(format!("qx:{}:{}", op.tenant, op.op_id)) {
+            return false;
+        }
+        // Marked as if applied: a late arrival of the operation is a no-op.
+        if s.mark(format!("q:{}:{}", op.tenant, op.op_id)) {
+            return false;
+        }
+        if let Some(v) = s
+            .usage
+            .get_mut(&(op.tenant.clone(), op.period.clone()))
+            .and_then(|m| m.get_mut(op.metric.as_ref()))
+        {
+            *v -= op.n;
+        }
+        true
+    }
+
     pub(super) fn usage(&self, tenant: &str, period: &str) -> BTreeMap<String, i64> {
         self.inner
             .lock()

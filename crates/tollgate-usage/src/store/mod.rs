@@ -113,6 +113,17 @@ impl Store {
         }
     }
 
+    /// Withdraws a quota operation whose answer was lost, for a request
+    /// that was refused: its increment is undone if it was applied, and it
+    /// will not apply if it arrives later. Returns whether an increment was
+    /// undone. Harmless to repeat.
+    pub async fn withdraw_quota(&self, op: &QuotaOp) -> Result<bool, UsageError> {
+        match self {
+            Store::Redis(s) => s.withdraw_quota(op).await,
+            Store::Memory(s) => Ok(s.withdraw_quota(op)),
+        }
+    }
+
     /// A tenant's usage in a period, by metric.
     pub async fn usage(
         &self,

@@ -2,7 +2,8 @@
 //!
 //! - `{tenant}:{period}`: hash, one field per metric (tenant hash tag);
 //! - `{tenant}:b:{batch}:{period}`: marker of an applied flush batch;
-//! - `{tenant}:q:{op}`: marker of an applied quota operation;
+//! - `{tenant}:q:{op}`: marker of an applied (`1`) or withdrawn (`x`) quota
+//!   operation;
 //! - `{top:{metric}:{period}}`: sorted set of tenants by usage, and
 //!   `{top:{metric}:{period}}:b:{batch}` its batch markers.
 //!
@@ -28,6 +29,8 @@ static FLUSH_TOP: LazyLock<Script> =
     LazyLock::new(|| Script::new("usage_flush_top", include_str!("flush_top.lua")));
 static QUOTA: LazyLock<Script> =
     LazyLock::new(|| Script::new("usage_quota", include_str!("quota.lua")));
+static QUOTA_WITHDRAW: LazyLock<Script> =
+    LazyLock::new(|| Script::new("usage_quota_withdraw", include_str!("quota_withdraw.lua")));
 
 /// The Redis store. Cheap to clone.
 #[derive(Clone)]
@@ -78,11 +81,18 @@ impl RedisStore {
         self.keys.tagged(&format!("top:{metric}:{period}"), &[])
     }
 
+    /// Applies a batch. A [`not_sent`](UsageError::not_sent) error means
+    /// nothing of it reached Redis; once a first attempt was sent (and may
+    /// have been applied in part), every failure is
+    /// [`Unconfirmed`](UsageError::Unconfirmed) or another error that is
+    /// not "not sent", so the caller retries the batch under the same id.
     pub(super) async fn apply(&self, batch: &Batch) -> Result<Totals, UsageError> {
         match self.apply_once(batch).await {
             // Scripts were missing (first use, or Redis restarted) and are
             // loaded now: the same batch again is harmless.
-            Err(UsageError::Retry(_)) => self.apply_once(batch).await,
+            Err(UsageError::Retry(_)) => {
+                self.apply_once(batch).await.map_err(UsageError::after_sent)
+            }
             other => other,
         }
     }
@@ -130,7 +140,8 @@ impl RedisStore {
             .iter()
             .any(|r| matches!(r, Err(e) if e.details().starts_with("NOSCRIPT")))
         {
-            self.load_scripts().await?;
+            // The pipeline was sent: parts of the batch may be applied.
+            self.load_scripts().await.map_err(UsageError::after_sent)?;
             return Err(UsageError::Retry("scripts were reloaded".into()));
         }
         let with_hash: Vec<_> = batch
@@ -177,6 +188,20 @@ impl RedisStore {
 
     pub(super) async fn quota(&self, op: QuotaOp) -> Result<QuotaAnswer, UsageError> {
         Ok(self.quota.submit(op).await?)
+    }
+
+    pub(super) async fn withdraw_quota(&self, op: &QuotaOp) -> Result<bool, UsageError> {
+        let keys = vec![
+            self.keys.tagged(&op.tenant, &["q", &op.op_id]),
+            self.keys.tagged(&op.tenant, &[&op.period]),
+        ];
+        let args: Vec<Value> = vec![
+            MARKER_TTL_SECS.into(),
+            op.metric.as_ref().into(),
+            op.n.into(),
+        ];
+        let undone: i64 = self.handle.eval(&QUOTA_WITHDRAW, keys, args).await?;
+        Ok(undone == 1)
     }
 
     pub(super) async fn usage(

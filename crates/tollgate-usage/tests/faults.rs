@@ -1,0 +1,503 @@
+//! Usage tracking when writes fail or are cut short (answers lost, breaker
+//! open, scripts missing, shutdown, cancelled flushes), and input from
+//! outside (timestamps, tenant ids in exports, rate limiter headers).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use tollgate_redis::{RedisConfig, RedisHandle};
+use tollgate_testkit::{LatencyProxy, RedisServer};
+use tollgate_usage::{
+    Batch, Enforcement, MemoryStore, Plan, Plans, RedisStore, Store, TenantIncrements,
+    TenantSource, UsageConfig, UsageLayer, UsageTracker, WriteMode, now_ms,
+};
+use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+use tollgate_testkit::connect as handle;
+
+/// Waits (at most 30 s, far beyond what any step needs) until `done`.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A handle through `proxy` with a short deadline, so a delayed answer is
+/// a lost one.
+async fn through(proxy: &LatencyProxy, deadline: Duration, threshold: u32) -> RedisHandle {
+    RedisHandle::connect(
+        RedisConfig::from_url(proxy.url())
+            .deadline(deadline)
+            .failure_threshold(threshold)
+            .probe_interval(Duration::from_millis(50)),
+    )
+    .await
+    .expect("connect")
+}
+
+/// A server whose data survives a restart (AOF, fsync always).
+fn durable() -> RedisServer {
+    RedisServer::start_with_args(&["--appendonly", "yes", "--appendfsync", "always"])
+}
+
+fn manual() -> UsageConfig {
+    UsageConfig::new().flush_interval(Duration::from_secs(3600))
+}
+
+fn hget(server: &RedisServer, key: &str, field: &str) -> Option<i64> {
+    server
+        .command(&["HGET", key, field])
+        .expect("HGET")
+        .as_int()
+}
+
+async fn api_requests(t: &UsageTracker, tenant: &str) -> Option<i64> {
+    t.usage(tenant, None)
+        .await
+        .expect("usage")
+        .get("api_request")
+        .copied()
+}
+
+/// A flush whose answer was lost (Redis applied it) is retried while the
+/// breaker is open: refused without being sent, it stays pending under its
+/// id rather than going back into the buffer, where the next flush would
+/// send it again under a new id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_retried_while_the_breaker_is_open_counts_once() {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+    // One timeout opens the breaker.
+    let h = through(&proxy, Duration::from_millis(200), 1).await;
+    let t = UsageTracker::redis(h.clone(), manual());
+    t.record("acme", "api_request", 5);
+    t.flush().await.expect("warm up (loads scripts)");
+    t.record("acme", "api_request", 10);
+    // Answers now come after the deadline, and after the prober's timeout
+    // (twice the deadline): the breaker stays open while the delay lasts.
+    proxy.set_delay(Duration::from_millis(600));
+    assert!(t.flush().await.is_err(), "the answer is lost");
+    assert!(!h.is_available(), "the timeout opened the breaker");
+    assert!(t.flush().await.is_err(), "refused by the open breaker");
+    assert_eq!(t.stats().pending, 10);
+    proxy.set_delay(Duration::ZERO);
+    wait_until("the breaker closes", || h.is_available()).await;
+    flush_until_ok(&t).await;
+    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
+    assert_eq!(hget(&server, &key, "api_request"), Some(15));
+    let stats = t.stats();
+    assert_eq!((stats.flushed, stats.pending, stats.dropped), (15, 0, 0));
+}
+
+/// The first attempt of a flush is sent and partly applied (one script was
+/// missing); reloading the scripts is then refused by the breaker. The
+/// batch was sent, so it is retried under its id, never merged back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_partly_applied_before_a_script_reload_counts_once() {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+    // No timeouts here; the prober waits long enough for the reload to
+    // meet the open breaker.
+    let h = RedisHandle::connect(
+        RedisConfig::from_url(proxy.url())
+            .deadline(Duration::from_secs(10))
+            .failure_threshold(1)
+            .probe_interval(Duration::from_secs(4)),
+    )
+    .await
+    .expect("connect");
+    let t = UsageTracker::redis(h.clone(), manual());
+    t.record("acme", "api_request", 5);
+    t.flush().await.expect("warm up (loads scripts)");
+    // Redis lost the top-consumers script only: the tenant's hash is
+    // written by the next flush, its top set answers NOSCRIPT.
+    server.command(&["SCRIPT", "FLUSH"]).expect("SCRIPT FLUSH");
+    server
+        .command(&[
+            "SCRIPT",
+            "LOAD",
+            include_str!("../src/store/flush_tenant.lua"),
+        ])
+        .expect("SCRIPT LOAD");
+    let loads = || {
+        let info = server
+            .command(&["INFO", "commandstats"])
+            .expect("INFO")
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        tollgate_testkit::info_field(&info, "cmdstat_script|load")
+            .and_then(|v| v.strip_prefix("calls="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = loads();
+    t.record("acme", "api_request", 10);
+    proxy.set_delay(Duration::from_secs(1));
+    let flush = tokio::spawn({
+        let t = t.clone();
+        async move { t.flush().await }
+    });
+    // The first script of the reload has run in Redis; its answer is held
+    // by the proxy for a second. The breaker opens now: the second load
+    // is refused without being sent.
+    wait_until("the reload starts", || loads() > before).await;
+    h.observe(&tollgate_redis::Error::Timeout(Duration::ZERO));
+    assert!(!h.is_available());
+    assert!(flush.await.expect("flush task").is_err());
+    proxy.set_delay(Duration::ZERO);
+    wait_until("the breaker closes", || h.is_available()).await;
+    flush_until_ok(&t).await;
+    assert_eq!(api_requests(&t, "acme").await, Some(15));
+    let top = t.top("api_request", None, 10).await.expect("top");
+    assert_eq!(top, vec![("acme".to_owned(), 15)]);
+    let stats = t.stats();
+    assert_eq!((stats.flushed, stats.pending), (15, 0));
+}
+
+/// A batch unconfirmed for longer than its markers are guaranteed to live
+/// is not retried (that could count it twice): it is counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_unconfirmed_past_the_retry_age_is_counted_as_dropped() {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+    let h = through(&proxy, Duration::from_millis(200), 100).await;
+    let t = UsageTracker::redis(h.clone(), manual().max_retry_age(Duration::from_millis(1)));
+    t.record("acme", "api_request", 5);
+    t.flush().await.expect("warm up");
+    t.record("acme", "api_request", 10);
+    proxy.set_delay(Duration::from_millis(500));
+    assert!(t.flush().await.is_err(), "the answer is lost");
+    proxy.set_delay(Duration::ZERO);
+    flush_until_ok(&t).await;
+    let stats = t.stats();
+    assert_eq!((stats.flushed, stats.dropped, stats.pending), (5, 10, 0));
+}
+
+fn hard_app(
+    tracker: UsageTracker,
+    fail_closed: bool,
+) -> tower::util::BoxCloneService<Request<()>, Response<Full<Bytes>>, Infallible> {
+    let plans = Plans::new()
+        .with(
+            Plan::new("free", 0)
+                .limit("api_request", 1_000, None)
+                .enforce(Enforcement::Hard),
+        )
+        .expect("plans");
+    let layer = UsageLayer::new(tracker, TenantSource::header("x-api-key"))
+        .plans(plans, |_, _| Some("free".to_owned()))
+        .fail_closed(fail_closed);
+    tower::util::BoxCloneService::new(ServiceBuilder::new().layer(layer).service(service_fn(
+        |_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        },
+    )))
+}
+
+fn req(key: &str) -> Request<()> {
+    Request::builder()
+        .header("x-api-key", key)
+        .body(())
+        .expect("request")
+}
+
+/// Failing closed with Redis down: the refused requests are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_while_redis_is_down_are_not_counted() {
+    let mut server = durable();
+    let h = handle(server.url()).await;
+    let t = UsageTracker::redis(h.clone(), manual());
+    let svc = hard_app(t.clone(), true);
+    let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
+    assert_eq!(res.status(), StatusCode::OK);
+    server.kill();
+    wait_until("the breaker opens", || !h.is_available()).await;
+    for _ in 0..5 {
+        let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    server.restart();
+    wait_until("the breaker closes", || h.is_available()).await;
+    t.flush().await.expect("flush");
+    assert_eq!(api_requests(&t, "acme").await, Some(1));
+    assert_eq!(t.stats().pending, 0);
+}
+
+/// Failing closed with Redis slow: the checks ran in Redis but their
+/// answers were lost; the requests were refused, so the checks are
+/// withdrawn and the refused requests end up not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_after_a_lost_answer_are_withdrawn() {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+    let h = through(&proxy, Duration::from_millis(200), 100).await;
+    let t = UsageTracker::redis(h.clone(), manual());
+    let svc = hard_app(t.clone(), true);
+    let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
+    assert_eq!(res.status(), StatusCode::OK);
+    proxy.set_delay(Duration::from_millis(500));
+    for _ in 0..5 {
+        let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
+    wait_until("the lost checks run in Redis", || {
+        hget(&server, &key, "api_request") == Some(6)
+    })
+    .await;
+    proxy.set_delay(Duration::ZERO);
+    flush_until_ok(&t).await;
+    assert_eq!(hget(&server, &key, "api_request"), Some(1));
+    assert_eq!(t.stats().pending, 0);
+}
+
+/// Flushes until a flush succeeds (answers delayed earlier may still be
+/// draining).
+async fn flush_until_ok(t: &UsageTracker) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while t.flush().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "flush never succeeded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Synchronous mode still buffers some increments (custom metrics, per
+/// route and status counters); the in-memory store's flusher writes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_mode_with_the_in_memory_store_flushes_buffered_metrics() {
+    let t = UsageTracker::in_memory(
+        UsageConfig::new()
+            .mode(WriteMode::Sync)
+            .flush_interval(Duration::from_millis(20)),
+    );
+    t.record("acme", "email_sent", 2);
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let u = t.usage("acme", None).await.expect("usage");
+        if u.get("email_sent") == Some(&2) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "never flushed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(t.stats().pending, 0);
+}
+
+/// Synchronous mode with a soft plan: while writes fail no total is known,
+/// so no quota headers are sent (rather than "the whole quota is left").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_mode_sends_no_quota_headers_it_cannot_know() {
+    let mut server = durable();
+    let h = handle(server.url()).await;
+    let t = UsageTracker::redis(h.clone(), manual().mode(WriteMode::Sync));
+    let plans = Plans::new()
+        .with(Plan::new("starter", 0).limit("api_request", 100, None))
+        .expect("plans");
+    let layer = UsageLayer::new(t.clone(), TenantSource::header("x-api-key"))
+        .plans(plans, |_, _| Some("starter".to_owned()));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }));
+    for left in [99, 98, 97] {
+        let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
+        assert_eq!(
+            res.headers()["x-quota-remaining"],
+            left.to_string().as_str()
+        );
+    }
+    server.kill();
+    wait_until("the breaker opens", || !h.is_available()).await;
+    let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers().get("x-quota-remaining"), None);
+    assert_eq!(res.headers().get("x-quota-limit"), None);
+    server.restart();
+    wait_until("the breaker closes", || h.is_available()).await;
+    flush_until_ok(&t).await;
+    assert_eq!(api_requests(&t, "acme").await, Some(4), "still counted");
+}
+
+/// A 429 counts as a rate-limit denial when it carries a rate limiter's
+/// headers, legacy or IETF (`RateLimit`, `RateLimit-Policy`) alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_denials_with_ietf_headers_only_are_counted() {
+    let t = UsageTracker::in_memory(manual());
+    let responses: [&[(&str, &str)]; 4] = [
+        &[("ratelimit", "\"default\";r=0;t=30")],
+        &[("ratelimit-policy", "\"default\";q=10;w=60")],
+        &[
+            ("ratelimit", "\"default\";r=0;t=30"),
+            ("ratelimit-policy", "\"default\";q=10;w=60"),
+        ],
+        // A 429 of the application's own, not a rate limiter's.
+        &[],
+    ];
+    for headers in responses {
+        let svc = ServiceBuilder::new()
+            .layer(UsageLayer::new(
+                t.clone(),
+                TenantSource::header("x-api-key"),
+            ))
+            .service(service_fn(move |_req: Request<()>| async move {
+                let mut res = Response::builder().status(StatusCode::TOO_MANY_REQUESTS);
+                for (k, v) in headers {
+                    res = res.header(*k, *v);
+                }
+                Ok::<_, Infallible>(res.body(Full::new(Bytes::new())).expect("response"))
+            }));
+        svc.oneshot(req("acme")).await.expect("infallible");
+    }
+    t.flush().await.expect("flush");
+    let u = t.usage("acme", None).await.expect("usage");
+    assert_eq!(u.get("ratelimit_denied"), Some(&3));
+    assert_eq!(u.get("api_request"), Some(&4));
+}
+
+/// The CSV export neutralises fields a spreadsheet would run as formulas,
+/// the period label included, and quotes separators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_export_neutralises_formulas() {
+    let t = UsageTracker::new(Store::Memory(MemoryStore::new()), manual());
+    let period = "@SUM(1,2)";
+    let tenants = [
+        "=HYPERLINK(\"http://x\")",
+        "+1",
+        "-1",
+        "\tcmd",
+        "\rcmd",
+        "plain",
+    ];
+    let batch = Batch {
+        id: "csv".into(),
+        tenants: tenants
+            .iter()
+            .map(|tenant| TenantIncrements {
+                tenant: Arc::from(*tenant),
+                period: Arc::from(period),
+                expire_at: now_ms() / 1000 + 3600,
+                metrics: vec![(Arc::from("=cmd|' /C calc'!A0"), 3)],
+                top_only: Vec::new(),
+            })
+            .collect(),
+        top: false,
+    };
+    t.store().apply(&batch).await.expect("apply");
+    let csv = t.csv(&tenants, Some(period)).await.expect("csv");
+    let expected = [
+        "tenant,period,metric,value",
+        "\"'=HYPERLINK(\"\"http://x\"\")\",\"'@SUM(1,2)\",'=cmd|' /C calc'!A0,3",
+        "'+1,\"'@SUM(1,2)\",'=cmd|' /C calc'!A0,3",
+        "'-1,\"'@SUM(1,2)\",'=cmd|' /C calc'!A0,3",
+        "'\tcmd,\"'@SUM(1,2)\",'=cmd|' /C calc'!A0,3",
+        "\"'\rcmd\",\"'@SUM(1,2)\",'=cmd|' /C calc'!A0,3",
+        "plain,\"'@SUM(1,2)\",'=cmd|' /C calc'!A0,3",
+    ];
+    assert_eq!(csv, expected.join("\n") + "\n");
+}
+
+/// A timestamp outside the calendar (here microseconds passed as
+/// milliseconds, and the very last day) is never written, in 1970 or
+/// anywhere: its units are counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_outside_the_calendar_are_dropped() {
+    let store = MemoryStore::new();
+    let t = UsageTracker::new(Store::Memory(store.clone()), manual());
+    assert_eq!(t.record_at("acme", "api_request", 3, now_ms() * 1000), 0);
+    let daily = UsageTracker::new(
+        Store::Memory(store.clone()),
+        manual().period(tollgate_usage::PeriodKind::daily()),
+    );
+    // 9999-12-31T12:00:00Z: the day has no end in the calendar.
+    assert_eq!(
+        daily.record_at("acme", "api_request", 4, 253_402_257_600_000),
+        0
+    );
+    t.record("acme", "api_request", 1);
+    t.flush().await.expect("flush");
+    daily.flush().await.expect("flush");
+    for (tracker, units) in [(&t, 3), (&daily, 4)] {
+        let s = tracker.stats();
+        assert_eq!((s.dropped, s.pending), (units, 0));
+    }
+    for label in ["1970-01", "1970-01-01", "9999-12-31"] {
+        let u = t.usage("acme", Some(label)).await.expect("usage");
+        assert!(u.is_empty(), "{label}: {u:?}");
+    }
+    assert_eq!(api_requests(&t, "acme").await, Some(1));
+}
+
+/// Increments recorded after shutdown would never be written: they are
+/// counted as dropped, not left pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_after_shutdown_are_counted_as_dropped() {
+    let t = UsageTracker::in_memory(manual());
+    t.record("acme", "api_request", 2);
+    let s = t.shutdown().await;
+    assert_eq!((s.flushed, s.pending, s.dropped), (2, 0, 0));
+    t.record("acme", "api_request", 3);
+    t.record("globex", "api_request", 4);
+    let s = t.stats();
+    assert_eq!((s.pending, s.dropped), (0, 7));
+    t.flush().await.expect("flush");
+    assert_eq!(api_requests(&t, "acme").await, Some(2));
+    assert_eq!(api_requests(&t, "globex").await, None);
+}
+
+/// What shutdown counted as dropped at its deadline is forgotten: a later
+/// flush does not write it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_dropped_at_the_shutdown_deadline_are_never_written() {
+    let mut server = durable();
+    let h = handle(server.url()).await;
+    let t = UsageTracker::redis(
+        h.clone(),
+        manual().shutdown_timeout(Duration::from_millis(200)),
+    );
+    server.kill();
+    wait_until("the breaker opens", || !h.is_available()).await;
+    t.record("acme", "api_request", 4);
+    let s = t.shutdown().await;
+    assert_eq!((s.pending, s.dropped, s.flushed), (0, 4, 0));
+    server.restart();
+    wait_until("the breaker closes", || h.is_available()).await;
+    t.flush().await.expect("flush");
+    assert_eq!(api_requests(&t, "acme").await, None);
+    assert_eq!(t.stats().pending, 0);
+}
+
+/// A flush dropped while it waits for Redis loses nothing: the batch was
+/// queued for a retry under its id before it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_cancelled_while_waiting_for_redis_loses_nothing() {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+    let h = through(&proxy, Duration::from_secs(10), 100).await;
+    let t = UsageTracker::redis(h.clone(), manual());
+    t.record("acme", "api_request", 5);
+    t.flush().await.expect("warm up");
+    t.record("acme", "api_request", 10);
+    proxy.set_delay(Duration::from_secs(1));
+    let cut = tokio::time::timeout(Duration::from_millis(100), t.flush()).await;
+    assert!(cut.is_err(), "the flush was cut short");
+    proxy.set_delay(Duration::ZERO);
+    flush_until_ok(&t).await;
+    assert_eq!(api_requests(&t, "acme").await, Some(15));
+    let s = t.stats();
+    assert_eq!((s.flushed, s.pending, s.dropped), (15, 0, 0));
+}
