@@ -63,7 +63,17 @@ impl<B> CacheBody<B> {
         }
     }
 
-    pub(crate) fn recording(body: B, recorder: Recorder) -> Self {
+    pub(crate) fn recording(body: B, recorder: Recorder) -> Self
+    where
+        B: Body,
+    {
+        // A body that has ended already (a 204, an empty 200, most
+        // redirects) is never polled: servers see `is_end_stream` and drop
+        // it with the head. Its recording is complete now.
+        if body.is_end_stream() {
+            recorder.finish();
+            return Self::origin(body);
+        }
         CacheBody {
             kind: Kind::Origin {
                 body,

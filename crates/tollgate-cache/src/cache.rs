@@ -24,6 +24,10 @@ use crate::store::{MemoryStore, RedisStore, Store};
 /// Keys invalidated per pub/sub message.
 const KEYS_PER_MESSAGE: usize = 1000;
 
+/// The pub/sub message that empties every instance's L1 (anything that is
+/// not a JSON array of keys does).
+const FORGET_ALL: &str = "*";
+
 /// A cache of byte values with TTLs and tags, shared by every clone (and,
 /// through Redis, by every instance): the store behind
 /// [`ResponseCacheLayer`](crate::ResponseCacheLayer) and
@@ -229,6 +233,31 @@ impl Cache {
         self.inner.store.bounds_reads()
     }
 
+    /// How long one store operation may take: the Redis handle's deadline,
+    /// or 100 ms for other stores.
+    pub(crate) fn lookup_timeout(&self) -> Duration {
+        self.inner
+            .handle
+            .as_ref()
+            .map_or(Duration::from_millis(100), RedisHandle::deadline)
+    }
+
+    /// `op` under the lookup timeout, unless the store bounds its own
+    /// operations ([`Store::bounds_reads`]): a store that hangs cannot
+    /// hang its callers.
+    pub(crate) async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        if self.bounds_reads() {
+            return op.await;
+        }
+        let limit = self.lookup_timeout();
+        tokio::time::timeout(limit, op)
+            .await
+            .unwrap_or(Err(Error::Store(tollgate_redis::Error::Timeout(limit))))
+    }
+
     /// How long a coalesced waiter waits for the leader's fill.
     pub fn coalesce_timeout(&self) -> Duration {
         self.inner.coalesce_timeout
@@ -333,18 +362,48 @@ impl Cache {
 
     pub(crate) async fn invalidate_raw(&self, key: &str) -> Result<bool, Error> {
         self.bump();
-        let found = self.inner.store.invalidate_key(key).await?;
+        let found = self.inner.store.invalidate_key(key).await;
+        // Told even when the store failed: the delete may have landed.
         self.forget(std::slice::from_ref(&key.to_owned())).await;
-        Ok(found)
+        found
     }
 
     /// Removes every entry (data values and responses) tagged `tag`, on
     /// every instance; returns how many entries were listed under it.
+    ///
+    /// The work runs in a task of its own: a caller that stops waiting (a
+    /// timeout) does not cut it off half way, and the other instances are
+    /// told even when a step fails (when the store cannot say what it
+    /// removed, they drop their whole L1). A failed invalidation leaves the
+    /// tag in place: running it again finishes the job.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<usize, Error> {
+        // Fills under way from now on are not stored.
         self.bump();
-        let keys = self.inner.store.invalidate_tag(tag).await?;
-        self.forget(&keys).await;
-        Ok(keys.len())
+        let cache = self.clone();
+        let tag = tag.to_owned();
+        let run = async move { cache.invalidate_tag_now(&tag).await };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return run.await;
+        };
+        match rt.spawn(run).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Error::Interrupted),
+        }
+    }
+
+    async fn invalidate_tag_now(&self, tag: &str) -> Result<usize, Error> {
+        match self.inner.store.invalidate_tag(tag).await {
+            Ok(keys) => {
+                self.forget(&keys).await;
+                Ok(keys.len())
+            }
+            Err(e) => {
+                // Some entries may be gone without their keys known here.
+                self.forget_all().await;
+                Err(e)
+            }
+        }
     }
 
     /// Removes the value `get_or_compute` stored under `key`.
@@ -367,13 +426,27 @@ impl Cache {
             let Ok(msg) = serde_json::to_string(chunk) else {
                 continue;
             };
-            let channel = self.inner.channel.clone();
-            let sent = handle
-                .call(|c| async move { c.publish::<i64, _, _>(channel, msg).await })
-                .await;
-            if let Err(e) = sent {
-                tracing::warn!(error = %e, "could not broadcast a cache invalidation: other instances' L1 copies expire by their TTL");
-            }
+            self.broadcast(handle, msg).await;
+        }
+    }
+
+    /// Empties this instance's L1 and tells the other instances to empty
+    /// theirs (an invalidation whose keys are not known).
+    async fn forget_all(&self) {
+        let Some(l1) = &self.inner.l1 else { return };
+        l1.invalidate_all();
+        if let Some(handle) = &self.inner.handle {
+            self.broadcast(handle, FORGET_ALL.to_owned()).await;
+        }
+    }
+
+    async fn broadcast(&self, handle: &RedisHandle, msg: String) {
+        let channel = self.inner.channel.clone();
+        let sent = handle
+            .call(|c| async move { c.publish::<i64, _, _>(channel, msg).await })
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "could not broadcast a cache invalidation: other instances' L1 copies expire by their TTL");
         }
     }
 
@@ -401,7 +474,7 @@ impl Cache {
         let key = data_key(key);
         let available = self.is_available();
         if available && !self.inner.flights.contains(&key, self.epoch()) {
-            match self.get_raw(&key).await {
+            match self.bounded(self.get_raw(&key)).await {
                 Ok(Some(bytes)) => {
                     if let Ok(v) = serde_json::from_slice(&bytes) {
                         metrics::counter!("tollgate_cache_data_total", "outcome" => "hit")
@@ -441,7 +514,8 @@ impl Cache {
                     // one ran during the write.
                     if available && self.epoch() == epoch {
                         let tags: Vec<String> = tags.iter().map(|t| (*t).to_owned()).collect();
-                        if let Err(e) = self.put_raw(&key, bytes, ttl, &tags).await {
+                        let put = self.bounded(self.put_raw(&key, bytes, ttl, &tags));
+                        if let Err(e) = put.await {
                             tracing::debug!(error = %e, "cache write failed");
                         } else if self.epoch() != epoch {
                             let _ = self.invalidate_quietly(&key).await;
@@ -501,6 +575,7 @@ async fn listen(
                         .and_then(|s| serde_json::from_str(&s).ok());
                     match keys {
                         Some(keys) => keys.iter().for_each(|k| l1.invalidate(k)),
+                        // `FORGET_ALL`, or a message from a newer version.
                         None => l1.invalidate_all(),
                     }
                 }

@@ -11,6 +11,10 @@ pub enum Error {
     /// A value could not be encoded or decoded.
     #[error("cache value could not be encoded or decoded: {0}")]
     Codec(std::sync::Arc<str>),
+    /// The runtime shut down before an operation running in a task of its
+    /// own (a tag invalidation) finished.
+    #[error("the cache operation was interrupted before it finished")]
+    Interrupted,
     /// A configuration value is unusable; `field` names it.
     #[error("invalid cache configuration: {field}: {reason}")]
     Config {

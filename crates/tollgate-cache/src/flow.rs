@@ -414,7 +414,10 @@ where
             Ok(Lookup::Found(e)) => {
                 let ttl = e.ttl_ms(now);
                 if ctx.refresh {
-                    return Box::pin(fill(shared, inner, req, ctx, "request", Some(e))).await;
+                    // The entry answers an origin error only while it may:
+                    // fresh, or stale within its stale-if-error window.
+                    let fallback = (ttl > 0 || ttl.unsigned_abs() <= e.meta.sie_ms).then_some(e);
+                    return Box::pin(fill(shared, inner, req, ctx, "request", fallback)).await;
                 }
                 if ttl > 0 {
                     return Ok(fresh_hit(&shared, &ctx, &ctx.headers, &e, now));
@@ -848,18 +851,17 @@ impl Recorder {
             let stored = Stored::Response((*entry).clone());
             let Ok(bytes) = stored.encode() else { return };
             let len = bytes.len() as u64;
-            let mut ok = shared
-                .cache
-                .put_raw(&plan.store_key, bytes, plan.store_ttl, &plan.tags)
+            let cache = &shared.cache;
+            let mut ok = cache
+                .bounded(cache.put_raw(&plan.store_key, bytes, plan.store_ttl, &plan.tags))
                 .await
                 .is_ok();
             if ok
                 && !plan.vary.is_empty()
                 && let Ok(v) = Stored::Vary(plan.vary).encode()
             {
-                ok = shared
-                    .cache
-                    .put_raw(&plan.base_key, v, plan.store_ttl, &plan.tags)
+                ok = cache
+                    .bounded(cache.put_raw(&plan.base_key, v, plan.store_ttl, &plan.tags))
                     .await
                     .is_ok();
             }
@@ -1009,14 +1011,20 @@ fn not_modified(e: &Entry, req: &HeaderMap) -> bool {
     false
 }
 
+/// Round trips of a tag invalidation (list, delete, prune, broadcast),
+/// each under the store's deadline: how many deadlines an unsafe request's
+/// response waits for its invalidation at most.
+const INVALIDATION_STEPS: u32 = 4;
+
 /// The unsafe-method path: a successful response invalidates every stored
 /// response of the URL's path (any query, user or variant), on every
-/// instance, before it is returned.
+/// instance, before it is returned (or, when the store is slow, after: the
+/// invalidation runs to its end in a task of its own).
 pub(crate) async fn invalidating<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     mut inner: S,
     req: Request<ReqBody>,
-    url_tag: String,
+    url_tags: Vec<String>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -1025,8 +1033,12 @@ where
     let (mut parts, body) = res.into_parts();
     parts.headers.remove(&shared.tag_header);
     if parts.status.is_success() || parts.status.is_redirection() {
-        match tokio::time::timeout(shared.lookup_timeout, shared.cache.invalidate_tag(&url_tag))
+        let all =
+            futures::future::join_all(url_tags.iter().map(|t| shared.cache.invalidate_tag(t)));
+        let wait = shared.lookup_timeout * INVALIDATION_STEPS;
+        match tokio::time::timeout(wait, all)
             .await
+            .map(|r| r.into_iter().find(Result::is_err).unwrap_or(Ok(0)))
         {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {

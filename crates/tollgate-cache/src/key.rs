@@ -85,19 +85,32 @@ static HOST_BYTES: [bool; 256] = {
 };
 
 /// [`host`] as the request spells it (not yet lowercased).
+///
+/// A URI authority (HTTP/2, or an absolute-form request line) is keyed
+/// before the `Host` header, but applications read the header (axum's
+/// `Host` extractor, `headers()["host"]`): when both are present and name
+/// different hosts, the response may be built for the header's host, so
+/// such a request is not cached at all (`host-mismatch`).
 fn checked_host<'a>(
     cfg: &KeyConfig,
     uri: &'a Uri,
     headers: &'a HeaderMap,
 ) -> Result<&'a str, &'static str> {
-    let raw = match uri.authority() {
-        Some(a) => a.as_str(),
-        None => headers
-            .get(http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .ok_or("no-host")?,
+    let header = || headers.get(http::header::HOST);
+    let host = match uri.authority() {
+        Some(a) => {
+            let host = without_userinfo(a.as_str());
+            if let Some(h) = header()
+                && !h
+                    .to_str()
+                    .is_ok_and(|h| without_userinfo(h).eq_ignore_ascii_case(host))
+            {
+                return Err("host-mismatch");
+            }
+            host
+        }
+        None => without_userinfo(header().and_then(|v| v.to_str().ok()).ok_or("no-host")?),
     };
-    let host = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
     if host.is_empty() || host.len() > 255 || !host.bytes().all(|b| HOST_BYTES[usize::from(b)]) {
         return Err("bad-host");
     }
@@ -112,6 +125,11 @@ fn checked_host<'a>(
         }
     }
     Ok(host)
+}
+
+/// `host[:port]` of an authority (what follows any `user@`).
+fn without_userinfo(authority: &str) -> &str {
+    authority.rsplit_once('@').map_or(authority, |(_, h)| h)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -183,14 +201,24 @@ pub(crate) fn url_tag(scheme: &str, host: &str, path: &str) -> String {
     prefixed_hash("url:", &format!("{scheme}\n{host}\n{path}"))
 }
 
-/// The URL tag of any request (for invalidation by unsafe methods).
-pub(crate) fn request_url_tag(cfg: &KeyConfig, uri: &Uri, headers: &HeaderMap) -> Option<String> {
-    let host = host(cfg, uri, headers).ok()?;
-    Some(url_tag(
-        uri.scheme_str().unwrap_or(&cfg.default_scheme),
-        &host,
-        uri.path(),
-    ))
+/// The URL tags of any request (for invalidation by unsafe methods): one,
+/// or, when the URI authority and the `Host` header name different hosts,
+/// one for each (the application may have acted on either).
+pub(crate) fn request_url_tags(cfg: &KeyConfig, uri: &Uri, headers: &HeaderMap) -> Vec<String> {
+    let scheme = uri.scheme_str().unwrap_or(&cfg.default_scheme);
+    let tag = |host: String| url_tag(scheme, &host, uri.path());
+    match host(cfg, uri, headers) {
+        Ok(h) => vec![tag(h)],
+        Err("host-mismatch") => [
+            host(cfg, uri, &HeaderMap::new()),
+            host(cfg, &Uri::default(), headers),
+        ]
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(tag)
+        .collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Most Vary'd headers a stored response may have.
@@ -340,9 +368,39 @@ mod tests {
         let q: Uri = "/p?b=2&a=1".parse().unwrap();
         let with_query = url_key(&open, &q, &h("a.com"), None).unwrap();
         assert_eq!(
-            Some(with_query.url_tag()),
-            request_url_tag(&open, &uri, &h("a.com"))
+            vec![with_query.url_tag()],
+            request_url_tags(&open, &uri, &h("a.com"))
         );
+    }
+
+    #[test]
+    fn an_authority_and_a_host_header_must_agree() {
+        let c = cfg();
+        let abs: Uri = "http://example.com/p".parse().unwrap();
+        let mut open = cfg();
+        open.allowed_hosts.clear();
+        assert_eq!(
+            url_key(&open, &abs, &h("evil.example"), None).unwrap_err(),
+            "host-mismatch"
+        );
+        assert_eq!(
+            url_key(&c, &abs, &h("example.com:80"), None).unwrap_err(),
+            "host-mismatch"
+        );
+        let same = url_key(&c, &abs, &h("EXAMPLE.com"), None).unwrap();
+        let plain = url_key(&c, &"/p".parse().unwrap(), &h("example.com"), None).unwrap();
+        assert_eq!(same.key(), plain.key());
+        // No Host header (HTTP/2): the authority alone.
+        assert!(url_key(&c, &abs, &HeaderMap::new(), None).is_ok());
+        // Userinfo is not part of the host on either side.
+        let with_user: Uri = "http://u@example.com/p".parse().unwrap();
+        assert!(url_key(&c, &with_user, &h("example.com"), None).is_ok());
+        // An unsafe method on a mismatched request invalidates both hosts'
+        // responses (only allowed hosts have any).
+        let tags = request_url_tags(&open, &abs, &h("evil.example"));
+        assert_eq!(tags.len(), 2);
+        assert_eq!(tags[0], plain.url_tag());
+        assert_eq!(request_url_tags(&c, &abs, &h("evil.example")).len(), 1);
     }
 
     #[test]

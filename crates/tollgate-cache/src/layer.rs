@@ -119,7 +119,15 @@ impl ResponseCacheLayer {
             show_key: false,
             credentials: vec!["authorization".into(), "cookie".into()],
             unkeyed: [
+                // RFC 7239: `host=` and `proto=` (axum's `Host` extractor
+                // reads it before `Host`).
+                "forwarded",
                 "x-forwarded-host",
+                // Scheme and port: applications build links and
+                // https redirects from them; the key's scheme is the URI's.
+                "x-forwarded-proto",
+                "x-forwarded-scheme",
+                "x-forwarded-port",
                 "x-forwarded-server",
                 "x-host",
                 "x-original-url",
@@ -252,9 +260,17 @@ impl ResponseCacheLayerBuilder {
     }
 
     /// Request headers that can change a response without being in the key
-    /// (default: `x-forwarded-host`, `x-host`, `x-original-url`, method
-    /// overrides, ...). A request carrying one may be served from the cache
-    /// but its response is never stored, so it cannot poison an entry.
+    /// (default: `forwarded`, `x-forwarded-host`, `x-forwarded-proto`,
+    /// `x-forwarded-scheme`, `x-forwarded-port`, `x-forwarded-server`,
+    /// `x-host`, `x-original-url`, `x-rewrite-url`, method overrides). A
+    /// request carrying one may be served from the cache but its response
+    /// is never stored, so it cannot poison an entry.
+    ///
+    /// Behind a proxy that adds one of them to every request (a load
+    /// balancer's `X-Forwarded-Proto`), nothing would be stored: leave it
+    /// out of this list only if the proxy always overwrites the client's
+    /// value and the value is the same for every request of a key (the
+    /// proxy only forwards https, say).
     pub fn unkeyed_headers<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -298,10 +314,7 @@ impl ResponseCacheLayerBuilder {
             return Err(Error::config("scheme", "must be `http` or `https`"));
         }
         let routes = RouteTable::new(self.rules, self.default_rule)?;
-        let lookup_timeout = self
-            .cache
-            .handle()
-            .map_or(Duration::from_millis(100), |h| h.deadline());
+        let lookup_timeout = self.cache.lookup_timeout();
         let coalesce_timeout = self.cache.coalesce_timeout();
         Ok(ResponseCacheLayer {
             shared: Arc::new(Shared {

@@ -11,9 +11,11 @@
 //! - Safe by default: a response with `Set-Cookie` is never stored; a
 //!   request carrying `Authorization` or `Cookie` is only served responses
 //!   marked `public`, unless its route caches [per user](RouteRule::per_user);
-//!   only allowlisted hosts are cached when an allowlist is set; request
+//!   only allowlisted hosts are cached when an allowlist is set; a request
+//!   whose URI authority and `Host` header disagree is not cached; request
 //!   headers that could change a response without being keyed
-//!   (`X-Forwarded-Host`, ...) prevent storing.
+//!   (`Forwarded`, `X-Forwarded-Host`, `X-Forwarded-Proto`, ...) prevent
+//!   storing.
 //! - Key: method (HEAD reads GET's entry and never stores), scheme, host,
 //!   path, normalised query (sorted, tracking parameters dropped, bounded),
 //!   the hashed user (per-user routes), the Vary'd headers.

@@ -113,15 +113,13 @@ where
             }
             None => match *req.method() {
                 Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
-                    match key::request_url_tag(&self.shared.keys, req.uri(), req.headers()) {
-                        Some(tag) => {
-                            let shared = self.shared.clone();
-                            let inner = tollgate_redis::take_readied(&mut self.inner);
-                            ResponseFuture::flow(Box::pin(flow::invalidating(
-                                shared, inner, req, tag,
-                            )))
-                        }
-                        None => ResponseFuture::passthrough(self.inner.call(req), None, tag_header),
+                    let tags = key::request_url_tags(&self.shared.keys, req.uri(), req.headers());
+                    if tags.is_empty() {
+                        ResponseFuture::passthrough(self.inner.call(req), None, tag_header)
+                    } else {
+                        let shared = self.shared.clone();
+                        let inner = tollgate_redis::take_readied(&mut self.inner);
+                        ResponseFuture::flow(Box::pin(flow::invalidating(shared, inner, req, tags)))
                     }
                 }
                 _ => ResponseFuture::passthrough(self.inner.call(req), None, tag_header),

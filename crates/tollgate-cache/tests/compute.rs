@@ -46,6 +46,7 @@ suite!(
     errors_are_not_cached,
     concurrent_misses_compute_once_per_instance,
     invalidation_on_one_instance_is_seen_by_another,
+    an_abandoned_tag_invalidation_still_completes,
 );
 
 async fn caches_values(make: Make) {
@@ -208,5 +209,99 @@ async fn redis_down_computes() {
             .unwrap();
         assert_eq!(v, i);
         assert!(started.elapsed() < Duration::from_millis(500));
+    }
+}
+
+/// A caller that stops waiting for a tag invalidation (a timeout) does not
+/// cut it off: the entries are deleted and the other instances told.
+async fn an_abandoned_tag_invalidation_still_completes(make: Make) {
+    let (a, b) = (make(), make());
+    for c in [&a, &b] {
+        let started = std::time::Instant::now();
+        while !c.is_listening() {
+            assert!(started.elapsed() < Duration::from_secs(5), "subscriber");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let get = |c: &Cache, v: u32| {
+        let c = c.clone();
+        async move {
+            c.get_or_compute(
+                "campaign:7",
+                Duration::from_secs(60),
+                &["campaigns"],
+                || async move { Ok::<_, std::io::Error>(v) },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(get(&a, 1).await, 1);
+    assert_eq!(get(&b, 2).await, 1, "b keeps a's value in its L1");
+    // Polled once, then dropped (what a caller's timeout does).
+    let _ = futures::FutureExt::now_or_never(a.invalidate_tag("campaigns"));
+    let started = std::time::Instant::now();
+    while get(&b, 3).await != 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the abandoned invalidation never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&a, 4).await, 3, "one store: a reads b's new value");
+}
+
+/// A store that never answers (a custom backend that hangs).
+#[derive(Debug)]
+struct Hanging;
+
+impl tollgate_cache::Store for Hanging {
+    fn get<'a>(
+        &'a self,
+        _key: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<bytes::Bytes>, tollgate_cache::Error>> {
+        Box::pin(std::future::pending())
+    }
+
+    fn put<'a>(
+        &'a self,
+        _key: &'a str,
+        _value: bytes::Bytes,
+        _ttl: Duration,
+        _tags: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<(), tollgate_cache::Error>> {
+        Box::pin(std::future::pending())
+    }
+
+    fn invalidate_key<'a>(
+        &'a self,
+        _key: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<bool, tollgate_cache::Error>> {
+        Box::pin(std::future::pending())
+    }
+
+    fn invalidate_tag<'a>(
+        &'a self,
+        _tag: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<String>, tollgate_cache::Error>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_store_does_not_hang_get_or_compute() {
+    let c = Cache::builder().store(Hanging).build();
+    for i in 0..3u32 {
+        // A bound far past the store's own timer: it only catches a hang.
+        let v = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.get_or_compute("k", Duration::from_secs(60), &[], || async move {
+                Ok::<_, std::io::Error>(i)
+            }),
+        )
+        .await
+        .expect("get_or_compute hung on the store")
+        .unwrap();
+        assert_eq!(v, i, "computed: nothing could be stored");
     }
 }

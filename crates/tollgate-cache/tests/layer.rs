@@ -64,6 +64,9 @@ suite!(
     stale_while_revalidate_and_stale_if_error,
     unkeyed_headers_cannot_poison,
     range_requests_bypass,
+    host_header_disagreeing_with_the_authority_bypasses,
+    forwarded_headers_cannot_poison,
+    no_cache_request_falls_back_only_within_stale_if_error,
 );
 
 type Svc = BoxCloneSyncService<
@@ -144,6 +147,24 @@ fn origin() -> (
                 }
                 "/host" => format!("host {}", h("host")).into(),
                 "/xfh" => format!("link https://{}/", h("x-forwarded-host")).into(),
+                "/fwd" => format!(
+                    "forwarded {} proto {} scheme {} port {}",
+                    h("forwarded"),
+                    h("x-forwarded-proto"),
+                    h("x-forwarded-scheme"),
+                    h("x-forwarded-port")
+                )
+                .into(),
+                "/mr" => {
+                    if failing {
+                        return Ok(Response::builder()
+                            .status(503)
+                            .body(Full::new(Bytes::from("down")))
+                            .unwrap());
+                    }
+                    b = b.header("cache-control", "max-age=1, must-revalidate");
+                    format!("mr {n}").into()
+                }
                 "/enc" => {
                     b = b.header("vary", "Accept-Encoding");
                     if h("accept-encoding").contains("gzip") {
@@ -652,4 +673,105 @@ async fn redis_killed_bypasses_without_5xx() {
             "did not recover"
         );
     }
+}
+
+/// An absolute-form request line (or an HTTP/2 `:authority`) names one
+/// host, the `Host` header, which applications read, another: the response
+/// may be built for the header's host, so it is neither served from nor
+/// stored under the authority's entry.
+async fn host_header_disagreeing_with_the_authority_bypasses(make: Make) {
+    let (o, svc) = stack(make());
+    let mismatched = || {
+        Request::builder()
+            .uri("http://example.com/host")
+            .header("host", "a.example")
+    };
+    let (r, body) = send(&svc, mismatched()).await;
+    assert_eq!((xc(&r), body.as_str()), ("BYPASS", "host a.example"));
+    assert_eq!(cs(&r), "tollgate; fwd=bypass; detail=host-mismatch");
+    settle().await;
+    let (r, body) = send(&svc, get("/host")).await;
+    assert_eq!(
+        (xc(&r), body.as_str()),
+        ("MISS", "host example.com"),
+        "the other host's response was not stored"
+    );
+    settle().await;
+    let (r, _) = send(&svc, mismatched()).await;
+    assert_eq!(xc(&r), "BYPASS", "not served from the stored entry");
+    // The same host spelled differently (case) is one host.
+    let (r, body) = send(
+        &svc,
+        Request::builder()
+            .uri("http://Example.COM/host")
+            .header("host", "example.com"),
+    )
+    .await;
+    assert_eq!((xc(&r), body.as_str()), ("HIT", "host example.com"));
+    // A port on one side only is another authority.
+    let (r, _) = send(
+        &svc,
+        Request::builder()
+            .uri("http://example.com/host")
+            .header("host", "example.com:8080"),
+    )
+    .await;
+    assert_eq!(xc(&r), "BYPASS");
+    assert_eq!(o.calls.load(Ordering::SeqCst), 4);
+}
+
+/// `Forwarded` (RFC 7239) and the scheme and port headers change links and
+/// redirects without being keyed: a request carrying one is never stored.
+async fn forwarded_headers_cannot_poison(make: Make) {
+    let (o, svc) = stack(make());
+    for (name, value) in [
+        ("forwarded", "host=evil.example;proto=http"),
+        ("Forwarded", "for=192.0.2.1;host=evil.example"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-scheme", "http"),
+        ("x-forwarded-port", "8443"),
+    ] {
+        let (r, body) = send(&svc, get("/fwd").header(name, value)).await;
+        assert!(body.contains(value), "{name}: {body}");
+        assert!(!cs(&r).contains("stored"), "{name}: {}", cs(&r));
+        settle().await;
+    }
+    let (r, body) = send(&svc, get("/fwd")).await;
+    assert_eq!(
+        (xc(&r), body.as_str()),
+        ("MISS", "forwarded  proto  scheme  port "),
+        "no forwarded response was stored"
+    );
+    assert_eq!(o.calls.load(Ordering::SeqCst), 6);
+}
+
+/// With request directives honoured, a client's `no-cache` goes to the
+/// origin; on an origin error the entry is served only within its
+/// stale-if-error window (none for `must-revalidate`).
+async fn no_cache_request_falls_back_only_within_stale_if_error(make: Make) {
+    let (o, svc) = origin();
+    let layer = ResponseCacheLayer::builder(make())
+        .request_directives(tollgate_cache::RequestDirectives::Honour)
+        .build()
+        .unwrap();
+    let svc: Svc = BoxCloneSyncService::new(layer.layer(svc));
+    send(&svc, get("/mr")).await;
+    send(&svc, get("/sie")).await;
+    // Both entries stale (max-age=1).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    o.failing.store(true, Ordering::SeqCst);
+    let no_cache = |path| get(path).header("cache-control", "no-cache");
+    let (r, body) = send(&svc, no_cache("/mr")).await;
+    assert_eq!(
+        (r.status().as_u16(), xc(&r), body.as_str()),
+        (503, "MISS", "down"),
+        "must-revalidate: never served stale"
+    );
+    let (r, body) = send(&svc, no_cache("/sie")).await;
+    assert_eq!(
+        (r.status().as_u16(), xc(&r), body.as_str()),
+        (200, "STALE", "sie 2"),
+        "within stale-if-error"
+    );
+    assert_eq!(o.calls.load(Ordering::SeqCst), 4);
 }

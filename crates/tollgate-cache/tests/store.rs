@@ -176,3 +176,54 @@ fn stores_are_objects() {
     takes(&MemoryStore::default());
     let _ = std::any::type_name::<RedisStore>();
 }
+
+/// An invalidation whose reply comes back after the deadline (the server
+/// may have done some of the work) leaves the tag whole: running it again
+/// deletes every entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_invalidation_cut_off_can_be_retried() {
+    let server = tollgate_testkit::RedisServer::start();
+    let proxy = tollgate_testkit::LatencyProxy::start(server.port(), Duration::ZERO).await;
+    let h = tollgate_redis::RedisHandle::connect(
+        tollgate_redis::RedisConfig::from_url(proxy.url())
+            .deadline(Duration::from_millis(200))
+            .probe_interval(Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    let s = RedisStore::new(h);
+    for i in 0..10 {
+        s.put(
+            &format!("entry-{i}"),
+            "v".into(),
+            Duration::from_secs(60),
+            &tags(&["t"]),
+        )
+        .await
+        .unwrap();
+    }
+    // Scripts loaded while replies are quick: the slow attempt below runs
+    // its commands on the server, only their replies come late.
+    s.invalidate_tag("warm-up").await.unwrap();
+    proxy.set_delay(Duration::from_secs(1));
+    assert!(s.invalidate_tag("t").await.is_err(), "past the deadline");
+    proxy.set_delay(Duration::ZERO);
+    // Wait for the late replies to drain and the breaker to close.
+    let started = std::time::Instant::now();
+    let gone = loop {
+        if let Ok(gone) = s.invalidate_tag("t").await {
+            break gone;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no recovery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(gone.len(), 10, "the retry found every member");
+    for i in 0..10 {
+        assert_eq!(
+            s.get(&format!("entry-{i}")).await.unwrap(),
+            None,
+            "entry-{i}"
+        );
+    }
+    assert!(s.invalidate_tag("t").await.unwrap().is_empty());
+}

@@ -37,6 +37,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Removes every entry listed under `tag` and the tag itself; returns
     /// the keys that were listed (some may have expired already).
+    ///
+    /// An attempt that fails part way must leave the tag retryable: a
+    /// member leaves the index only once its entry is gone, so running the
+    /// invalidation again finishes the job.
     fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<Vec<String>, Error>>;
 
     /// Whether the store can currently be asked (false while the Redis

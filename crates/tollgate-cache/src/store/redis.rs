@@ -10,8 +10,10 @@ use tollgate_redis::{CoalesceConfig, Coalescer, GetOp, KeySpace, RedisHandle, Sc
 use super::{Store, now_ms};
 use crate::error::Error;
 
-static TAG_TAKE: LazyLock<Script> =
-    LazyLock::new(|| Script::new("cache_tag_take", include_str!("tag_take.lua")));
+static TAG_MEMBERS: LazyLock<Script> =
+    LazyLock::new(|| Script::new("cache_tag_members", include_str!("tag_members.lua")));
+static TAG_PRUNE: LazyLock<Script> =
+    LazyLock::new(|| Script::new("cache_tag_prune", include_str!("tag_prune.lua")));
 
 /// Keys deleted per `DEL` command.
 const DEL_CHUNK: usize = 500;
@@ -24,6 +26,11 @@ const DEL_CHUNK: usize = 500;
 /// Entries and tag indexes hash to different cluster slots: writes go out
 /// as one pipeline of single-slot commands, and invalidation deletes the
 /// members grouped by slot. Never `KEYS` or `SCAN`.
+///
+/// Invalidating a tag lists its members (changing nothing), deletes their
+/// entries, then removes exactly those members from the index: cut off at
+/// any step (an error, a reply past the deadline), it leaves the index in
+/// place and can simply be run again.
 ///
 /// Lookups are coalesced: the GETs of concurrent requests go out as one
 /// `MGET` per round trip (per slot on a cluster), so a hit costs a fraction
@@ -170,11 +177,16 @@ impl Store for RedisStore {
 
     fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<Vec<String>, Error>> {
         Box::pin(async move {
-            let members: Vec<String> = self
+            let tag_key = self.tag_key(tag);
+            let listed: Vec<String> = self
                 .handle
-                .eval(&TAG_TAKE, vec![self.tag_key(tag)], vec![now_ms() as i64])
+                .eval(&TAG_MEMBERS, vec![tag_key.clone()], vec![now_ms() as i64])
                 .await?;
+            let members: Vec<String> = listed.iter().step_by(2).cloned().collect();
             self.delete_entries(&members).await?;
+            if !listed.is_empty() {
+                let _: i64 = self.handle.eval(&TAG_PRUNE, vec![tag_key], listed).await?;
+            }
             Ok(members)
         })
     }
