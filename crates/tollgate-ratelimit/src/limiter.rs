@@ -577,8 +577,12 @@ impl RateLimiter {
             .checks
             .iter()
             .map(|c| {
-                r.keys
-                    .tagged(&p.identity, &[self.inner.table.policy_at(c.index).name()])
+                let policy = self.inner.table.policy_at(c.index);
+                let name = policy.name();
+                match window_part(policy, c.algorithm, &c.quota) {
+                    None => r.keys.tagged(&p.identity, &[name]),
+                    Some(part) => r.keys.tagged(&p.identity, &[name, &part]),
+                }
             })
             .collect();
         let slot = keys.first().map_or(0, |k| tollgate_redis::slot(k));
@@ -981,16 +985,40 @@ impl RateLimiter {
         self.inner.deny_cache.forget(key);
         self.inner.memory.reset(index, key);
         if let Some(r) = &self.inner.redis {
-            let k = r.keys.tagged(key, &[policy]);
+            // The policy's key, and those of its plans' other windows: exact
+            // keys, one command.
+            let p = self.inner.table.policy_at(index);
+            let mut keys = vec![r.keys.tagged(key, &[policy])];
+            for (_, plan) in &p.plans {
+                if let crate::policy::PlanQuota::Limited(q) = plan
+                    && let Some(part) = window_part(p, p.algorithm, q)
+                {
+                    keys.push(r.keys.tagged(key, &[policy, &part]));
+                }
+            }
             r.handle
                 .call(|c| async move {
                     use tollgate_redis::fred::interfaces::KeysInterface;
-                    c.del::<i64, _>(k).await
+                    c.del::<i64, _>(keys).await
                 })
                 .await?;
         }
         Ok(())
     }
+}
+
+/// The extra key part of a window policy checked with a plan's quota whose
+/// window is not the policy's own (`w<period µs>`): such a plan counts in a
+/// key of its own, since one window state read with another length is
+/// taken for an old one and starts over. `None` for the policy's own
+/// window and for GCRA, whose state is a time that any quota reads alike.
+fn window_part(
+    policy: &crate::policy::Policy,
+    algorithm: crate::Algorithm,
+    quota: &crate::Quota,
+) -> Option<String> {
+    (algorithm != crate::Algorithm::Gcra && quota.period() != policy.quota.period())
+        .then(|| format!("w{}", quota.period_us()))
 }
 
 /// Shortest life of a lease: a chunk of a generous quota (1,000,000/s, say)

@@ -21,6 +21,7 @@ redis_tests!(
     plans_and_shadow,
     shadow_policy_stays_out_of_the_headers,
     windows_in_redis,
+    plans_with_other_windows_count_apart,
     lease_mode_stays_within_bound,
     lease_takes_one_chunk_at_a_time,
     a_shared_policy_leases_one_chunk_in_all,
@@ -334,6 +335,40 @@ async fn windows_in_redis(url: String) {
     let retry: u64 = header(&c, "retry-after").unwrap().parse().unwrap();
     assert!((1..=3600).contains(&retry));
     let _ = Duration::ZERO;
+}
+
+/// A plan whose window is not the policy's own counts in a key of its
+/// own: sharing one, each plan read the other's state as an old window
+/// and started over, so callers alternating plans (one address, two
+/// accounts) were never limited. A reset clears both.
+async fn plans_with_other_windows_count_apart(url: String) {
+    let h = connect(&url).await;
+    let t = table(
+        vec![
+            Policy::new("win", Quota::per_minute(2))
+                .with_algorithm(Algorithm::SlidingWindow)
+                .with_plan("pro", Quota::per_hour(2)),
+        ],
+        &["win"],
+    );
+    let limiter = RateLimiter::builder(t).redis(h).deny_cache(0).build();
+    let svc = service(limiter.clone());
+    let on = |plan: Option<&str>| {
+        let mut r = req("/", "192.0.2.40:1");
+        if let Some(plan) = plan {
+            r.extensions_mut().insert(Plan(plan.to_owned()));
+        }
+        r
+    };
+    for _ in 0..2 {
+        assert_eq!(send(&svc, on(None)).await.status(), 200);
+        assert_eq!(send(&svc, on(Some("pro"))).await.status(), 200);
+    }
+    assert_eq!(send(&svc, on(None)).await.status(), 429);
+    assert_eq!(send(&svc, on(Some("pro"))).await.status(), 429);
+    limiter.reset("win", "ip:192.0.2.40").await.unwrap();
+    assert_eq!(send(&svc, on(None)).await.status(), 200);
+    assert_eq!(send(&svc, on(Some("pro"))).await.status(), 200);
 }
 
 /// Lease mode: 3 instances × 64 concurrent, burst 100, chunk 10. Tokens are

@@ -60,6 +60,9 @@ impl Hasher for PreHashed {
 /// reset retired it.
 type FirstSlot = (OnceLock<(Quota, Gov)>, AtomicBool);
 
+/// A window state's key: policy index, period in µs, identity.
+type WindowKey = (usize, u64, String);
+
 /// The in-process store. Housekeeping runs by itself while it lives.
 pub(crate) struct MemoryStore {
     divisor: u32,
@@ -71,7 +74,9 @@ pub(crate) struct MemoryStore {
     first: Box<[FirstSlot]>,
     /// Every other (policy, quota) pair: plan tiers.
     gcra: RwLock<HashMap<(usize, Quota), Arc<Gov>>>,
-    windows: Mutex<HashMap<(usize, String), (WindowState, u64)>>,
+    /// Window states by (policy index, period in µs, identity): plans whose
+    /// windows differ count apart.
+    windows: Mutex<HashMap<WindowKey, (WindowState, u64)>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -221,7 +226,7 @@ impl MemoryStore {
             let Some(windows) = windows.as_mut() else {
                 continue;
             };
-            let key = (c.index, identity.to_owned());
+            let key = (c.index, period, identity.to_owned());
             let state = windows.get(&key).map(|(s, _)| *s);
             let (v, next) = window(
                 c.algorithm == Algorithm::SlidingWindow,
@@ -362,7 +367,7 @@ impl MemoryStore {
     /// Forgets one identity's state for one policy (admin reset).
     pub(crate) fn reset(&self, index: usize, identity: &str) {
         if let Ok(mut w) = self.windows.lock() {
-            w.remove(&(index, identity.to_owned()));
+            w.retain(|(i, _, id), _| !(*i == index && id == identity));
         }
         // governor cannot forget one key: drop the policy's limiters, which
         // resets every identity of that policy in this process.
@@ -448,6 +453,25 @@ mod tests {
         let d = store.decide("k", &c);
         assert_eq!(d[0].status, Status::Denied);
         assert!(d[0].retry_us > 0);
+    }
+
+    /// Two plans of one policy whose windows have different lengths count
+    /// apart: sharing one state, each would find the other's window and
+    /// start over, and neither would ever limit.
+    #[tokio::test]
+    async fn plans_with_other_windows_count_apart() {
+        let store = MemoryStore::new(1, 1, Duration::from_secs(60));
+        let free = [check(0, Quota::per_minute(2), Algorithm::SlidingWindow)];
+        let pro = [check(0, Quota::per_hour(2), Algorithm::SlidingWindow)];
+        for _ in 0..2 {
+            assert_eq!(store.decide("k", &free)[0].status, Status::Allowed);
+            assert_eq!(store.decide("k", &pro)[0].status, Status::Allowed);
+        }
+        assert_eq!(store.decide("k", &free)[0].status, Status::Denied);
+        assert_eq!(store.decide("k", &pro)[0].status, Status::Denied);
+        store.reset(0, "k");
+        assert_eq!(store.decide("k", &free)[0].status, Status::Allowed);
+        assert_eq!(store.decide("k", &pro)[0].status, Status::Allowed);
     }
 
     /// With the quota shared by a divisor, a cost within the policy's
