@@ -553,6 +553,11 @@ impl UsageTracker {
                     .is_some_and(|r| (r.start_ms..r.end_ms).contains(&ms))
                 {
                     match self.recent_period(ms) {
+                        // A period whose retention has run out: Redis
+                        // would delete what was written at once.
+                        Some(r) if r.expire_at <= now_ms() / 1000 => {
+                            return self.drop_units(n, units, added_pending);
+                        }
                         Some(r) => *recent = Some(r),
                         // Outside the calendar: written nowhere, counted.
                         None => return self.drop_units(n, units, added_pending),

@@ -442,6 +442,21 @@ async fn timestamps_outside_the_calendar_are_dropped() {
     assert_eq!(api_requests(&t, "acme").await, Some(1));
 }
 
+/// A time whose period's retention has already run out would be written
+/// with an expiry in the past (Redis deletes such a key at once): it is
+/// counted as dropped and not written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_past_their_retention_are_dropped() {
+    let t = UsageTracker::in_memory(manual());
+    let long_ago = now_ms() - 200 * 86_400_000;
+    assert_eq!(t.record_at("acme", "api_request", 5, long_ago), 0);
+    // Within the retention (last month, say): counted as usual.
+    t.record_at("acme", "api_request", 2, now_ms() - 40 * 86_400_000);
+    t.flush().await.expect("flush");
+    let s = t.stats();
+    assert_eq!((s.dropped, s.pending, s.flushed), (5, 0, 2));
+}
+
 /// Increments recorded after shutdown would never be written: they are
 /// counted as dropped, not left pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
