@@ -113,15 +113,20 @@ async fn concurrent_misses_compute_once_per_instance(make: Make) {
     );
 }
 
-async fn invalidation_on_one_instance_is_seen_by_another(make: Make) {
-    let (a, b) = (make(), make());
-    for c in [&a, &b] {
+/// Waits until each cache's invalidation subscriber is listening.
+async fn listening(caches: &[&Cache]) {
+    for c in caches {
         let started = std::time::Instant::now();
         while !c.is_listening() {
             assert!(started.elapsed() < Duration::from_secs(5), "subscriber");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+async fn invalidation_on_one_instance_is_seen_by_another(make: Make) {
+    let (a, b) = (make(), make());
+    listening(&[&a, &b]).await;
     let get = |c: &Cache, v: u32| {
         let c = c.clone();
         async move {
@@ -216,13 +221,7 @@ async fn redis_down_computes() {
 /// cut it off: the entries are deleted and the other instances told.
 async fn an_abandoned_tag_invalidation_still_completes(make: Make) {
     let (a, b) = (make(), make());
-    for c in [&a, &b] {
-        let started = std::time::Instant::now();
-        while !c.is_listening() {
-            assert!(started.elapsed() < Duration::from_secs(5), "subscriber");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    listening(&[&a, &b]).await;
     let get = |c: &Cache, v: u32| {
         let c = c.clone();
         async move {
