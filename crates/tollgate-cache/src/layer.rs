@@ -183,7 +183,10 @@ impl ResponseCacheLayerBuilder {
     }
 
     /// Query parameters left out of the key (`name` or `prefix*`; default:
-    /// `utm_*`, `fbclid`, `gclid`, `mc_cid`, `mc_eid`).
+    /// `utm_*`, `fbclid`, `gclid`, `mc_cid`, `mc_eid`). An application that
+    /// echoes one of them into its pages must keep it in the key (leave it
+    /// off this list): otherwise one request's value is stored and served
+    /// to everyone.
     pub fn ignored_query_params<I, S>(mut self, params: I) -> Self
     where
         I: IntoIterator<Item = S>,
