@@ -1295,6 +1295,7 @@ fn csv_field(s: &str) -> String {
 }
 
 async fn flusher(weak: Weak<Inner>) {
+    let mut failed = false;
     loop {
         let Some(inner) = weak.upgrade() else { return };
         if inner.closed.load(Ordering::Acquire) {
@@ -1302,6 +1303,13 @@ async fn flusher(weak: Weak<Inner>) {
         }
         let interval = inner.config.flush_interval;
         let notified = async {
+            // After a failed flush the next waits the whole interval: a
+            // full buffer (or the units a failed flush put back) would
+            // otherwise wake the flusher at once, and during an outage it
+            // would fail, put them back and wake again without pause.
+            if failed {
+                std::future::pending::<()>().await;
+            }
             inner.notify.notified().await;
         };
         tokio::select! {
@@ -1312,8 +1320,12 @@ async fn flusher(weak: Weak<Inner>) {
             return;
         }
         let tracker = UsageTracker { inner };
-        if let Err(e) = tracker.flush().await {
-            tracing::debug!(error = %e, "usage flush failed; will retry");
-        }
+        failed = match tracker.flush().await {
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "usage flush failed; will retry");
+                true
+            }
+        };
     }
 }

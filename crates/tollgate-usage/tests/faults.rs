@@ -496,6 +496,33 @@ async fn units_dropped_at_the_shutdown_deadline_are_never_written() {
     assert_eq!(t.stats().pending, 0);
 }
 
+/// While Redis is down a full buffer does not spin the flusher: a failed
+/// flush puts its units back, which would wake it again at once; it waits
+/// for the interval instead (a handful of attempts a second, not
+/// thousands).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_does_not_spin_the_flusher_during_an_outage() {
+    let mut server = RedisServer::start();
+    let h = handle(server.url()).await;
+    let t = UsageTracker::redis(
+        h.clone(),
+        UsageConfig::new()
+            .flush_interval(Duration::from_millis(200))
+            .flush_threshold(1),
+    );
+    server.kill();
+    wait_until("the breaker opens", || !h.is_available()).await;
+    let before = t.stats().flush_errors;
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(1) {
+        t.record("acme", "api_request", 1);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let attempts = t.stats().flush_errors - before;
+    assert!(attempts <= 20, "{attempts} failed flushes in a second");
+    assert!(t.stats().pending > 0);
+}
+
 /// A flush dropped while it waits for Redis loses nothing: the batch was
 /// queued for a retry under its id before it was sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
