@@ -188,6 +188,11 @@ pub struct CacheBuilder {
     memory_bytes: u64,
 }
 
+/// How long a write or an invalidation of a store that does not bound its
+/// own operations may take before it is given up (see
+/// [`Cache::bounded_write`]).
+const WRITE_BOUND: Duration = Duration::from_secs(2);
+
 impl Cache {
     /// A builder (in memory unless given a Redis handle or a store).
     pub fn builder() -> CacheBuilder {
@@ -256,6 +261,25 @@ impl Cache {
         tokio::time::timeout(limit, op)
             .await
             .unwrap_or(Err(Error::Store(tollgate_redis::Error::Timeout(limit))))
+    }
+
+    /// `op`, a write or an invalidation, under a generous bound
+    /// ([`WRITE_BOUND`]) unless the store bounds its own operations: not
+    /// the read deadline, which would cut off the ordinary writes of a slow
+    /// store half way, but an end to those of a store that hangs, so that
+    /// they do not pile up.
+    pub(crate) async fn bounded_write<T>(
+        &self,
+        op: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        if self.bounds_reads() {
+            return op.await;
+        }
+        tokio::time::timeout(WRITE_BOUND, op)
+            .await
+            .unwrap_or(Err(Error::Store(tollgate_redis::Error::Timeout(
+                WRITE_BOUND,
+            ))))
     }
 
     /// How long a coalesced waiter waits for the leader's fill.
@@ -393,7 +417,10 @@ impl Cache {
     }
 
     async fn invalidate_tag_now(&self, tag: &str) -> Result<usize, Error> {
-        match self.inner.store.invalidate_tag(tag).await {
+        match self
+            .bounded_write(self.inner.store.invalidate_tag(tag))
+            .await
+        {
             Ok(keys) => {
                 self.forget(&keys).await;
                 Ok(keys.len())
@@ -514,7 +541,7 @@ impl Cache {
                     // one ran during the write.
                     if available && self.epoch() == epoch {
                         let tags: Vec<String> = tags.iter().map(|t| (*t).to_owned()).collect();
-                        let put = self.bounded(self.put_raw(&key, bytes, ttl, &tags));
+                        let put = self.bounded_write(self.put_raw(&key, bytes, ttl, &tags));
                         if let Err(e) = put.await {
                             tracing::debug!(error = %e, "cache write failed");
                         } else if self.epoch() != epoch {

@@ -853,7 +853,7 @@ impl Recorder {
             let len = bytes.len() as u64;
             let cache = &shared.cache;
             let mut ok = cache
-                .bounded(cache.put_raw(&plan.store_key, bytes, plan.store_ttl, &plan.tags))
+                .bounded_write(cache.put_raw(&plan.store_key, bytes, plan.store_ttl, &plan.tags))
                 .await
                 .is_ok();
             if ok
@@ -861,7 +861,7 @@ impl Recorder {
                 && let Ok(v) = Stored::Vary(plan.vary).encode()
             {
                 ok = cache
-                    .bounded(cache.put_raw(&plan.base_key, v, plan.store_ttl, &plan.tags))
+                    .bounded_write(cache.put_raw(&plan.base_key, v, plan.store_ttl, &plan.tags))
                     .await
                     .is_ok();
             }

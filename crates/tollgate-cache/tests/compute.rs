@@ -304,3 +304,63 @@ async fn a_hanging_store_does_not_hang_get_or_compute() {
         assert_eq!(v, i, "computed: nothing could be stored");
     }
 }
+
+/// A store slower to write than the read deadline (a remote backend):
+/// reads are answered in time, writes take 300 ms.
+#[derive(Clone, Debug)]
+struct SlowWrites(tollgate_cache::MemoryStore);
+
+impl tollgate_cache::Store for SlowWrites {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<bytes::Bytes>, tollgate_cache::Error>> {
+        self.0.get(key)
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: bytes::Bytes,
+        ttl: Duration,
+        tags: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<(), tollgate_cache::Error>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.0.put(key, value, ttl, tags).await
+        })
+    }
+
+    fn invalidate_key<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<bool, tollgate_cache::Error>> {
+        self.0.invalidate_key(key)
+    }
+
+    fn invalidate_tag<'a>(
+        &'a self,
+        tag: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<String>, tollgate_cache::Error>> {
+        self.0.invalidate_tag(tag)
+    }
+}
+
+/// The read deadline bounds reads only: a store whose writes take longer
+/// than it still gets its values stored, where cutting writes off at the
+/// read deadline stored nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_slow_to_write_still_stores() {
+    let c = Cache::builder()
+        .store(SlowWrites(tollgate_cache::MemoryStore::new(1 << 20)))
+        .build();
+    for i in 0..2u32 {
+        let v = c
+            .get_or_compute("k", Duration::from_secs(60), &[], || async move {
+                Ok::<_, std::io::Error>(i)
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, 0, "the first value was stored");
+    }
+}
