@@ -149,7 +149,10 @@ pub(crate) fn prepare<B>(
             || (pragma && !h.contains_key(header::CACHE_CONTROL));
         no_store = d.no_store;
     }
-    no_store |= seen & screen::UNKEYED != 0;
+    if seen & screen::UNKEYED != 0 {
+        no_store = true;
+        warn_unkeyed_once(shared, h);
+    }
     Ok(Ctx {
         url,
         per_user: user.is_some(),
@@ -1093,4 +1096,29 @@ mod hit_status_value {
         assert_eq!(hit_status(299), "tollgate; hit; ttl=299");
         assert_eq!(hit_status(0), "tollgate; hit; ttl=0");
     }
+}
+
+/// Says once per process, at `warn`, which screened header keeps responses
+/// from being stored: behind a proxy that adds one to every request (a load
+/// balancer's `X-Forwarded-Proto`), the cache would otherwise store nothing
+/// without a word.
+fn warn_unkeyed_once(shared: &Shared, h: &HeaderMap) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let names: Vec<&str> = h
+        .keys()
+        .filter(|n| {
+            shared
+                .screened
+                .get(*n)
+                .is_some_and(|b| b & screen::UNKEYED != 0)
+        })
+        .map(http::HeaderName::as_str)
+        .collect();
+    tracing::warn!(
+        headers = ?names,
+        "response cache: a request carries a header that can change the response without being in the key, so its response is not stored; if a proxy in front sets it on every request, see ResponseCacheLayer's unkeyed_headers (logged once)"
+    );
 }
