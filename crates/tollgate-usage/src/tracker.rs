@@ -183,6 +183,12 @@ impl<T> Unconfirmed<T> {
     }
 }
 
+/// A copy of the oldest write of a retry queue (a batch's is shared, not
+/// copied), taken without holding the lock across the retry.
+fn front<T: Clone>(queue: &Mutex<VecDeque<Unconfirmed<T>>>) -> Option<Unconfirmed<T>> {
+    queue.lock().ok().and_then(|q| q.front().cloned())
+}
+
 /// A quota operation to settle after its answer was lost.
 #[derive(Clone, Debug)]
 enum Replay {
@@ -312,7 +318,8 @@ struct Inner {
     dirty: AtomicUsize,
     /// Batches that were (or may have been) sent, oldest first: retried
     /// under their id until confirmed, never merged back into the buffer.
-    pending: Mutex<VecDeque<Unconfirmed<Batch>>>,
+    /// Shared with the flush that sends it: queueing it costs no copy.
+    pending: Mutex<VecDeque<Unconfirmed<Arc<Batch>>>>,
     /// Quota operations whose answer was lost, oldest first.
     replays: Mutex<VecDeque<Unconfirmed<Replay>>>,
     current: RwLock<CurrentPeriod>,
@@ -919,14 +926,7 @@ impl UsageTracker {
         // Batches sent before: retried under their id whatever the error
         // (even "not sent": an earlier attempt may have been applied), so
         // they never count twice.
-        loop {
-            let next = self
-                .inner
-                .pending
-                .lock()
-                .ok()
-                .and_then(|p| p.front().cloned());
-            let Some(p) = next else { break };
+        while let Some(p) = front(&self.inner.pending) {
             if p.since.elapsed() >= max_age {
                 self.give_up_batch(&p.write);
                 continue;
@@ -935,14 +935,7 @@ impl UsageTracker {
             self.remove_pending(&p.write.id);
         }
         // Quota operations whose answer was lost: the same op id again.
-        loop {
-            let next = self
-                .inner
-                .replays
-                .lock()
-                .ok()
-                .and_then(|r| r.front().cloned());
-            let Some(r) = next else { break };
+        while let Some(r) = front(&self.inner.replays) {
             if r.since.elapsed() >= max_age {
                 self.give_up_replay(&r.write);
                 continue;
@@ -977,19 +970,19 @@ impl UsageTracker {
         // Pending before the first attempt: if this flush is dropped while
         // it waits for the store, the batch is retried under its id, not
         // lost.
-        let id = batch.id.clone();
+        let batch = Arc::new(batch);
         if let Ok(mut p) = self.inner.pending.lock() {
             p.push_back(Unconfirmed::new(batch.clone()));
         }
         match self.apply(&batch).await {
             Ok(()) => {
-                self.remove_pending(&id);
+                self.remove_pending(&batch.id);
                 Ok(())
             }
             Err(e) if e.not_sent() => {
                 // First attempt, never sent: it can merge back.
-                self.remove_pending(&id);
-                self.restore(batch);
+                self.remove_pending(&batch.id);
+                self.restore(Arc::unwrap_or_clone(batch));
                 Err(e)
             }
             Err(e) => Err(e),
@@ -1063,7 +1056,7 @@ impl UsageTracker {
         }
         self.inner.pending_units.fetch_add(units, Ordering::Relaxed);
         if let Ok(mut p) = self.inner.pending.lock() {
-            p.push_back(Unconfirmed::new(batch));
+            p.push_back(Unconfirmed::new(Arc::new(batch)));
         }
     }
 
