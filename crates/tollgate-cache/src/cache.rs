@@ -254,13 +254,7 @@ impl Cache {
         &self,
         op: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
-        if self.bounds_reads() {
-            return op.await;
-        }
-        let limit = self.lookup_timeout();
-        tokio::time::timeout(limit, op)
-            .await
-            .unwrap_or(Err(Error::Store(tollgate_redis::Error::Timeout(limit))))
+        self.within(self.lookup_timeout(), op).await
     }
 
     /// `op`, a write or an invalidation, under a generous bound
@@ -272,14 +266,22 @@ impl Cache {
         &self,
         op: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
+        self.within(WRITE_BOUND, op).await
+    }
+
+    /// `op` cut off after `limit`, unless the store bounds its own
+    /// operations.
+    async fn within<T>(
+        &self,
+        limit: Duration,
+        op: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
         if self.bounds_reads() {
             return op.await;
         }
-        tokio::time::timeout(WRITE_BOUND, op)
+        tokio::time::timeout(limit, op)
             .await
-            .unwrap_or(Err(Error::Store(tollgate_redis::Error::Timeout(
-                WRITE_BOUND,
-            ))))
+            .unwrap_or(Err(Error::Store(tollgate_redis::Error::Timeout(limit))))
     }
 
     /// How long a coalesced waiter waits for the leader's fill.

@@ -416,10 +416,11 @@ where
             }
             Ok(Lookup::Found(e)) => {
                 let ttl = e.ttl_ms(now);
+                // The entry answers an origin error only while it may:
+                // fresh, or stale within its stale-if-error window.
+                let answers_errors = ttl > 0 || ttl.unsigned_abs() <= e.meta.sie_ms;
                 if ctx.refresh {
-                    // The entry answers an origin error only while it may:
-                    // fresh, or stale within its stale-if-error window.
-                    let fallback = (ttl > 0 || ttl.unsigned_abs() <= e.meta.sie_ms).then_some(e);
+                    let fallback = answers_errors.then_some(e);
                     return Box::pin(fill(shared, inner, req, ctx, "request", fallback)).await;
                 }
                 if ttl > 0 {
@@ -441,7 +442,7 @@ where
                     refresh_in_background(shared, inner, req, ctx);
                     return Ok(res);
                 }
-                let fallback = (stale_for <= e.meta.sie_ms).then_some(e);
+                let fallback = answers_errors.then_some(e);
                 Box::pin(fill(shared, inner, req, ctx, "stale", fallback)).await
             }
             Ok(Lookup::Miss { vary }) => {
@@ -1103,8 +1104,11 @@ mod hit_status_value {
 /// balancer's `X-Forwarded-Proto`), the cache would otherwise store nothing
 /// without a word.
 fn warn_unkeyed_once(shared: &Shared, h: &HeaderMap) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    // Read first: behind such a proxy every request gets here, and a
+    // write per request would bounce the flag's cache line between cores.
+    if WARNED.load(Ordering::Relaxed) || WARNED.swap(true, Ordering::Relaxed) {
         return;
     }
     let names: Vec<&str> = h
