@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -26,7 +26,8 @@ use tower::{Layer, Service};
 /// page.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-/// Request headers that only concern one connection.
+/// Headers that only concern one connection (RFC 9110 §7.6.1), besides
+/// those a `Connection` header names.
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
@@ -88,17 +89,39 @@ impl Service<Request<Incoming>> for Upstream {
                 return Ok(error(StatusCode::BAD_REQUEST, "bad request target"));
             };
             *req.uri_mut() = uri;
-            for h in HOP_BY_HOP {
-                req.headers_mut().remove(h);
-            }
+            strip_hop_by_hop(req.headers_mut());
             match client.request(req).await {
-                Ok(res) => Ok(res.map(BodyExt::boxed)),
+                Ok(mut res) => {
+                    // The upstream's connection options (`Connection:
+                    // close`, `Keep-Alive`) are not the client's.
+                    strip_hop_by_hop(res.headers_mut());
+                    Ok(res.map(BodyExt::boxed))
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "upstream request failed");
                     Ok(error(StatusCode::BAD_GATEWAY, "upstream unavailable"))
                 }
             }
         })
+    }
+}
+
+/// Removes the headers of one connection: the fixed list and every header
+/// the `Connection` header names, so neither side's connection options
+/// reach the other.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        h.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        h.remove(name);
     }
 }
 

@@ -88,3 +88,71 @@ async fn caches_in_front_of_the_upstream() {
     );
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
+
+/// Connection options stay on their own connection: the upstream never
+/// sees the client's (`Connection` and the headers it names), and the
+/// client never gets the upstream's, from a miss or from a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_headers_stay_on_their_connection() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let upstream_seen = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let seen = upstream_seen.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    seen.lock()
+                        .unwrap()
+                        .extend(req.headers().keys().map(|k| k.as_str().to_owned()));
+                    async move {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("cache-control", "max-age=60")
+                                .header("connection", "x-upstream-hop")
+                                .header("x-upstream-hop", "1")
+                                .header("keep-alive", "timeout=5")
+                                .header("x-end-to-end", "kept")
+                                .body(Full::new(Bytes::from_static(b"ok")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    tokio::spawn(serve(
+        listener,
+        Upstream::new(&format!("http://{up}").parse().unwrap()).unwrap(),
+        Cache::memory(),
+    ));
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    for want in ["MISS", "HIT"] {
+        let req = Request::builder()
+            .uri(format!("http://{proxy}/hop"))
+            .header("connection", "x-client-hop")
+            .header("x-client-hop", "1")
+            .header("x-client-end-to-end", "1")
+            .body(Empty::new())
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        let h = res.headers().clone();
+        assert_eq!(h.get("x-cache").unwrap(), want);
+        assert_eq!(h.get("x-end-to-end").unwrap(), "kept");
+        for hop in ["x-upstream-hop", "keep-alive", "connection"] {
+            assert!(h.get(hop).is_none(), "{want}: the client got {hop}");
+        }
+        let _ = res.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|h| h == "x-client-end-to-end"), "{seen:?}");
+    assert!(!seen.iter().any(|h| h == "x-client-hop"), "{seen:?}");
+}
