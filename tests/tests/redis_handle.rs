@@ -10,7 +10,7 @@ use tollgate_redis::{
     BatchConn, BatchOp, BreakerState, CoalesceConfig, Coalescer, Error, HealthService, RedisConfig,
     RedisHandle, Script,
 };
-use tollgate_testkit::{LatencyProxy, RedisCluster, RedisServer};
+use tollgate_testkit::{LatencyProxy, RedisCluster, RedisServer, Reply};
 use tower::ServiceExt;
 
 const DEADLINE: Duration = Duration::from_millis(50);
@@ -189,6 +189,88 @@ async fn coalesces_with_own_answers(h: RedisHandle) {
     for (key, mut v) in per_key {
         v.sort_unstable();
         assert_eq!(v, (1..=50).collect::<Vec<_>>(), "answers for {key}");
+    }
+}
+
+/// Concurrent lookups of one hot key: every caller gets its own key's
+/// value, and no `MGET` names a key twice (Redis copies a hot value once
+/// per batch, not once per caller).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_is_fetched_once_per_batch() {
+    let server = RedisServer::start();
+    let h =
+        RedisHandle::connect(RedisConfig::from_url(server.url()).deadline(Duration::from_secs(5)))
+            .await
+            .expect("connect");
+    let ks = h.keys("hot");
+    let keys = [ks.key(&["hot"]), ks.key(&["cold"]), ks.key(&["missing"])];
+    let run = |args: &[&str]| server.command(args).expect("command");
+    run(&["SET", &keys[0], "H"]);
+    run(&["SET", &keys[1], "C"]);
+    run(&["CONFIG", "SET", "slowlog-log-slower-than", "0"]);
+    run(&["CONFIG", "SET", "slowlog-max-len", "100000"]);
+    run(&["SLOWLOG", "RESET"]);
+    let gets = Coalescer::new(h.clone(), tollgate_redis::GetOp, CoalesceConfig::default());
+    // While Redis is paused the first MGET waits there and the other
+    // lookups queue behind it: they go out together, mostly the hot key.
+    run(&["CLIENT", "PAUSE", "300", "ALL"]);
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let which = match i % 10 {
+                0 => 1,
+                1 => 2,
+                _ => 0,
+            };
+            let (gets, key) = (gets.clone(), keys[which].clone());
+            tokio::spawn(async move { (key.clone(), gets.submit(key).await) })
+        })
+        .collect();
+    for t in tasks {
+        let (key, value) = t.await.expect("task");
+        let want = if key == keys[0] {
+            Some("H")
+        } else if key == keys[1] {
+            Some("C")
+        } else {
+            None
+        };
+        let value = value.expect("lookup");
+        assert_eq!(value.as_deref(), want.map(str::as_bytes), "value of {key}");
+    }
+    let Reply::Array(log) = run(&["SLOWLOG", "GET", "-1"]) else {
+        panic!("SLOWLOG GET");
+    };
+    let mgets: Vec<Vec<String>> = log
+        .iter()
+        .filter_map(|entry| match entry {
+            Reply::Array(fields) => match fields.get(3) {
+                Some(Reply::Array(args)) => Some(
+                    args.iter()
+                        .filter_map(|a| match a {
+                            Reply::Bulk(s) => Some(s.clone()),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            },
+            _ => None,
+        })
+        .filter(|args| args.first().is_some_and(|c| c.eq_ignore_ascii_case("mget")))
+        .collect();
+    assert!(
+        !mgets.is_empty() && mgets.len() < 200,
+        "200 lookups took {} MGETs",
+        mgets.len()
+    );
+    for args in &mgets {
+        let keys = &args[1..];
+        let distinct: std::collections::HashSet<&String> = keys.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            keys.len(),
+            "an MGET repeats a key: {args:?}"
+        );
     }
 }
 

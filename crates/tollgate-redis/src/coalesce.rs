@@ -99,6 +99,10 @@ impl<'a> BatchConn<'a> {
 /// per round trip (grouped by slot on a cluster, so no `MGET` spans two
 /// slots). Values come back as raw bytes.
 ///
+/// A key asked for by several callers of one batch (a hot cache entry) is
+/// sent once, and its value is shared by all of them: Redis copies it and
+/// fred reads it once per batch, not once per caller.
+///
 /// ```no_run
 /// # async fn f(handle: tollgate_redis::RedisHandle) -> Result<(), tollgate_redis::Error> {
 /// use tollgate_redis::{CoalesceConfig, Coalescer, GetOp};
@@ -124,6 +128,7 @@ impl BatchOp for GetOp {
     ) -> Result<Vec<Option<bytes::Bytes>>, Error> {
         use fred::interfaces::KeysInterface as _;
         use fred::types::Value;
+        let (keys, positions) = distinct(keys);
         let n = keys.len();
         let values: Vec<Value> = conn.client().mget(keys).await.map_err(Error::Redis)?;
         if values.len() != n {
@@ -131,14 +136,53 @@ impl BatchOp for GetOp {
                 format!("MGET of {n} keys answered {} values", values.len()).into(),
             ));
         }
-        Ok(values
-            .into_iter()
-            .map(|v| match v {
-                Value::Null => None,
-                v => v.into_bytes(),
-            })
-            .collect())
+        let values = values.into_iter().map(|v| match v {
+            Value::Null => None,
+            v => v.into_bytes(),
+        });
+        Ok(match positions {
+            None => values.collect(),
+            Some(positions) => {
+                let values: Vec<_> = values.collect();
+                positions.into_iter().map(|i| values[i].clone()).collect()
+            }
+        })
     }
+}
+
+/// `keys` without repeats, in order of first appearance, and for each of
+/// the original keys its place in that list (`None` when nothing repeats:
+/// the list is `keys` itself).
+fn distinct(keys: Vec<String>) -> (Vec<String>, Option<Vec<usize>>) {
+    if keys.len() < 2 {
+        return (keys, None);
+    }
+    let mut first: crate::local::RequestMap<&str, usize> =
+        crate::local::RequestMap::with_capacity_and_hasher(keys.len(), Default::default());
+    let mut positions = Vec::with_capacity(keys.len());
+    let mut keep = Vec::with_capacity(keys.len());
+    for (i, k) in keys.iter().enumerate() {
+        let next = first.len();
+        let at = *first.entry(k.as_str()).or_insert(next);
+        if at == next {
+            keep.push(i);
+        }
+        positions.push(at);
+    }
+    if keep.len() == keys.len() {
+        return (keys, None);
+    }
+    drop(first);
+    let mut keep = keep.into_iter().peekable();
+    let unique = keys
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, k)| {
+            keep.next_if_eq(&i)?;
+            Some(k)
+        })
+        .collect();
+    (unique, Some(positions))
 }
 
 struct Pending<T, O> {
@@ -364,5 +408,38 @@ async fn run_group<B: BatchOp>(
                 let _ = tx.send(Err(e.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::distinct;
+
+    fn keys(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn repeated_keys_are_asked_for_once() {
+        let (unique, positions) = distinct(keys(&["a", "b", "a", "c", "b", "a"]));
+        assert_eq!(unique, keys(&["a", "b", "c"]));
+        assert_eq!(positions, Some(vec![0, 1, 0, 2, 1, 0]));
+    }
+
+    #[test]
+    fn distinct_keys_are_kept_as_they_are() {
+        assert_eq!(
+            distinct(keys(&["a", "b", "c"])),
+            (keys(&["a", "b", "c"]), None)
+        );
+        assert_eq!(distinct(keys(&["a"])), (keys(&["a"]), None));
+        assert_eq!(distinct(Vec::new()), (Vec::new(), None));
+    }
+
+    #[test]
+    fn one_hot_key() {
+        let (unique, positions) = distinct(keys(&["hot"; 64]));
+        assert_eq!(unique, keys(&["hot"]));
+        assert_eq!(positions, Some(vec![0; 64]));
     }
 }
