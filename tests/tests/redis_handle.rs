@@ -5,10 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tollgate_redis::fred::interfaces::KeysInterface;
+use tollgate_redis::fred::interfaces::{
+    ClientLike, ClusterInterface, KeysInterface, PubsubInterface,
+};
+use tollgate_redis::fred::types::{ClusterHash, CustomCommand, Value};
 use tollgate_redis::{
-    BatchConn, BatchOp, BreakerState, CoalesceConfig, Coalescer, Error, HealthService, RedisConfig,
-    RedisHandle, Script,
+    BatchConn, BatchOp, BreakerState, CoalesceConfig, Coalescer, Error, HealthService, Notice,
+    RedisConfig, RedisHandle, Script, Subscription,
 };
 use tollgate_testkit::{LatencyProxy, RedisCluster, RedisServer, Reply};
 use tower::ServiceExt;
@@ -72,7 +75,8 @@ topology_tests!(
     round_trips_and_scripts,
     keys_of_one_identity_share_a_slot,
     coalesces_with_own_answers,
-    reports_health
+    reports_health,
+    a_subscription_hears_its_channel_and_recovers,
 );
 
 async fn round_trips_and_scripts(h: RedisHandle) {
@@ -635,4 +639,96 @@ async fn a_bad_url_is_a_clear_error() {
         assert!(!err.to_string().contains(":pw@"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(1));
     }
+}
+
+/// What a test subscription's handler saw: a payload, or `None` for
+/// [`Notice::Missed`].
+type Seen = tokio::sync::mpsc::UnboundedReceiver<Option<Vec<u8>>>;
+
+/// Publishes `message` every 100 ms until the subscription hands it over
+/// (the subscription may not be up again yet, and a publish may miss the
+/// 50 ms deadline on a busy machine); `Missed` notices on the way are
+/// skipped. Returns every other message seen before it.
+async fn publish_until_heard(sub: &Subscription, seen: &mut Seen, message: &str) -> Vec<Vec<u8>> {
+    let started = Instant::now();
+    let mut others = Vec::new();
+    loop {
+        let _ = sub.publish(message.to_owned()).await;
+        let wait = tokio::time::sleep(Duration::from_millis(100));
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                got = seen.recv() => match got.expect("listener running") {
+                    Some(m) if m == message.as_bytes() => return others,
+                    Some(m) => others.push(m),
+                    None => {}
+                },
+                () = &mut wait => break,
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{message:?} was not heard"
+        );
+    }
+}
+
+/// A subscription hands over what is published on its channel and
+/// nothing else; when its connection is cut it subscribes again and says
+/// that messages may have been missed; dropping it stops the listener.
+async fn a_subscription_hears_its_channel_and_recovers(h: RedisHandle) {
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let channel = h.keys("test").key(&["events"]);
+    let sub = Subscription::start(&h, channel.clone(), move |n| {
+        let _ = tx.send(match n {
+            Notice::Message(m) => Some(m.to_vec()),
+            Notice::Missed => None,
+        });
+    })
+    .expect("subscription");
+    assert_eq!(sub.channel(), channel);
+    let started = Instant::now();
+    while !sub.is_listening() {
+        assert!(started.elapsed() < Duration::from_secs(5), "subscribed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(publish_until_heard(&sub, &mut seen, "one").await.is_empty());
+    // Another channel's message is not handed over.
+    let other = h.keys("test").key(&["other"]);
+    let _: i64 = h
+        .call(|c| async move { c.publish(other, "elsewhere").await })
+        .await
+        .expect("PUBLISH");
+    let others = publish_until_heard(&sub, &mut seen, "two").await;
+    assert!(others.iter().all(|m| m == b"one"), "{others:?}");
+    while seen.try_recv().is_ok() {}
+    // Cut the connection at whichever primary holds the subscription.
+    let client = h.client();
+    let primaries = match client.cached_cluster_state() {
+        Some(state) => state.unique_primary_nodes().into_iter().map(Some).collect(),
+        None => vec![None],
+    };
+    let mut killed = 0;
+    for primary in primaries {
+        let cmd = CustomCommand::new_static("CLIENT", ClusterHash::Random, false);
+        let args = vec!["KILL", "TYPE", "pubsub"];
+        let reply: Value = match primary {
+            Some(p) => client.with_cluster_node(p).custom(cmd, args).await,
+            None => client.custom(cmd, args).await,
+        }
+        .expect("CLIENT KILL");
+        killed += reply.as_i64().unwrap_or(0);
+    }
+    assert_eq!(killed, 1, "one subscribed connection");
+    let started = Instant::now();
+    while seen.recv().await.expect("listener running").is_some() {
+        assert!(started.elapsed() < Duration::from_secs(10), "Missed");
+    }
+    publish_until_heard(&sub, &mut seen, "three").await;
+    drop(sub);
+    // The handler (and the sender it holds) goes with the listener.
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        while seen.recv().await.is_some() {}
+    });
+    assert!(closed.await.is_ok(), "the listener stopped");
 }

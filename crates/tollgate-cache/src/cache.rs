@@ -2,17 +2,14 @@
 //! coherent across instances by Redis pub/sub, and `get_or_compute`.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::task::JoinHandle;
-use tollgate_redis::RedisHandle;
-use tollgate_redis::fred::clients::Client;
-use tollgate_redis::fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use tollgate_redis::{Notice, RedisHandle, Subscription};
 
 use crate::entry::{Entry, Stored};
 use crate::error::Error;
@@ -138,33 +135,14 @@ pub(crate) struct Inner {
     memo: DecodeMemo,
     flights: Flights<Bytes>,
     coalesce_timeout: Duration,
-    channel: String,
-    listening: Arc<AtomicBool>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-    subscriber: Option<Client>,
+    /// The L1 invalidation channel (with an L1 on Redis): stops listening
+    /// when the cache is dropped.
+    subscription: Option<Subscription>,
     /// Bumped by every invalidation seen by this instance (its own, and
     /// other instances' through pub/sub). A response fill that started
     /// before a bump is not stored, so a fill racing an invalidation can
     /// never put the old response back.
     epoch: Arc<AtomicU64>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Ok(tasks) = self.tasks.get_mut() {
-            for t in tasks.drain(..) {
-                t.abort();
-            }
-        }
-        if let (Some(sub), Ok(rt)) = (
-            self.subscriber.take(),
-            tokio::runtime::Handle::try_current(),
-        ) {
-            rt.spawn(async move {
-                let _ = sub.quit().await;
-            });
-        }
-    }
 }
 
 impl std::fmt::Debug for Cache {
@@ -294,7 +272,11 @@ impl Cache {
     pub fn is_listening(&self) -> bool {
         self.inner.l1.is_none()
             || self.inner.handle.is_none()
-            || self.inner.listening.load(Ordering::Acquire)
+            || self
+                .inner
+                .subscription
+                .as_ref()
+                .is_some_and(Subscription::is_listening)
     }
 
     /// The raw value under a logical key: L1, then the store.
@@ -442,20 +424,18 @@ impl Cache {
 
     /// Drops keys from this instance's L1 and tells the other instances.
     async fn forget(&self, keys: &[String]) {
-        let (Some(l1), Some(handle)) = (&self.inner.l1, &self.inner.handle) else {
-            if let Some(l1) = &self.inner.l1 {
-                keys.iter().for_each(|k| l1.invalidate(k));
-            }
-            return;
-        };
+        let Some(l1) = &self.inner.l1 else { return };
         for k in keys {
             l1.invalidate(k);
         }
+        let Some(sub) = &self.inner.subscription else {
+            return;
+        };
         for chunk in keys.chunks(KEYS_PER_MESSAGE) {
             let Ok(msg) = serde_json::to_string(chunk) else {
                 continue;
             };
-            self.broadcast(handle, msg).await;
+            broadcast(sub, msg).await;
         }
     }
 
@@ -464,18 +444,8 @@ impl Cache {
     async fn forget_all(&self) {
         let Some(l1) = &self.inner.l1 else { return };
         l1.invalidate_all();
-        if let Some(handle) = &self.inner.handle {
-            self.broadcast(handle, FORGET_ALL.to_owned()).await;
-        }
-    }
-
-    async fn broadcast(&self, handle: &RedisHandle, msg: String) {
-        let channel = self.inner.channel.clone();
-        let sent = handle
-            .call(|c| async move { c.publish::<i64, _, _>(channel, msg).await })
-            .await;
-        if let Err(e) = sent {
-            tracing::warn!(error = %e, "could not broadcast a cache invalidation: other instances' L1 copies expire by their TTL");
+        if let Some(sub) = &self.inner.subscription {
+            broadcast(sub, FORGET_ALL).await;
         }
     }
 
@@ -556,69 +526,29 @@ impl Cache {
             }
         }
     }
+}
 
-    fn start_listener(&self) {
-        let (Some(l1), Some(sub)) = (self.inner.l1.clone(), self.inner.subscriber.clone()) else {
-            return;
-        };
-        let channel = self.inner.channel.clone();
-        let listening = self.inner.listening.clone();
-        let epoch = self.inner.epoch.clone();
-        let task = tokio::spawn(listen(sub, channel, l1, listening, epoch));
-        if let Ok(mut t) = self.inner.tasks.lock() {
-            t.push(task);
-        }
+/// Tells the other instances to drop L1 copies.
+async fn broadcast(sub: &Subscription, msg: impl Into<Bytes>) {
+    if let Err(e) = sub.publish(msg).await {
+        tracing::warn!(error = %e, "could not broadcast a cache invalidation: other instances' L1 copies expire by their TTL");
     }
 }
 
-/// The subscriber: a separate fred client created with `clone_new()` from
-/// one of the handle's clients (same URL, TLS, credentials and reconnect
-/// policy). Subscribing puts a connection in pub/sub mode, so it cannot be
-/// one of the pool's. On every reconnect it subscribes again and clears
-/// the L1, since messages may have been missed while disconnected.
-async fn listen(
-    sub: Client,
-    channel: String,
-    l1: L1,
-    listening: Arc<AtomicBool>,
-    epoch: Arc<AtomicU64>,
-) {
-    let mut messages = sub.message_rx();
-    let mut reconnects = sub.reconnect_rx();
-    let _connection = sub.connect();
-    while sub.wait_for_connect().await.is_err() {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    if sub.subscribe(channel.as_str()).await.is_ok() {
-        listening.store(true, Ordering::Release);
-    }
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        tokio::select! {
-            m = messages.recv() => match m {
-                Ok(msg) => {
-                    epoch.fetch_add(1, Ordering::AcqRel);
-                    let keys: Option<Vec<String>> = msg
-                        .value
-                        .as_str()
-                        .and_then(|s| serde_json::from_str(&s).ok());
-                    match keys {
-                        Some(keys) => keys.iter().for_each(|k| l1.invalidate(k)),
-                        // `FORGET_ALL`, or a message from a newer version.
-                        None => l1.invalidate_all(),
-                    }
-                }
-                Err(RecvError::Lagged(_)) => l1.invalidate_all(),
-                Err(RecvError::Closed) => return,
-            },
-            r = reconnects.recv() => match r {
-                Ok(_) | Err(RecvError::Lagged(_)) => {
-                    l1.invalidate_all();
-                    listening.store(sub.subscribe(channel.as_str()).await.is_ok(), Ordering::Release);
-                }
-                Err(RecvError::Closed) => return,
-            },
+/// What the L1 invalidation subscription hears: keys to drop (a JSON
+/// array), or anything else (`FORGET_ALL`, a message from a newer
+/// version, messages possibly missed while disconnected or behind) drops
+/// the whole L1.
+fn on_notice(l1: &L1, epoch: &AtomicU64, notice: Notice<'_>) {
+    match notice {
+        Notice::Message(payload) => {
+            epoch.fetch_add(1, Ordering::AcqRel);
+            match serde_json::from_slice::<Vec<String>>(payload) {
+                Ok(keys) => keys.iter().for_each(|k| l1.invalidate(k)),
+                Err(_) => l1.invalidate_all(),
+            }
         }
+        Notice::Missed => l1.invalidate_all(),
     }
 }
 
@@ -670,20 +600,33 @@ impl CacheBuilder {
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::new(self.memory_bytes)));
-        let l1 = match (&self.handle, self.l1) {
+        let mut l1 = match (&self.handle, self.l1) {
             (Some(_), Some((ttl, bytes))) => Some(L1::new(ttl, bytes)),
             _ => None,
         };
-        let channel = self
-            .handle
-            .as_ref()
-            .map(|h| h.keys("cache").key(&["invalidate"]))
-            .unwrap_or_default();
-        let subscriber = match (&self.handle, &l1) {
-            (Some(h), Some(_)) => Some(h.client().clone_new()),
+        let epoch = Arc::new(AtomicU64::new(0));
+        // Other instances' invalidations, on a connection of its own
+        // (subscribing puts a connection in pub/sub mode). The handler
+        // holds the L1 and the epoch, not the cache: dropping the cache
+        // stops it.
+        let subscription = match (&self.handle, &l1) {
+            (Some(h), Some(local)) => {
+                let (local, epoch) = (local.clone(), epoch.clone());
+                let channel = h.keys("cache").key(&["invalidate"]);
+                match Subscription::start(h, channel, move |n| on_notice(&local, &epoch, n)) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        // An L1 that hears no invalidation would serve
+                        // what other instances removed.
+                        tracing::warn!(error = %e, "could not start the L1 invalidation subscriber: running without the L1");
+                        l1 = None;
+                        None
+                    }
+                }
+            }
             _ => None,
         };
-        let cache = Cache {
+        Cache {
             inner: Arc::new(Inner {
                 store,
                 handle: self.handle,
@@ -691,15 +634,10 @@ impl CacheBuilder {
                 memo: DecodeMemo,
                 flights: Flights::default(),
                 coalesce_timeout: self.coalesce_timeout,
-                channel,
-                listening: Arc::new(AtomicBool::new(false)),
-                tasks: Mutex::new(Vec::new()),
-                subscriber,
-                epoch: Arc::new(AtomicU64::new(0)),
+                subscription,
+                epoch,
             }),
-        };
-        cache.start_listener();
-        cache
+        }
     }
 }
 

@@ -1,12 +1,12 @@
 //! The shared state behind every clone of the layer: table, stores, key
 //! extractor, deny cache.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tollgate_redis::local::RequestMap;
 
 use http::StatusCode;
-use tollgate_redis::{CoalesceConfig, Coalescer, KeySpace, RedisHandle};
+use tollgate_redis::{CoalesceConfig, Coalescer, KeySpace, Notice, RedisHandle, Subscription};
 
 use crate::decision::{Decision, Outcome, Report, RequestVerdict, Source};
 use crate::error::Error;
@@ -203,8 +203,10 @@ impl RateLimiterBuilder {
         self
     }
 
-    /// Builds the limiter. With Redis it starts a batching task, so call it
-    /// inside a Tokio runtime.
+    /// Builds the limiter. With Redis it starts a batching task and
+    /// subscribes to the resets of the other instances sharing that Redis
+    /// (see [`RateLimiter::reset`]), so call it inside a Tokio runtime;
+    /// without Redis it starts nothing and needs no runtime.
     pub fn build(self) -> RateLimiter {
         let redis = self.redis.map(|handle| {
             handle.register_layer("ratelimit");
@@ -221,21 +223,56 @@ impl RateLimiterBuilder {
         });
         let memory = MemoryStore::new(self.table.len(), self.divisor, self.housekeeping);
         RateLimiter {
-            inner: Arc::new(Inner {
-                table: self.table,
-                redis,
-                memory,
-                extractor: self.extractor,
-                missing: self.missing,
-                shadow: self.shadow,
-                headers: self.headers,
-                deny_cache: DenyCache::new(self.deny_cache),
-                exceeds_status: self.exceeds_status,
-                lease: self.lease,
-                leases: Mutex::new(RequestMap::default()),
+            // The reset listener holds a `Weak` of the state it clears: it
+            // stops when the limiter is dropped.
+            inner: Arc::new_cyclic(|weak| {
+                let resets = redis
+                    .as_ref()
+                    .and_then(|r| listen_for_resets(&r.handle, weak.clone()));
+                Inner {
+                    table: self.table,
+                    redis,
+                    memory,
+                    extractor: self.extractor,
+                    missing: self.missing,
+                    shadow: self.shadow,
+                    headers: self.headers,
+                    deny_cache: DenyCache::new(self.deny_cache),
+                    exceeds_status: self.exceeds_status,
+                    lease: self.lease,
+                    leases: Mutex::new(RequestMap::default()),
+                    resets,
+                }
             }),
         }
     }
+}
+
+/// Subscribes to the resets broadcast by the instances sharing `handle`'s
+/// Redis and namespace ([`RateLimiter::reset`]).
+fn listen_for_resets(handle: &RedisHandle, inner: Weak<Inner>) -> Option<Subscription> {
+    let channel = handle.keys("ratelimit").key(&["reset"]);
+    let heard = move |notice: Notice<'_>| {
+        if let Some(inner) = inner.upgrade() {
+            inner.heard(notice);
+        }
+    };
+    match Subscription::start(handle, channel, heard) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "rate limit: could not subscribe to resets; a reset made on another instance is seen here by the cached retry time");
+            None
+        }
+    }
+}
+
+/// A reset, as broadcast to the other instances.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ResetMessage {
+    /// The policy's name.
+    policy: String,
+    /// The identity.
+    key: String,
 }
 
 struct RedisBackend {
@@ -256,6 +293,71 @@ pub(crate) struct Inner {
     pub(crate) exceeds_status: StatusCode,
     lease: u32,
     leases: Mutex<RequestMap<String, Lease>>,
+    /// Resets made by other instances (with Redis).
+    resets: Option<Subscription>,
+}
+
+impl Inner {
+    /// The index of the policy named `name`.
+    fn policy_index(&self, name: &str) -> Option<usize> {
+        (0..self.table.len()).find(|&i| self.table.policy_at(i).name() == name)
+    }
+
+    /// Forgets what this instance remembers of `identity` under the policy
+    /// at `index` (under every policy when `None`): cached denials and
+    /// leases.
+    fn forget(&self, identity: &str, index: Option<usize>) {
+        self.deny_cache.forget(identity, index);
+        if let Ok(mut m) = self.leases.lock() {
+            m.retain(|k, _| !entry_of(k, identity, index));
+        }
+    }
+
+    /// Forgets every cached denial and lease: the next requests ask Redis.
+    fn forget_all(&self) {
+        self.deny_cache.clear();
+        if let Ok(mut m) = self.leases.lock() {
+            m.clear();
+        }
+    }
+
+    /// What the reset subscription heard: a reset (made here or on another
+    /// instance), or that resets may have been missed.
+    fn heard(&self, notice: Notice<'_>) {
+        match notice {
+            Notice::Message(payload) => match serde_json::from_slice::<ResetMessage>(payload) {
+                Ok(m) => {
+                    // A policy this table does not have (another version's
+                    // table): everything of that identity.
+                    let index = self.policy_index(&m.policy);
+                    if let Some(i) = index {
+                        self.memory.reset(i, &m.key);
+                    }
+                    self.forget(&m.key, index);
+                }
+                // A message from a newer version.
+                Err(_) => self.forget_all(),
+            },
+            Notice::Missed => self.forget_all(),
+        }
+    }
+}
+
+/// Whether `key`, an entry of the deny cache or of the lease map
+/// (`identity|i|j…`), belongs to `identity` and to a list of policies that
+/// includes the one at `index` (any list when `None`). An identity that
+/// itself contains `|` may be taken for another one: that only forgets
+/// more, which costs a Redis round trip.
+fn entry_of(key: &str, identity: &str, index: Option<usize>) -> bool {
+    let Some(rest) = key.strip_prefix(identity).and_then(|r| r.strip_prefix('|')) else {
+        return false;
+    };
+    match index {
+        None => true,
+        Some(i) => rest
+            .split('|')
+            .any(|p| p.parse::<usize>().map_or(true, |p| p == i)),
+    }
 }
 
 /// How many keys may hold a lease (or a lease request) at once.
@@ -927,8 +1029,9 @@ impl RateLimiter {
     }
 
     fn admin_pending(&self, policy: &str, key: &str, cost: u32) -> Result<Pending, Error> {
-        let index = (0..self.inner.table.len())
-            .find(|&i| self.inner.table.policy_at(i).name() == policy)
+        let index = self
+            .inner
+            .policy_index(policy)
             .ok_or_else(|| Error::UnknownPolicy(policy.to_owned()))?;
         let p = self.inner.table.policy_at(index);
         Ok(Pending {
@@ -977,12 +1080,24 @@ impl RateLimiter {
     }
 
     /// Forgets the state of `policy` for the identity `key`: the next
-    /// request starts with a full quota. Clears the local deny cache entry
-    /// and the in-process fallback too.
+    /// request starts with a full quota. Clears this instance's cached
+    /// denials and leases of that identity under the policy, and the
+    /// in-process fallback's state of it.
+    ///
+    /// With Redis, once the key is deleted the reset is broadcast over
+    /// Redis pub/sub to every limiter on that Redis and namespace, and each
+    /// clears the same local state when the message arrives. A broadcast that
+    /// fails is logged at warn and the reset still succeeds: an instance
+    /// that did not hear it keeps answering the identity from its deny
+    /// cache until the retry time it cached (at most the denial's
+    /// `Retry-After`), and spends a lease it holds until the lease runs
+    /// out. An instance whose subscription was cut off clears all of its
+    /// cached denials and leases when it is back, since it may have
+    /// missed resets.
     pub async fn reset(&self, policy: &str, key: &str) -> Result<(), Error> {
         let p = self.admin_pending(policy, key, 0)?;
         let index = p.checks[0].index;
-        self.inner.deny_cache.forget(key);
+        self.inner.forget(key, Some(index));
         self.inner.memory.reset(index, key);
         if let Some(r) = &self.inner.redis {
             // The policy's key, and those of its plans' other windows: exact
@@ -1002,8 +1117,37 @@ impl RateLimiter {
                     c.del::<i64, _>(keys).await
                 })
                 .await?;
+            self.broadcast_reset(policy, key).await;
         }
         Ok(())
+    }
+
+    /// Tells the other instances of a reset (see [`reset`](Self::reset)).
+    async fn broadcast_reset(&self, policy: &str, key: &str) {
+        let Some(resets) = &self.inner.resets else {
+            return;
+        };
+        let message = ResetMessage {
+            policy: policy.to_owned(),
+            key: key.to_owned(),
+        };
+        let Ok(message) = serde_json::to_vec(&message) else {
+            return;
+        };
+        if let Err(e) = resets.publish(message).await {
+            tracing::warn!(error = %e, policy, "rate limit: could not broadcast a reset; other instances forget their cached denials of this identity by their retry time");
+        }
+    }
+
+    /// Whether this instance hears the resets made on other instances (its
+    /// subscription on Redis is up). Always true without Redis.
+    pub fn is_listening(&self) -> bool {
+        self.inner.redis.is_none()
+            || self
+                .inner
+                .resets
+                .as_ref()
+                .is_some_and(Subscription::is_listening)
     }
 }
 
@@ -1201,10 +1345,18 @@ impl DenyCache {
         );
     }
 
-    fn forget(&self, identity: &str) {
+    /// Forgets `identity`'s denials by lists of policies that include the
+    /// one at `index` (every list when `None`).
+    fn forget(&self, identity: &str, index: Option<usize>) {
         if let Ok(mut map) = self.map.lock() {
-            let prefix = format!("{identity}|");
-            map.retain(|k, _| !k.starts_with(&prefix));
+            map.retain(|k, _| !entry_of(k, identity, index));
+        }
+    }
+
+    /// Forgets every denial.
+    fn clear(&self) {
+        if let Ok(mut map) = self.map.lock() {
+            map.clear();
         }
     }
 }
@@ -1250,7 +1402,7 @@ mod deny_cache_tests {
     }
 
     /// A fixed window of 5 per minute, denied with 50 s of it left.
-    fn denial() -> Report {
+    pub(super) fn denial() -> Report {
         let v = Verdict {
             status: Status::Denied,
             remaining: 0,
@@ -1299,5 +1451,74 @@ mod deny_cache_tests {
         assert!(cache.get("ip:1", &checks(1), later).is_none());
         assert!(cache.get("ip:1", &checks(6), later).is_none());
         assert!(cache.get("ip:2", &checks(2), later).is_none());
+    }
+}
+
+#[cfg(test)]
+mod reset_tests {
+    use std::time::{Duration, Instant};
+
+    use super::deny_cache_tests::denial;
+    use super::{DenyCache, RateLimiter, entry_of};
+    use crate::policy::{Policy, PolicyTable};
+    use crate::quota::{Algorithm, Quota};
+    use crate::store::PolicyCheck;
+
+    fn checks(indices: &[usize]) -> Vec<PolicyCheck> {
+        indices
+            .iter()
+            .map(|&index| PolicyCheck {
+                index,
+                quota: Quota::per_minute(5),
+                algorithm: Algorithm::Gcra,
+                cost: 1,
+                shadow: false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn entries_are_matched_by_identity_and_policy() {
+        let key = DenyCache::entry_key("ip:1", &checks(&[0, 2]));
+        assert!(entry_of(&key, "ip:1", None));
+        assert!(entry_of(&key, "ip:1", Some(0)));
+        assert!(entry_of(&key, "ip:1", Some(2)));
+        assert!(!entry_of(&key, "ip:1", Some(1)));
+        assert!(!entry_of(&key, "ip:", None), "another identity");
+        assert!(!entry_of(&key, "ip:10", None));
+    }
+
+    /// A reset of one policy forgets the denials by every list of policies
+    /// that includes it, and only those.
+    #[test]
+    fn forgetting_one_policy_keeps_the_other_lists() {
+        let cache = DenyCache::new(8);
+        let at = Instant::now();
+        for list in [&[0][..], &[1], &[0, 1]] {
+            cache.insert("ip:1", &checks(list), &denial(), at);
+        }
+        cache.insert("ip:2", &checks(&[0]), &denial(), at);
+        cache.forget("ip:1", Some(0));
+        let later = at + Duration::from_secs(1);
+        assert!(cache.get("ip:1", &checks(&[0]), later).is_none());
+        assert!(cache.get("ip:1", &checks(&[0, 1]), later).is_none());
+        assert!(cache.get("ip:1", &checks(&[1]), later).is_some());
+        assert!(cache.get("ip:2", &checks(&[0]), later).is_some());
+        cache.clear();
+        assert!(cache.get("ip:2", &checks(&[0]), later).is_none());
+    }
+
+    /// Without Redis the builder starts nothing: no runtime needed, no
+    /// subscription.
+    #[test]
+    fn builds_without_a_runtime_when_there_is_no_redis() {
+        let table = PolicyTable::builder()
+            .policy(Policy::new("api", Quota::per_minute(2)))
+            .default_policies(["api"])
+            .build()
+            .expect("table");
+        let limiter = RateLimiter::builder(table).build();
+        assert!(limiter.inner.resets.is_none());
+        assert!(limiter.is_listening());
     }
 }

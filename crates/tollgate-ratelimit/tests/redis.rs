@@ -9,7 +9,9 @@ use futures::future::join_all;
 use tollgate_ratelimit::{
     Algorithm, Cost, Outcome, Plan, Policy, PolicyTable, Quota, RateLimiter, Source,
 };
-use tollgate_redis::fred::interfaces::KeysInterface;
+use tollgate_redis::RedisHandle;
+use tollgate_redis::fred::interfaces::{ClientLike, ClusterInterface, KeysInterface};
+use tollgate_redis::fred::types::{ClusterHash, CustomCommand, Value};
 
 redis_tests!(
     exact_across_three_instances,
@@ -25,6 +27,8 @@ redis_tests!(
     lease_mode_stays_within_bound,
     lease_takes_one_chunk_at_a_time,
     a_shared_policy_leases_one_chunk_in_all,
+    a_reset_reaches_every_instance,
+    a_reset_is_heard_after_the_subscription_reconnects,
 );
 
 fn table(policies: Vec<Policy>, default: &[&str]) -> PolicyTable {
@@ -478,4 +482,147 @@ async fn a_shared_policy_leases_one_chunk_in_all(url: String) {
     assert_eq!(100 - d.remaining, 30, "three leases of 10 from `api`");
     let d = limiter.peek("write", "ip:198.51.100.3").await.unwrap();
     assert_eq!(100 - d.remaining, 10);
+}
+
+/// Polls `ok` every 20 ms until it holds; fails after `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut ok: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !ok().await {
+        assert!(started.elapsed() < within, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Exhausts `api` (2 an hour) for `ip` on instance `a`, then has `b` deny
+/// it once through Redis, so that `b` answers it from its deny cache.
+async fn deny_on_b(a: &RateLimiter, b: &RateLimiter, ip: &str) {
+    let (sa, sb) = (service(a.clone()), service(b.clone()));
+    while send(&sa, req("/", ip)).await.status() == 200 {}
+    eventually(Duration::from_secs(3), "b caches the denial", || async {
+        send(&sb, req("/", ip)).await.status() == 429
+            && b.check(&req("/", ip)).await.unwrap().decisions[0].source == Source::DenyCache
+    })
+    .await;
+}
+
+/// Waits until every limiter's reset subscription is up.
+async fn listening(limiters: &[&RateLimiter]) {
+    for l in limiters {
+        eventually(Duration::from_secs(5), "subscribed to resets", || async {
+            l.is_listening()
+        })
+        .await;
+    }
+}
+
+/// Two instances of a table with `api`, 2 an hour, on handles of their own.
+async fn two_instances(url: &str) -> (RateLimiter, RateLimiter) {
+    let t = || table(vec![Policy::new("api", Quota::per_hour(2))], &["api"]);
+    let a = RateLimiter::builder(t()).redis(connect(url).await).build();
+    let b = RateLimiter::builder(t()).redis(connect(url).await).build();
+    listening(&[&a, &b]).await;
+    (a, b)
+}
+
+/// A reset on one instance is heard by the others: `b`, which answers the
+/// identity from its deny cache (for up to an hour here), lets it through
+/// again at once instead of at the cached retry time.
+async fn a_reset_reaches_every_instance(url: String) {
+    let (a, b) = two_instances(&url).await;
+    deny_on_b(&a, &b, "192.0.2.50:1").await;
+    a.reset("api", "ip:192.0.2.50").await.unwrap();
+    let sb = service(b.clone());
+    eventually(Duration::from_secs(3), "b allows after a's reset", || {
+        let sb = sb.clone();
+        async move { send(&sb, req("/", "192.0.2.50:1")).await.status() == 200 }
+    })
+    .await;
+}
+
+/// `args` sent to every primary (the one server off a cluster).
+async fn on_every_primary(h: &RedisHandle, args: &[&'static str]) -> Vec<Value> {
+    let client = h.client();
+    let primaries = match client.cached_cluster_state() {
+        Some(state) => state.unique_primary_nodes().into_iter().map(Some).collect(),
+        None => vec![None],
+    };
+    let mut replies = Vec::new();
+    for primary in primaries {
+        let cmd = CustomCommand::new_static(args[0], ClusterHash::Random, false);
+        let rest: Vec<String> = args[1..].iter().map(|a| (*a).to_owned()).collect();
+        let reply = match primary {
+            Some(p) => client.with_cluster_node(p).custom(cmd, rest).await,
+            None => client.custom(cmd, rest).await,
+        };
+        replies.push(reply.expect(args[0]));
+    }
+    replies
+}
+
+/// The ids of the connections subscribed to something, on every primary.
+async fn pubsub_connections(h: &RedisHandle) -> Vec<u64> {
+    let lists = on_every_primary(h, &["CLIENT", "LIST", "TYPE", "pubsub"]).await;
+    lists
+        .iter()
+        .filter_map(Value::as_str)
+        .flat_map(|list| {
+            list.lines()
+                .filter_map(|l| l.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+                .collect::<Vec<u64>>()
+        })
+        .collect()
+}
+
+/// The reset subscriptions' connections are cut (`CLIENT KILL TYPE
+/// pubsub`): each listener connects and subscribes again, and a reset
+/// made after that is heard.
+async fn a_reset_is_heard_after_the_subscription_reconnects(url: String) {
+    let (a, b) = two_instances(&url).await;
+    let h = connect(&url).await;
+    let before = pubsub_connections(&h).await;
+    assert_eq!(before.len(), 2, "one subscription per instance");
+    let killed: i64 = on_every_primary(&h, &["CLIENT", "KILL", "TYPE", "pubsub"])
+        .await
+        .iter()
+        .filter_map(Value::as_i64)
+        .sum();
+    assert_eq!(killed, 2);
+    eventually(Duration::from_secs(10), "both subscribe again", || async {
+        let now = pubsub_connections(&h).await;
+        now.len() == 2 && now.iter().all(|id| !before.contains(id))
+    })
+    .await;
+    deny_on_b(&a, &b, "192.0.2.51:1").await;
+    a.reset("api", "ip:192.0.2.51").await.unwrap();
+    let sb = service(b.clone());
+    eventually(Duration::from_secs(3), "b allows after a's reset", || {
+        let sb = sb.clone();
+        async move { send(&sb, req("/", "192.0.2.51:1")).await.status() == 200 }
+    })
+    .await;
+}
+
+/// The reset subscription does not keep the limiter alive: dropping the
+/// limiter (every clone) closes its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_limiter_closes_its_subscription() {
+    let server = tollgate_testkit::RedisServer::start();
+    let h = connect(&server.url()).await;
+    let t = table(vec![Policy::new("api", Quota::per_hour(2))], &["api"]);
+    let limiter = RateLimiter::builder(t).redis(h.clone()).build();
+    let svc = service(limiter.clone());
+    listening(&[&limiter]).await;
+    assert_eq!(send(&svc, req("/", "192.0.2.52:1")).await.status(), 200);
+    assert_eq!(pubsub_connections(&h).await.len(), 1);
+    drop((limiter, svc));
+    eventually(
+        Duration::from_secs(3),
+        "the subscription is closed",
+        || async { pubsub_connections(&h).await.is_empty() },
+    )
+    .await;
 }

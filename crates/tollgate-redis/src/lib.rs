@@ -7,7 +7,8 @@
 //! restart), batches concurrent operations into single round trips with a
 //! [`Coalescer`], builds cluster-safe keys with [`KeySpace`], and reports
 //! its [`health`](RedisHandle::health) (served as JSON by
-//! [`HealthService`]).
+//! [`HealthService`]). A [`Subscription`] carries notices between the
+//! instances sharing a Redis over pub/sub.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -39,6 +40,7 @@ pub mod local;
 mod readied;
 mod route;
 mod script;
+mod subscription;
 mod tracking;
 
 pub use breaker::{BreakerState, CircuitBreaker};
@@ -53,6 +55,7 @@ pub use keys::{KeySpace, hex_lower, prefixed_hex, slot};
 pub use readied::take_readied;
 pub use route::{RoutePattern, RoutePatternError};
 pub use script::Script;
+pub use subscription::{Notice, Subscription};
 pub use tracking::{Invalidate, TrackedConnection};
 
 /// The fred crate this handle is built on, for callers that need its types.
