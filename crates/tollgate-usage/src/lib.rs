@@ -6,7 +6,11 @@
 //!   and each part of it is applied at most once, so a flush retried after a
 //!   timeout never counts twice. While Redis is unreachable increments stay
 //!   buffered (up to a bound; beyond it they are counted as dropped, never
-//!   silently lost). [`UsageTracker::shutdown`] flushes everything.
+//!   silently lost). A hard-quota check whose answer was lost is settled
+//!   later under its id (applied again for a served request, withdrawn for
+//!   a refused one), many in one round trip, from a bounded queue.
+//!   [`UsageTracker::shutdown`] flushes everything, waits for writes on
+//!   their way, and accounts for every unit: flushed or dropped.
 //! - Redis layout: one hash per tenant and period (a field per metric), one
 //!   sorted set per metric and period (top consumers). Both expire at an
 //!   absolute time, period end + retention (90 days by default), never

@@ -13,14 +13,21 @@ use tokio::sync::Notify;
 use crate::error::UsageError;
 use crate::period::{Period, PeriodKind, now_ms};
 use crate::store::{
-    Batch, MARKER_TTL_SECS, MemoryStore, QuotaAnswer, QuotaOp, RedisStore, Store, TenantIncrements,
-    Totals,
+    Batch, MARKER_TTL_SECS, MemoryStore, QuotaAnswer, QuotaOp, RedisStore, Settle, Store,
+    TenantIncrements, Totals,
 };
 
 /// The longest a write whose outcome is unknown is retried: the lifetime
 /// of the markers that make a retry harmless, minus an hour for the retry
 /// itself. Past it, a retry could count the units a second time.
 const MAX_RETRY_AGE: Duration = Duration::from_secs(MARKER_TTL_SECS.unsigned_abs() - 3600);
+
+/// Default of [`UsageConfig::max_unsettled`].
+const DEFAULT_MAX_UNSETTLED: usize = 10_000;
+
+/// Most quota operations settled in one round trip: a flush settles a
+/// longer queue in several, each well within a command deadline.
+const SETTLE_CHUNK: usize = 1_000;
 
 /// When increments reach Redis.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -48,6 +55,7 @@ pub struct UsageConfig {
     pub(crate) mode: WriteMode,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_retry_age: Duration,
+    pub(crate) max_unsettled: usize,
 }
 
 impl Default for UsageConfig {
@@ -62,6 +70,7 @@ impl Default for UsageConfig {
             mode: WriteMode::Batched,
             shutdown_timeout: Duration::from_secs(10),
             max_retry_age: MAX_RETRY_AGE,
+            max_unsettled: DEFAULT_MAX_UNSETTLED,
         }
     }
 }
@@ -124,6 +133,17 @@ impl UsageConfig {
         self.max_retry_age = d.min(MAX_RETRY_AGE);
         self
     }
+    /// Most hard-quota checks kept for settling after their answer was
+    /// lost (default 10,000): a served request's check is applied again
+    /// under its id, a refused request's is withdrawn. During a long
+    /// latency spike they would otherwise pile up without limit. Beyond it
+    /// a check is not kept: its units are counted as dropped (a served
+    /// request's may then be missing from its tenant's total, a refused
+    /// request's may stay in it).
+    pub fn max_unsettled(mut self, n: usize) -> Self {
+        self.max_unsettled = n.max(1);
+        self
+    }
 }
 
 /// Counters of the tracker itself (also exported through `metrics`).
@@ -136,9 +156,14 @@ pub struct UsageStats {
     /// Flushes that failed (and will be retried).
     pub flush_errors: u64,
     /// Units that could not be kept: buffer full, recorded for a time
-    /// outside the supported calendar, still unwritten at the end of
+    /// outside the supported calendar, for a period whose retention ran
+    /// out before they could be written, still unwritten at the end of
     /// shutdown or recorded after it, or unconfirmed for longer than
-    /// [`UsageConfig::max_retry_age`].
+    /// [`UsageConfig::max_retry_age`]. Hard-quota checks whose answer was
+    /// lost and that could not be settled (beyond
+    /// [`UsageConfig::max_unsettled`], too old, or at shutdown) count
+    /// here too, a refused request's included: its units may stay in the
+    /// tenant's total.
     pub dropped: u64,
     /// Units waiting to be written.
     pub pending: u64,
@@ -183,20 +208,27 @@ impl<T> Unconfirmed<T> {
     }
 }
 
+/// A write on its way to the store; shutdown waits until none is left.
+struct InFlight<'a>(&'a Inner);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
+}
+
+/// A retry queue's lock, also after a panic elsewhere poisoned it (the
+/// queue itself is always consistent: every change is one call).
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A copy of the oldest write of a retry queue (a batch's is shared, not
 /// copied), taken without holding the lock across the retry.
 fn front<T: Clone>(queue: &Mutex<VecDeque<Unconfirmed<T>>>) -> Option<Unconfirmed<T>> {
     queue.lock().ok().and_then(|q| q.front().cloned())
-}
-
-/// A quota operation to settle after its answer was lost.
-#[derive(Clone, Debug)]
-enum Replay {
-    /// The request was served: apply the operation (once, unconditionally).
-    Apply(QuotaOp),
-    /// The request was refused: undo the operation if it was applied, and
-    /// keep it from applying if it is still on its way.
-    Withdraw(QuotaOp),
 }
 
 #[derive(Debug)]
@@ -320,8 +352,14 @@ struct Inner {
     /// under their id until confirmed, never merged back into the buffer.
     /// Shared with the flush that sends it: queueing it costs no copy.
     pending: Mutex<VecDeque<Unconfirmed<Arc<Batch>>>>,
-    /// Quota operations whose answer was lost, oldest first.
-    replays: Mutex<VecDeque<Unconfirmed<Replay>>>,
+    /// Quota operations whose answer was lost, oldest first (at most
+    /// [`UsageConfig::max_unsettled`]).
+    replays: Mutex<VecDeque<Unconfirmed<Settle>>>,
+    /// Whether the last lost quota operation found `replays` full (logged
+    /// once per spell, not once per operation).
+    replays_full: AtomicBool,
+    /// The period of now: replaced only by the period of a later now, never
+    /// by the period of a time given to [`UsageTracker::record_at`].
     current: RwLock<CurrentPeriod>,
     instance: u64,
     seq: AtomicU64,
@@ -329,8 +367,21 @@ struct Inner {
     notify: Notify,
     closed: AtomicBool,
     /// Set once shutdown has flushed: increments made from then on are
-    /// counted as dropped (nothing would write them).
+    /// counted as dropped (nothing would write them), and writes begun
+    /// from then on are not waited for.
     finished: AtomicBool,
+    /// Set, under each retry queue's lock, when shutdown has emptied them
+    /// for the last time: a write whose answer is lost from then on is
+    /// counted as dropped at once instead of being queued (nothing would
+    /// retry it).
+    sealed: AtomicBool,
+    /// Writes on their way to the store ([`UsageTracker::record_now`],
+    /// quota checks) that began before `finished` was set: shutdown waits
+    /// for them, so that a lost answer among them is queued and retried
+    /// (or counted) before it returns.
+    in_flight: AtomicUsize,
+    /// Wakes shutdown when `in_flight` reaches zero.
+    settled: Notify,
     flushed: AtomicU64,
     flush_errors: AtomicU64,
     dropped: AtomicU64,
@@ -360,8 +411,7 @@ impl UsageTracker {
 
     /// A tracker on `store`; spawns the flusher (needs a Tokio runtime).
     pub fn new(store: Store, config: UsageConfig) -> Self {
-        let now = now_ms();
-        let current = Self::make_current(&config, now);
+        let current = Self::make_current(&config, config.period.period_at(now_ms()));
         let inner = Arc::new(Inner {
             store,
             config,
@@ -369,6 +419,7 @@ impl UsageTracker {
             dirty: AtomicUsize::new(0),
             pending: Mutex::new(VecDeque::new()),
             replays: Mutex::new(VecDeque::new()),
+            replays_full: AtomicBool::new(false),
             current: RwLock::new(current),
             instance: rand::random(),
             seq: AtomicU64::new(0),
@@ -376,6 +427,9 @@ impl UsageTracker {
             notify: Notify::new(),
             closed: AtomicBool::new(false),
             finished: AtomicBool::new(false),
+            sealed: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            settled: Notify::new(),
             flushed: AtomicU64::new(0),
             flush_errors: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -388,8 +442,7 @@ impl UsageTracker {
         UsageTracker { inner }
     }
 
-    fn make_current(config: &UsageConfig, now: i64) -> CurrentPeriod {
-        let period = config.period.period_at(now);
+    fn make_current(config: &UsageConfig, period: Period) -> CurrentPeriod {
         let retention_ms = i64::try_from(config.retention.as_millis()).unwrap_or(i64::MAX / 2);
         let expire_at = (period.end_ms.saturating_add(retention_ms)) / 1000;
         CurrentPeriod {
@@ -411,25 +464,32 @@ impl UsageTracker {
 
     /// The period containing now.
     pub fn current_period(&self) -> Period {
-        self.current(now_ms()).0.period.clone()
+        self.current().period.clone()
     }
 
-    fn current(&self, now: i64) -> (std::sync::RwLockReadGuard<'_, CurrentPeriod>, i64) {
+    /// The period of now, moved on first when now has left it. Only ever
+    /// the period of a time read from the clock here, never of a time from
+    /// a caller: an import's old (or future) time does not become it.
+    fn current(&self) -> std::sync::RwLockReadGuard<'_, CurrentPeriod> {
         {
             if let Ok(c) = self.inner.current.read()
-                && c.period.contains(now)
+                && c.period.contains(now_ms())
             {
-                return (c, now);
+                return c;
             }
         }
-        if let Ok(mut w) = self.inner.current.write()
-            && !w.period.contains(now)
-        {
-            *w = Self::make_current(&self.inner.config, now);
+        if let Ok(mut w) = self.inner.current.write() {
+            // Read under the lock: a thread that read the clock before
+            // another moved the period on cannot move it back.
+            let now = now_ms();
+            if !w.period.contains(now) {
+                *w =
+                    Self::make_current(&self.inner.config, self.inner.config.period.period_at(now));
+            }
         }
         match self.inner.current.read() {
-            Ok(c) => (c, now),
-            Err(p) => (p.into_inner(), now),
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
         }
     }
 
@@ -456,35 +516,29 @@ impl UsageTracker {
     }
 
     /// The period of now (always in the calendar).
-    fn period_for(&self, now: i64) -> (Arc<str>, i64) {
-        let (cur, _) = self.current(now);
+    fn period_for(&self) -> (Arc<str>, i64) {
+        let cur = self.current();
         (cur.label.clone(), cur.expire_at)
     }
 
     /// The period containing `at_ms`, if it is in the supported calendar.
+    /// The current period's label is shared; another period is made for
+    /// this increment alone and leaves the current period as it is.
     fn recent_period(&self, at_ms: i64) -> Option<RecentPeriod> {
-        let in_current = self
-            .inner
-            .current
-            .read()
-            .is_ok_and(|c| c.period.contains(at_ms));
-        if !in_current {
-            self.inner.config.period.checked_period_at(at_ms)?;
-        }
-        let (cur, _) = self.current(at_ms);
-        let c;
-        let c = if cur.period.contains(at_ms) {
-            &*cur
-        } else {
-            c = Self::make_current(&self.inner.config, at_ms);
-            &c
-        };
-        Some(RecentPeriod {
+        let recent = |c: &CurrentPeriod| RecentPeriod {
             start_ms: c.period.start_ms,
             end_ms: c.period.end_ms,
             label: c.label.clone(),
             expire_at: c.expire_at,
-        })
+        };
+        {
+            let cur = self.current();
+            if cur.period.contains(at_ms) {
+                return Some(recent(&cur));
+            }
+        }
+        let period = self.inner.config.period.checked_period_at(at_ms)?;
+        Some(recent(&Self::make_current(&self.inner.config, period)))
     }
 
     /// Buffers `n` units that could not be written now, in the period
@@ -655,7 +709,8 @@ impl UsageTracker {
     /// Writes `n` units now (one round trip) and returns the new total. On
     /// failure the units are buffered (never lost) and the error returned.
     pub async fn record_now(&self, tenant: &str, metric: &str, n: i64) -> Result<i64, UsageError> {
-        let (label, expire_at) = self.period_for(now_ms());
+        let _write = self.begin_write();
+        let (label, expire_at) = self.period_for();
         let batch = Batch {
             id: self.next_id(),
             tenants: vec![TenantIncrements {
@@ -731,7 +786,8 @@ impl UsageTracker {
         limit: i64,
         refuse: bool,
     ) -> QuotaOutcome {
-        let (label, expire_at) = self.period_for(now_ms());
+        let _write = self.begin_write();
+        let (label, expire_at) = self.period_for();
         let op = QuotaOp {
             op_id: self.next_id(),
             tenant: Arc::from(tenant),
@@ -777,11 +833,43 @@ impl UsageTracker {
                 // Settle the same operation later; its marker makes sure it
                 // counts once (served) or not at all (refused).
                 self.push_replay(if refuse {
-                    Replay::Withdraw(op)
+                    Settle::Withdraw(op)
                 } else {
-                    Replay::Apply(QuotaOp { limit: None, ..op })
+                    Settle::Apply(QuotaOp { limit: None, ..op })
                 });
                 QuotaOutcome::Unavailable
+            }
+        }
+    }
+
+    /// Marks a write to the store as on its way, for shutdown to wait for
+    /// (see `Inner::in_flight`). A write begun once shutdown has set
+    /// `finished` is not waited for: its outcome is counted when it comes.
+    fn begin_write(&self) -> Option<InFlight<'_>> {
+        let inner = &*self.inner;
+        // SeqCst, as shutdown's store of `finished` and load of
+        // `in_flight`: either this write sees the flag, or shutdown sees
+        // the write.
+        inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        let write = InFlight(inner);
+        if inner.finished.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(write)
+    }
+
+    /// Waits (at most until `deadline`) for the writes that began before
+    /// `finished` was set.
+    async fn writes_done(&self, deadline: tokio::time::Instant) {
+        loop {
+            let done = self.inner.settled.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.inner.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                return;
             }
         }
     }
@@ -820,7 +908,12 @@ impl UsageTracker {
     /// batch (counters stay, at zero, so recording for them again does not
     /// allocate).
     fn take(&self) -> Option<Batch> {
-        let current: Option<Arc<str>> = self.inner.current.read().ok().map(|c| c.label.clone());
+        let current = self.current().label.clone();
+        let now_s = now_ms() / 1000;
+        // Units of periods whose retention ran out while they waited:
+        // written, Redis would delete them at once (their expiry is
+        // absolute, and past).
+        let (mut expired, mut expired_units) = (0_i64, 0_u64);
         let mut tenants: Vec<TenantIncrements> = Vec::new();
         // (tenant, period) → its place in `tenants`: shares holding the
         // same counters merge into one entry.
@@ -849,6 +942,15 @@ impl UsageTracker {
                         }
                     }
                     if metrics.is_empty() && top_only.is_empty() {
+                        continue;
+                    }
+                    if pb.expire_at <= now_s {
+                        // Its top-only units are in no hash that still
+                        // exists: nothing to count.
+                        for (_, n) in metrics {
+                            expired += n;
+                            expired_units += n.unsigned_abs();
+                        }
                         continue;
                     }
                     any = true;
@@ -880,10 +982,22 @@ impl UsageTracker {
             buf.dirty = 0;
             // Drop periods that are over and fully written.
             for tb in buf.tenants.values_mut() {
-                tb.periods.retain(|p| Some(&p.label) == current.as_ref());
+                tb.periods.retain(|p| p.label == current);
             }
             buf.tenants.retain(|_, t| t.idle_flushes < 3);
         });
+        if expired_units > 0 {
+            self.inner
+                .pending_units
+                .fetch_sub(expired, Ordering::Relaxed);
+            self.inner
+                .dropped
+                .fetch_add(expired_units, Ordering::Relaxed);
+            tracing::error!(
+                units = expired_units,
+                "usage buffered past its period's retention: counted as dropped, not written"
+            );
+        }
         if tenants.is_empty() {
             return None;
         }
@@ -909,8 +1023,9 @@ impl UsageTracker {
     }
 
     /// Writes everything pending now: retried batches first (same ids, so
-    /// nothing counts twice), then replayed quota operations, then the
-    /// buffer, in one pipelined round trip each.
+    /// nothing counts twice), then the quota operations whose answer was
+    /// lost (settled together: one pipelined round trip for up to 1,000 of
+    /// them), then the buffer, in one pipelined round trip.
     pub async fn flush(&self) -> Result<(), UsageError> {
         let _guard = self.inner.flush_lock.lock().await;
         let result = self.flush_locked().await;
@@ -931,39 +1046,14 @@ impl UsageTracker {
                 self.give_up_batch(&p.write);
                 continue;
             }
-            self.apply(&p.write).await?;
-            self.remove_pending(&p.write.id);
-        }
-        // Quota operations whose answer was lost: the same op id again.
-        while let Some(r) = front(&self.inner.replays) {
-            if r.since.elapsed() >= max_age {
-                self.give_up_replay(&r.write);
+            let Some(batch) = self.without_expired(&p.write) else {
                 continue;
-            }
-            match &r.write {
-                Replay::Apply(op) => {
-                    self.inner.store.quota(op.clone()).await?;
-                    self.remove_replay(&op.op_id);
-                    self.inner.pending_units.fetch_sub(op.n, Ordering::Relaxed);
-                    self.inner
-                        .flushed
-                        .fetch_add(op.n.unsigned_abs(), Ordering::Relaxed);
-                    if self.inner.config.top {
-                        self.add(
-                            &op.tenant,
-                            &op.metric,
-                            At::Period(&op.period, op.expire_at),
-                            op.n,
-                            Units::TopOnly,
-                        );
-                    }
-                }
-                Replay::Withdraw(op) => {
-                    self.inner.store.withdraw_quota(op).await?;
-                    self.remove_replay(&op.op_id);
-                }
-            }
+            };
+            self.apply(&batch).await?;
+            self.remove_pending(&batch.id);
         }
+        // Quota operations whose answer was lost: the same op ids again.
+        self.settle_replays().await?;
         let Some(batch) = self.take() else {
             return Ok(());
         };
@@ -971,9 +1061,7 @@ impl UsageTracker {
         // it waits for the store, the batch is retried under its id, not
         // lost.
         let batch = Arc::new(batch);
-        if let Ok(mut p) = self.inner.pending.lock() {
-            p.push_back(Unconfirmed::new(batch.clone()));
-        }
+        locked(&self.inner.pending).push_back(Unconfirmed::new(batch.clone()));
         match self.apply(&batch).await {
             Ok(()) => {
                 self.remove_pending(&batch.id);
@@ -989,23 +1077,140 @@ impl UsageTracker {
         }
     }
 
+    /// A queued batch without its tenant-periods whose retention ran out
+    /// while it waited: a retry would write them with an expiry in the
+    /// past, and Redis would delete them at once. Their units are counted
+    /// as dropped (even if the first attempt was applied: then they were
+    /// deleted since, with their period's data). What is left keeps the
+    /// batch's id and replaces it in the queue: each of its parts has
+    /// markers of its own, and the members of a top set share their
+    /// period's expiry, so what is left is still applied at most once.
+    /// `None` when nothing is left (it is then off the queue).
+    fn without_expired(&self, batch: &Arc<Batch>) -> Option<Arc<Batch>> {
+        let now_s = now_ms() / 1000;
+        if batch.tenants.iter().all(|t| t.expire_at > now_s) {
+            return Some(batch.clone());
+        }
+        let (kept, gone): (Vec<_>, Vec<_>) = batch
+            .tenants
+            .iter()
+            .cloned()
+            .partition(|t| t.expire_at > now_s);
+        let increments = || gone.iter().flat_map(|t| t.metrics.iter().map(|(_, n)| *n));
+        let units: i64 = increments().sum();
+        let dropped: u64 = increments().map(i64::unsigned_abs).sum();
+        let rest = (!kept.is_empty()).then(|| {
+            Arc::new(Batch {
+                id: batch.id.clone(),
+                tenants: kept,
+                top: batch.top,
+            })
+        });
+        {
+            let mut q = locked(&self.inner.pending);
+            let i = q.iter().position(|b| b.write.id == batch.id)?;
+            match &rest {
+                Some(r) => q[i].write = r.clone(),
+                None => {
+                    q.remove(i);
+                }
+            }
+        }
+        self.inner.pending_units.fetch_sub(units, Ordering::Relaxed);
+        self.inner.dropped.fetch_add(dropped, Ordering::Relaxed);
+        tracing::error!(
+            batch = %batch.id,
+            units = dropped,
+            "usage batch unconfirmed past its period's retention: counted as dropped, not written"
+        );
+        rest
+    }
+
+    /// Settles the quota operations whose answer was lost, oldest first:
+    /// one pipelined round trip for up to [`SETTLE_CHUNK`] of them. Those
+    /// too old to retry, or for a period whose data Redis has deleted, are
+    /// given up first.
+    async fn settle_replays(&self) -> Result<(), UsageError> {
+        let max_age = self.inner.config.max_retry_age;
+        loop {
+            let now_s = now_ms() / 1000;
+            let mut given_up = Vec::new();
+            let chunk: Vec<Settle> = {
+                let mut q = locked(&self.inner.replays);
+                q.retain(|r| {
+                    let keep = r.since.elapsed() < max_age && r.write.op().expire_at > now_s;
+                    if !keep {
+                        given_up.push(r.write.clone());
+                    }
+                    keep
+                });
+                if q.len() < self.inner.config.max_unsettled {
+                    self.inner.replays_full.store(false, Ordering::Relaxed);
+                }
+                q.iter()
+                    .take(SETTLE_CHUNK)
+                    .map(|r| r.write.clone())
+                    .collect()
+            };
+            for s in &given_up {
+                self.give_up_replay(s, now_s);
+            }
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let outcomes = self.inner.store.settle(&chunk).await?;
+            let mut failed = None;
+            for (s, outcome) in chunk.iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => self.settled(s),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Takes a settled quota operation off the queue and counts it.
+    fn settled(&self, s: &Settle) {
+        if !self.remove_replay(&s.op().op_id) {
+            return;
+        }
+        if let Settle::Apply(op) = s {
+            self.inner.pending_units.fetch_sub(op.n, Ordering::Relaxed);
+            self.inner
+                .flushed
+                .fetch_add(op.n.unsigned_abs(), Ordering::Relaxed);
+            if self.inner.config.top {
+                self.add(
+                    &op.tenant,
+                    &op.metric,
+                    At::Period(&op.period, op.expire_at),
+                    op.n,
+                    Units::TopOnly,
+                );
+            }
+        }
+    }
+
     /// Removes a confirmed (or abandoned) batch from the retry queue.
     fn remove_pending(&self, id: &str) {
-        if let Ok(mut p) = self.inner.pending.lock()
-            && let Some(i) = p.iter().position(|b| b.write.id == id)
-        {
+        let mut p = locked(&self.inner.pending);
+        if let Some(i) = p.iter().position(|b| b.write.id == id) {
             p.remove(i);
         }
     }
 
-    /// Removes a settled (or abandoned) quota operation from its queue.
-    fn remove_replay(&self, op_id: &str) {
-        if let Ok(mut r) = self.inner.replays.lock()
-            && let Some(i) = r.iter().position(|r| match &r.write {
-                Replay::Apply(op) | Replay::Withdraw(op) => op.op_id == op_id,
-            })
-        {
-            r.remove(i);
+    /// Removes a settled quota operation from its queue; whether it was
+    /// there.
+    fn remove_replay(&self, op_id: &str) -> bool {
+        let mut r = locked(&self.inner.replays);
+        match r.iter().position(|r| r.write.op().op_id == op_id) {
+            Some(i) => r.remove(i).is_some(),
+            None => false,
         }
     }
 
@@ -1025,57 +1230,84 @@ impl UsageTracker {
             .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
     }
 
-    /// A quota operation unsettled for too long (see
-    /// [`give_up_batch`](Self::give_up_batch)).
-    fn give_up_replay(&self, replay: &Replay) {
-        match replay {
-            Replay::Apply(op) => {
-                tracing::error!(op = %op.op_id, units = op.n, "quota operation unconfirmed for too long: counted as dropped");
-                self.remove_replay(&op.op_id);
-                self.inner.pending_units.fetch_sub(op.n, Ordering::Relaxed);
-                self.inner
-                    .dropped
-                    .fetch_add(op.n.unsigned_abs(), Ordering::Relaxed);
+    /// A quota operation taken off its queue unsettled: too old to retry
+    /// (see [`give_up_batch`](Self::give_up_batch)), or for a period whose
+    /// data is gone (an increment would be deleted at once, and there is
+    /// nothing left to withdraw from).
+    fn give_up_replay(&self, s: &Settle, now_s: i64) {
+        let op = s.op();
+        let expired = op.expire_at <= now_s;
+        if let Settle::Apply(op) = s {
+            self.inner.pending_units.fetch_sub(op.n, Ordering::Relaxed);
+        } else if expired {
+            return;
+        }
+        self.inner
+            .dropped
+            .fetch_add(op.n.unsigned_abs(), Ordering::Relaxed);
+        match (s, expired) {
+            (Settle::Apply(_), true) => {
+                tracing::error!(op = %op.op_id, units = op.n, "quota operation unconfirmed past its period's retention: counted as dropped");
             }
-            Replay::Withdraw(op) => {
+            (Settle::Apply(_), false) => {
+                tracing::error!(op = %op.op_id, units = op.n, "quota operation unconfirmed for too long: counted as dropped");
+            }
+            (Settle::Withdraw(_), _) => {
                 tracing::error!(op = %op.op_id, units = op.n, "refused request's quota operation could not be withdrawn: it may stay counted");
-                self.remove_replay(&op.op_id);
             }
         }
     }
 
     /// Queues a batch that was sent but not confirmed, for a retry under
-    /// its id (after shutdown, nothing would retry it: counted as dropped).
+    /// its id. Once shutdown has sealed the queue nothing would retry it:
+    /// counted as dropped. Decided under the queue's lock, so that shutdown
+    /// either finds it queued or it finds the queue sealed.
     fn push_pending(&self, batch: Batch) {
         let units = batch.units();
-        if self.inner.finished.load(Ordering::Acquire) {
+        let mut p = locked(&self.inner.pending);
+        if self.inner.sealed.load(Ordering::Acquire) {
+            drop(p);
             self.inner
                 .dropped
                 .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
+            tracing::warn!(
+                batch = %batch.id,
+                units,
+                "usage write unconfirmed after shutdown: counted as dropped"
+            );
             return;
         }
         self.inner.pending_units.fetch_add(units, Ordering::Relaxed);
-        if let Ok(mut p) = self.inner.pending.lock() {
-            p.push_back(Unconfirmed::new(Arc::new(batch)));
-        }
+        p.push_back(Unconfirmed::new(Arc::new(batch)));
     }
 
     /// Queues a quota operation whose answer was lost (see
-    /// [`push_pending`](Self::push_pending)).
-    fn push_replay(&self, replay: Replay) {
-        let finished = self.inner.finished.load(Ordering::Acquire);
-        if let Replay::Apply(op) = &replay {
-            if finished {
-                self.inner
-                    .dropped
-                    .fetch_add(op.n.unsigned_abs(), Ordering::Relaxed);
-                return;
+    /// [`push_pending`](Self::push_pending)), unless
+    /// [`UsageConfig::max_unsettled`] are queued already: then its units
+    /// are counted as dropped.
+    fn push_replay(&self, s: Settle) {
+        let n = s.op().n;
+        let mut q = locked(&self.inner.replays);
+        let sealed = self.inner.sealed.load(Ordering::Acquire);
+        if sealed || q.len() >= self.inner.config.max_unsettled {
+            drop(q);
+            self.inner
+                .dropped
+                .fetch_add(n.unsigned_abs(), Ordering::Relaxed);
+            if sealed {
+                tracing::warn!(op = %s.op().op_id, units = n, "quota operation unconfirmed after shutdown: counted as dropped");
+            } else if !self.inner.replays_full.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    max = self.inner.config.max_unsettled,
+                    "too many quota operations with lost answers await settling: more are counted as dropped"
+                );
             }
+            return;
+        }
+        if let Settle::Apply(op) = &s {
             self.inner.pending_units.fetch_add(op.n, Ordering::Relaxed);
         }
-        if let Ok(mut r) = self.inner.replays.lock() {
-            r.push_back(Unconfirmed::new(replay));
-        }
+        q.push_back(Unconfirmed::new(s));
     }
 
     async fn apply(&self, batch: &Batch) -> Result<(), UsageError> {
@@ -1126,10 +1358,15 @@ impl UsageTracker {
     }
 
     /// Stops the flusher and writes everything pending, retrying until the
-    /// shutdown timeout. Whatever is still unwritten then is counted as
-    /// dropped (and logged), never silently lost, and is never written
-    /// later. Increments recorded after shutdown are counted as dropped
-    /// too: nothing would write them.
+    /// shutdown timeout. Writes already on their way
+    /// ([`record_now`](Self::record_now), hard-quota checks) are waited
+    /// for (each is bounded by the store's deadline), so that one whose
+    /// answer is lost is retried under its id with the rest. Whatever is
+    /// still unwritten then is counted as dropped (and logged), never
+    /// silently lost, and is never written later. From then on nothing is
+    /// left waiting: increments recorded after shutdown, and writes whose
+    /// answer is lost after it, are counted as dropped too (nothing would
+    /// write or retry them).
     pub async fn shutdown(&self) -> UsageStats {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.notify.notify_one();
@@ -1137,50 +1374,60 @@ impl UsageTracker {
         loop {
             let ok = self.flush().await.is_ok();
             if ok && self.stats().pending == 0 {
-                if self.inner.finished.swap(true, Ordering::AcqRel) {
+                if self.inner.finished.load(Ordering::SeqCst) {
                     break;
                 }
-                // From now on increments are dropped; one more flush
-                // writes those made since the last one.
+                // From now on increments are dropped and new writes are
+                // not waited for; those already on their way are. One more
+                // flush writes the increments made since the last one and
+                // retries the writes whose answer was lost.
+                self.inner.finished.store(true, Ordering::SeqCst);
+                self.writes_done(deadline).await;
                 continue;
             }
             if tokio::time::Instant::now() >= deadline {
-                self.inner.finished.store(true, Ordering::Release);
-                self.drop_unwritten().await;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        self.inner.finished.store(true, Ordering::SeqCst);
+        self.seal().await;
         self.stats()
     }
 
-    /// Counts everything unwritten as dropped and forgets it: the buffer,
-    /// the batches awaiting a retry and the lost quota operations.
-    async fn drop_unwritten(&self) {
+    /// Counts everything still unwritten as dropped and forgets it (the
+    /// buffer, the batches awaiting a retry, the quota operations awaiting
+    /// settling), and seals the retry queues: a write whose answer is lost
+    /// from now on is counted as dropped at once, not queued.
+    async fn seal(&self) {
         let _guard = self.inner.flush_lock.lock().await;
         let mut units = self.take().map_or(0, |b| b.units());
-        if let Ok(mut p) = self.inner.pending.lock() {
-            units += p.drain(..).map(|b| b.write.units()).sum::<i64>();
-        }
+        // Before the queues are emptied: a write that finds a queue after
+        // that finds it sealed (the queue's lock orders the two).
+        self.inner.sealed.store(true, Ordering::Release);
+        units += locked(&self.inner.pending)
+            .drain(..)
+            .map(|b| b.write.units())
+            .sum::<i64>();
         let mut withdrawals = 0;
-        if let Ok(mut r) = self.inner.replays.lock() {
-            for r in r.drain(..) {
-                match r.write {
-                    Replay::Apply(op) => units += op.n,
-                    Replay::Withdraw(_) => withdrawals += 1,
-                }
+        for r in locked(&self.inner.replays).drain(..) {
+            units += r.write.op().n;
+            if matches!(r.write, Settle::Withdraw(_)) {
+                withdrawals += 1;
             }
         }
         self.each_shard(|b| b.added_pending = 0);
         self.inner.pending_units.store(0, Ordering::Relaxed);
-        self.inner
-            .dropped
-            .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
-        tracing::error!(
-            units,
-            withdrawals,
-            "usage still unwritten at shutdown: counted as dropped"
-        );
+        if units != 0 || withdrawals != 0 {
+            self.inner
+                .dropped
+                .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
+            tracing::error!(
+                units,
+                withdrawals,
+                "usage still unwritten at shutdown: counted as dropped"
+            );
+        }
         self.export();
     }
 

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tollgate_redis::{RedisConfig, RedisHandle};
-use tollgate_testkit::{LatencyProxy, RedisServer};
+use tollgate_testkit::{LatencyProxy, RedisCluster, RedisServer};
 use tollgate_usage::{
-    Batch, Enforcement, MemoryStore, Plan, Plans, RedisStore, Store, TenantIncrements,
+    Batch, Enforcement, MemoryStore, PeriodKind, Plan, Plans, RedisStore, Store, TenantIncrements,
     TenantSource, UsageConfig, UsageLayer, UsageTracker, WriteMode, now_ms,
 };
 use tower::{ServiceBuilder, ServiceExt, service_fn};
@@ -31,11 +31,11 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A handle through `proxy` with a short deadline, so a delayed answer is
-/// a lost one.
-async fn through(proxy: &LatencyProxy, deadline: Duration, threshold: u32) -> RedisHandle {
+/// A handle on `url` (often a latency proxy's) with a short deadline, so
+/// a delayed answer is a lost one.
+async fn through(url: String, deadline: Duration, threshold: u32) -> RedisHandle {
     RedisHandle::connect(
-        RedisConfig::from_url(proxy.url())
+        RedisConfig::from_url(url)
             .deadline(deadline)
             .failure_threshold(threshold)
             .probe_interval(Duration::from_millis(50)),
@@ -77,7 +77,7 @@ async fn a_flush_retried_while_the_breaker_is_open_counts_once() {
     let server = RedisServer::start();
     let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
     // One timeout opens the breaker.
-    let h = through(&proxy, Duration::from_millis(200), 1).await;
+    let h = through(proxy.url(), Duration::from_millis(200), 1).await;
     let t = UsageTracker::redis(h.clone(), manual());
     t.record("acme", "api_request", 5);
     t.flush().await.expect("warm up (loads scripts)");
@@ -171,7 +171,7 @@ async fn a_batch_partly_applied_before_a_script_reload_counts_once() {
 async fn a_batch_unconfirmed_past_the_retry_age_is_counted_as_dropped() {
     let server = RedisServer::start();
     let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
-    let h = through(&proxy, Duration::from_millis(200), 100).await;
+    let h = through(proxy.url(), Duration::from_millis(200), 100).await;
     let t = UsageTracker::redis(h.clone(), manual().max_retry_age(Duration::from_millis(1)));
     t.record("acme", "api_request", 5);
     t.flush().await.expect("warm up");
@@ -241,7 +241,7 @@ async fn requests_refused_while_redis_is_down_are_not_counted() {
 async fn requests_refused_after_a_lost_answer_are_withdrawn() {
     let server = RedisServer::start();
     let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
-    let h = through(&proxy, Duration::from_millis(200), 100).await;
+    let h = through(proxy.url(), Duration::from_millis(200), 100).await;
     let t = UsageTracker::redis(h.clone(), manual());
     let svc = hard_app(t.clone(), true);
     let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
@@ -529,7 +529,7 @@ async fn a_full_buffer_does_not_spin_the_flusher_during_an_outage() {
 async fn a_flush_cancelled_while_waiting_for_redis_loses_nothing() {
     let server = RedisServer::start();
     let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
-    let h = through(&proxy, Duration::from_secs(10), 100).await;
+    let h = through(proxy.url(), Duration::from_secs(10), 100).await;
     let t = UsageTracker::redis(h.clone(), manual());
     t.record("acme", "api_request", 5);
     t.flush().await.expect("warm up");
@@ -542,4 +542,285 @@ async fn a_flush_cancelled_while_waiting_for_redis_loses_nothing() {
     assert_eq!(api_requests(&t, "acme").await, Some(15));
     let s = t.stats();
     assert_eq!((s.flushed, s.pending, s.dropped), (15, 0, 0));
+}
+
+/// The keys of a standalone server (tests only).
+fn keys(server: &RedisServer) -> Vec<String> {
+    match server.command(&["KEYS", "*"]).expect("KEYS") {
+        tollgate_testkit::Reply::Array(keys) => keys
+            .iter()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect(),
+        other => panic!("KEYS answered {other:?}"),
+    }
+}
+
+/// A daily tracker whose yesterday is kept until `margin` from now, and
+/// the time of yesterday's last millisecond.
+fn expiring_yesterday(h: &RedisHandle, margin: Duration) -> (UsageTracker, i64) {
+    let now = now_ms();
+    let today = PeriodKind::daily().period_at(now);
+    let margin = i64::try_from(margin.as_millis()).expect("small");
+    let keep = u64::try_from(now - today.start_ms + margin).expect("positive");
+    let t = UsageTracker::redis(
+        h.clone(),
+        manual()
+            .period(PeriodKind::daily())
+            .retention(Duration::from_millis(keep)),
+    );
+    (t, today.start_ms - 1)
+}
+
+/// Waits until the Unix second holding `expire_at_ms` (an absolute expiry,
+/// kept in whole seconds) is past.
+async fn wait_past(expire_at_ms: i64) {
+    wait_until("the retention runs out", || {
+        now_ms() / 1000 > expire_at_ms / 1000
+    })
+    .await;
+}
+
+/// Units buffered while Redis was down for longer than their period's
+/// retention would be written with an expiry in the past (Redis deletes
+/// the key at once): they are counted as dropped and not written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_buffered_past_their_retention_are_dropped_not_written() {
+    let mut server = RedisServer::start();
+    let h = handle(server.url()).await;
+    let margin = Duration::from_secs(5);
+    let (t, yesterday) = expiring_yesterday(&h, margin);
+    let expires = now_ms() + i64::try_from(margin.as_millis()).expect("small");
+    let label = PeriodKind::daily().period_at(yesterday).label;
+    assert_eq!(t.record_at("acme", "api_request", 5, yesterday), 5);
+    t.record("acme", "api_request", 2);
+    server.kill();
+    wait_until("the breaker opens", || !h.is_available()).await;
+    assert!(t.flush().await.is_err(), "Redis is down");
+    wait_past(expires).await;
+    server.restart();
+    wait_until("the breaker closes", || h.is_available()).await;
+    flush_until_ok(&t).await;
+    let s = t.stats();
+    assert_eq!((s.flushed, s.dropped, s.pending), (2, 5, 0));
+    let written: Vec<String> = keys(&server)
+        .into_iter()
+        .filter(|k| k.contains(&label))
+        .collect();
+    assert!(written.is_empty(), "written for {label}: {written:?}");
+    assert_eq!(api_requests(&t, "acme").await, Some(2));
+}
+
+/// The same for a batch sent before the outage whose answer was lost: its
+/// retry would write the expired period again. Redis, paused, applies the
+/// first attempt only when it resumes, past the expiry: nothing of it is
+/// kept, and it is counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_batch_retried_past_its_retention_is_dropped() {
+    let mut server = RedisServer::start();
+    let h = through(server.url(), Duration::from_millis(300), 100).await;
+    let margin = Duration::from_secs(5);
+    let (t, yesterday) = expiring_yesterday(&h, margin);
+    let expires = now_ms() + i64::try_from(margin.as_millis()).expect("small");
+    t.record("acme", "api_request", 1);
+    t.flush().await.expect("warm up (loads scripts)");
+    assert_eq!(t.record_at("acme", "api_request", 5, yesterday), 5);
+    t.record("acme", "api_request", 2);
+    server.pause();
+    assert!(t.flush().await.is_err(), "the answer is lost");
+    assert_eq!(t.stats().pending, 7);
+    wait_past(expires).await;
+    server.resume();
+    wait_until("the breaker closes", || h.is_available()).await;
+    flush_until_ok(&t).await;
+    let s = t.stats();
+    assert_eq!((s.flushed, s.dropped, s.pending), (3, 5, 0));
+    assert_eq!(api_requests(&t, "acme").await, Some(3));
+}
+
+/// An old (but kept) time recorded for an import does not become the
+/// tracker's current period: the next flush keeps the current period's
+/// counters, so the estimate goes on from the store's total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_time_does_not_replace_the_current_period() {
+    let t = UsageTracker::in_memory(manual());
+    let now = t.current_period();
+    t.record("acme", "api_request", 5);
+    // Last month, say: within the retention, counted in its own period.
+    t.record_at("acme", "api_request", 1, now_ms() - 40 * 86_400_000);
+    t.flush().await.expect("flush");
+    assert_eq!(t.record("acme", "api_request", 1), 6);
+    // A time in a later period does not either.
+    t.record_at("acme", "api_request", 1, now.end_ms + 1);
+    t.flush().await.expect("flush");
+    assert_eq!(t.record("acme", "api_request", 1), 7);
+    assert_eq!(t.current_period(), now);
+}
+
+/// A synchronous write on its way when shutdown starts, whose answer is
+/// then lost, is waited for: shutdown retries it under its id, so it is
+/// counted once, as flushed, in what shutdown returns (it was applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_its_way_at_shutdown_is_accounted_by_shutdown() {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+    let h = through(proxy.url(), Duration::from_secs(1), 100).await;
+    let t = UsageTracker::redis(h.clone(), manual());
+    t.record_now("acme", "api_request", 1)
+        .await
+        .expect("warm up (loads scripts)");
+    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
+    // Answers now take 3 s: longer than the deadline.
+    proxy.set_delay(Duration::from_secs(3));
+    let write = tokio::spawn({
+        let t = t.clone();
+        async move { t.record_now("acme", "api_request", 5).await }
+    });
+    wait_until("the write is applied", || {
+        hget(&server, &key, "api_request") == Some(6)
+    })
+    .await;
+    // Its answer is still on its way (it is held for 3 s).
+    proxy.set_delay(Duration::ZERO);
+    let s = t.shutdown().await;
+    assert_eq!((s.flushed, s.dropped, s.pending), (6, 0, 0));
+    assert!(
+        write.await.expect("write task").is_err(),
+        "its answer was lost"
+    );
+    let after = t.stats();
+    assert_eq!((after.flushed, after.dropped, after.pending), (6, 0, 0));
+    assert_eq!(hget(&server, &key, "api_request"), Some(6));
+}
+
+/// Refused requests' checks whose answers were lost in a latency spike
+/// (the breaker stays closed) are withdrawn together, in one round trip:
+/// every withdrawal reaches Redis in one flush, even when that flush's
+/// answer is lost too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_checks_are_settled_in_one_round_trip() {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+    let h = through(proxy.url(), Duration::from_millis(200), 100).await;
+    let t = UsageTracker::redis(h.clone(), manual());
+    let svc = hard_app(t.clone(), true);
+    let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
+    assert_eq!(res.status(), StatusCode::OK);
+    // Loaded before the spike: a withdrawal's first attempt meets it.
+    server
+        .command(&[
+            "SCRIPT",
+            "LOAD",
+            include_str!("../src/store/quota_withdraw.lua"),
+        ])
+        .expect("SCRIPT LOAD");
+    proxy.set_delay(Duration::from_millis(500));
+    for _ in 0..5 {
+        let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
+    wait_until("the lost checks run in Redis", || {
+        hget(&server, &key, "api_request") == Some(6)
+    })
+    .await;
+    assert!(t.flush().await.is_err(), "the answer is lost");
+    wait_until("all five withdrawals run in Redis", || {
+        hget(&server, &key, "api_request") == Some(1)
+    })
+    .await;
+    proxy.set_delay(Duration::ZERO);
+    flush_until_ok(&t).await;
+    assert_eq!(hget(&server, &key, "api_request"), Some(1));
+    let s = t.stats();
+    assert_eq!((s.pending, s.dropped), (0, 0));
+}
+
+/// Lost checks wait in a bounded queue: beyond the bound the units of
+/// served requests (failing open) and of refused ones (failing closed) are
+/// counted as dropped, never silently lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_checks_beyond_the_bound_are_counted_as_dropped() {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+    let h = through(proxy.url(), Duration::from_millis(200), 100).await;
+    let t = UsageTracker::redis(h.clone(), manual().max_unsettled(4));
+    let open = hard_app(t.clone(), false);
+    let closed = hard_app(t.clone(), true);
+    let res = open.clone().oneshot(req("acme")).await.expect("infallible");
+    assert_eq!(res.status(), StatusCode::OK);
+    proxy.set_delay(Duration::from_millis(500));
+    for _ in 0..3 {
+        let res = open.clone().oneshot(req("acme")).await.expect("infallible");
+        assert_eq!(res.status(), StatusCode::OK, "served: failing open");
+    }
+    for _ in 0..3 {
+        let res = closed
+            .clone()
+            .oneshot(req("acme"))
+            .await
+            .expect("infallible");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    // Three replays and one withdrawal are kept; two withdrawals are not.
+    let s = t.stats();
+    assert_eq!((s.pending, s.dropped), (3, 2));
+    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
+    wait_until("the lost checks run in Redis", || {
+        hget(&server, &key, "api_request") == Some(7)
+    })
+    .await;
+    proxy.set_delay(Duration::ZERO);
+    flush_until_ok(&t).await;
+    // The kept withdrawal undid its check; the two dropped did not.
+    assert_eq!(hget(&server, &key, "api_request"), Some(6));
+    let s = t.stats();
+    assert_eq!((s.flushed, s.pending, s.dropped), (3, 0, 2));
+}
+
+/// The same on a cluster: the withdrawals of tenants on every primary go
+/// out in one pipeline, each routed to its own primary. The checks ran or
+/// not (the primaries were frozen); either way they end up withdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_checks_are_settled_across_cluster_nodes() {
+    let mut cluster = RedisCluster::start();
+    let h = through(cluster.url(), Duration::from_millis(300), 100).await;
+    let t = UsageTracker::redis(h.clone(), manual());
+    let store = RedisStore::new(h.clone());
+    let tenants = ["acme", "globex", "initech", "umbrella", "hooli", "stark"];
+    let mut thirds: Vec<u16> = tenants
+        .iter()
+        .map(|t| tollgate_redis::slot(&store.usage_key(t, "p")) / 5462)
+        .collect();
+    thirds.sort_unstable();
+    thirds.dedup();
+    assert_eq!(thirds.len(), 3, "the tenants live on every primary");
+    let svc = hard_app(t.clone(), true);
+    for tenant in tenants {
+        let res = svc.clone().oneshot(req(tenant)).await.expect("infallible");
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    for node in cluster.nodes() {
+        node.command(&[
+            "SCRIPT",
+            "LOAD",
+            include_str!("../src/store/quota_withdraw.lua"),
+        ])
+        .expect("SCRIPT LOAD");
+    }
+    for i in 0..3 {
+        cluster.node_mut(i).pause();
+    }
+    for tenant in tenants {
+        let res = svc.clone().oneshot(req(tenant)).await.expect("infallible");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    for i in 0..3 {
+        cluster.node_mut(i).resume();
+    }
+    flush_until_ok(&t).await;
+    for tenant in tenants {
+        assert_eq!(api_requests(&t, tenant).await, Some(1), "{tenant}");
+    }
+    let s = t.stats();
+    assert_eq!((s.pending, s.dropped), (0, 0));
 }

@@ -86,6 +86,26 @@ pub struct QuotaAnswer {
 /// How long batch and operation markers live: longer than any retry.
 pub(crate) const MARKER_TTL_SECS: i64 = 2 * 24 * 3600;
 
+/// A quota operation to settle after its answer was lost.
+#[derive(Clone, Debug)]
+pub(crate) enum Settle {
+    /// The request was served: apply the operation (once, unconditionally:
+    /// its limit is `None`).
+    Apply(QuotaOp),
+    /// The request was refused: undo the operation if it was applied, and
+    /// keep it from applying if it is still on its way.
+    Withdraw(QuotaOp),
+}
+
+impl Settle {
+    /// The operation, whichever the outcome.
+    pub(crate) fn op(&self) -> &QuotaOp {
+        match self {
+            Settle::Apply(op) | Settle::Withdraw(op) => op,
+        }
+    }
+}
+
 /// The store behind a tracker.
 #[derive(Clone, Debug)]
 pub enum Store {
@@ -121,6 +141,34 @@ impl Store {
         match self {
             Store::Redis(s) => s.withdraw_quota(op).await,
             Store::Memory(s) => Ok(s.withdraw_quota(op)),
+        }
+    }
+
+    /// Settles quota operations whose answers were lost, together: one
+    /// pipelined round trip for Redis. Each is harmless to repeat (its
+    /// marker makes it count once, or not at all once withdrawn). Returns
+    /// one outcome per operation, in order; an error for the whole call
+    /// settles none of them for certain.
+    pub(crate) async fn settle(
+        &self,
+        ops: &[Settle],
+    ) -> Result<Vec<Result<(), UsageError>>, UsageError> {
+        match self {
+            Store::Redis(s) => s.settle(ops).await,
+            Store::Memory(s) => Ok(ops
+                .iter()
+                .map(|o| {
+                    match o {
+                        Settle::Apply(op) => {
+                            s.quota(op);
+                        }
+                        Settle::Withdraw(op) => {
+                            s.withdraw_quota(op);
+                        }
+                    }
+                    Ok(())
+                })
+                .collect()),
         }
     }
 

@@ -20,7 +20,7 @@ use tollgate_redis::{
     BatchConn, BatchOp, CoalesceConfig, Coalescer, KeySpace, RedisHandle, Script,
 };
 
-use super::{Batch, MARKER_TTL_SECS, QuotaAnswer, QuotaOp, Totals};
+use super::{Batch, MARKER_TTL_SECS, QuotaAnswer, QuotaOp, Settle, Totals};
 use crate::error::UsageError;
 
 static FLUSH_TENANT: LazyLock<Script> =
@@ -141,7 +141,9 @@ impl RedisStore {
             .any(|r| matches!(r, Err(e) if e.details().starts_with("NOSCRIPT")))
         {
             // The pipeline was sent: parts of the batch may be applied.
-            self.load_scripts().await.map_err(UsageError::after_sent)?;
+            self.load_scripts(&[&FLUSH_TENANT, &FLUSH_TOP])
+                .await
+                .map_err(UsageError::after_sent)?;
             return Err(UsageError::Retry("scripts were reloaded".into()));
         }
         let with_hash: Vec<_> = batch
@@ -170,8 +172,8 @@ impl RedisStore {
         Ok(totals)
     }
 
-    async fn load_scripts(&self) -> Result<(), UsageError> {
-        for s in [&*FLUSH_TENANT, &*FLUSH_TOP] {
+    async fn load_scripts(&self, scripts: &[&Script]) -> Result<(), UsageError> {
+        for s in scripts {
             let body = s.body();
             self.handle
                 .call(|c| async move {
@@ -188,6 +190,87 @@ impl RedisStore {
 
     pub(super) async fn quota(&self, op: QuotaOp) -> Result<QuotaAnswer, UsageError> {
         Ok(self.quota.submit(op).await?)
+    }
+
+    /// See [`Store::settle`](super::Store::settle).
+    pub(super) async fn settle(
+        &self,
+        ops: &[Settle],
+    ) -> Result<Vec<Result<(), UsageError>>, UsageError> {
+        match self.settle_once(ops).await {
+            // Scripts were missing and are loaded now: every operation is
+            // harmless to send again.
+            Err(UsageError::Retry(_)) => self.settle_once(ops).await,
+            other => other,
+        }
+    }
+
+    async fn settle_once(&self, ops: &[Settle]) -> Result<Vec<Result<(), UsageError>>, UsageError> {
+        let results = self
+            .handle
+            .run(async {
+                let pipeline = self.handle.client().pipeline();
+                for s in ops {
+                    let op = s.op();
+                    let keys = [
+                        self.keys.tagged(&op.tenant, &["q", &op.op_id]),
+                        self.keys.tagged(&op.tenant, &[&op.period]),
+                    ];
+                    let (cmd, args) = match s {
+                        // An unconditional replay: limit -1.
+                        Settle::Apply(op) => evalsha(
+                            &QUOTA,
+                            keys,
+                            vec![
+                                MARKER_TTL_SECS.into(),
+                                op.metric.as_ref().into(),
+                                op.n.into(),
+                                (-1).into(),
+                                op.expire_at.into(),
+                            ],
+                        ),
+                        Settle::Withdraw(op) => evalsha(
+                            &QUOTA_WITHDRAW,
+                            keys,
+                            vec![
+                                MARKER_TTL_SECS.into(),
+                                op.metric.as_ref().into(),
+                                op.n.into(),
+                            ],
+                        ),
+                    };
+                    let _: () = pipeline.custom(cmd, args).await?;
+                }
+                Ok::<_, tollgate_redis::Error>(pipeline.try_all::<Value>().await)
+            })
+            .await?;
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.details().starts_with("NOSCRIPT")))
+        {
+            self.load_scripts(&[&QUOTA, &QUOTA_WITHDRAW]).await?;
+            return Err(UsageError::Retry("scripts were reloaded".into()));
+        }
+        if results.len() != ops.len() {
+            return Err(UsageError::Store(tollgate_redis::Error::Protocol(
+                format!(
+                    "{} answers to {} quota operations",
+                    results.len(),
+                    ops.len()
+                )
+                .into(),
+            )));
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.map(drop).map_err(|e| {
+                    let e = tollgate_redis::Error::Redis(e);
+                    self.handle.observe(&e);
+                    UsageError::Store(e)
+                })
+            })
+            .collect())
     }
 
     pub(super) async fn withdraw_quota(&self, op: &QuotaOp) -> Result<bool, UsageError> {
