@@ -7,6 +7,7 @@ use crate::plan::Plans;
 use crate::tracker::UsageTracker;
 
 type TenantFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+type TenantRefFn = dyn for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync;
 type PlanFn = dyn Fn(&str, &Parts) -> Option<String> + Send + Sync;
 
 /// Where the tenant of a request comes from.
@@ -22,6 +23,8 @@ enum SourceKind {
     Header(Option<http::HeaderName>),
     /// A function of the request head.
     Fn(Arc<TenantFn>),
+    /// A function of the request head that borrows the tenant from it.
+    FnRef(Arc<TenantRefFn>),
     /// The rate limiter's key extractor.
     #[cfg(feature = "ratelimit")]
     Key(Arc<dyn tollgate_ratelimit::KeyExtractor>),
@@ -31,7 +34,7 @@ impl std::fmt::Debug for TenantSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             SourceKind::Header(h) => f.debug_tuple("TenantSource::Header").field(h).finish(),
-            SourceKind::Fn(_) => f.write_str("TenantSource::Fn"),
+            SourceKind::Fn(_) | SourceKind::FnRef(_) => f.write_str("TenantSource::Fn"),
             #[cfg(feature = "ratelimit")]
             SourceKind::Key(_) => f.write_str("TenantSource::Key"),
         }
@@ -61,6 +64,37 @@ impl TenantSource {
         F: Fn(&T) -> String + Send + Sync + 'static,
     {
         Self::from_fn(move |p| p.extensions.get::<T>().map(&f))
+    }
+
+    /// A request extension set by an auth layer, whose tenant id is
+    /// borrowed from it: no allocation per request (unlike
+    /// [`extension`](Self::extension)).
+    ///
+    /// ```
+    /// use tollgate_usage::TenantSource;
+    ///
+    /// struct Org { id: String }
+    /// let source = TenantSource::extension_ref(|o: &Org| o.id.as_str());
+    /// # let _ = source;
+    /// ```
+    pub fn extension_ref<T, F>(f: F) -> Self
+    where
+        T: Send + Sync + 'static,
+        F: for<'a> Fn(&'a T) -> &'a str + Send + Sync + 'static,
+    {
+        Self::from_fn_ref(move |p| p.extensions.get::<T>().map(&f))
+    }
+
+    /// Any function of the request head that borrows the tenant from it
+    /// (a header, an extension) or returns a `&'static str`: no
+    /// allocation per request (unlike [`from_fn`](Self::from_fn)).
+    pub fn from_fn_ref<F>(f: F) -> Self
+    where
+        F: for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync + 'static,
+    {
+        TenantSource {
+            kind: SourceKind::FnRef(Arc::new(f)),
+        }
     }
 
     /// Any function of the request head.
@@ -102,6 +136,7 @@ impl TenantSource {
                 .filter(|v| !v.is_empty() && v.len() <= MAX_HEADER_TENANT)
                 .map(Cow::Borrowed),
             SourceKind::Fn(f) => f(parts).map(Cow::Owned),
+            SourceKind::FnRef(f) => f(parts).map(Cow::Borrowed),
             #[cfg(feature = "ratelimit")]
             SourceKind::Key(ex) => ex
                 .key(&tollgate_ratelimit::RequestView {
@@ -253,5 +288,59 @@ impl<S> tower::Layer<S> for UsageLayer {
             inner,
             cfg: self.cfg.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    #[derive(Clone)]
+    struct Org {
+        id: String,
+    }
+
+    fn parts(org: Option<&str>, key: Option<&str>) -> Parts {
+        let mut req = http::Request::builder();
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        let (mut parts, ()) = req.body(()).expect("request").into_parts();
+        if let Some(o) = org {
+            parts.extensions.insert(Org { id: o.to_owned() });
+        }
+        parts
+    }
+
+    #[test]
+    fn borrowing_sources_lend_the_tenant() {
+        let p = parts(Some("acme"), Some("key_1"));
+        let by_ext = TenantSource::extension_ref(|o: &Org| o.id.as_str());
+        assert!(matches!(by_ext.tenant(&p), Some(Cow::Borrowed("acme"))));
+        let by_fn =
+            TenantSource::from_fn_ref(|p| p.headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+        assert!(matches!(by_fn.tenant(&p), Some(Cow::Borrowed("key_1"))));
+        let constant = TenantSource::from_fn_ref(|_| Some("everyone"));
+        assert!(matches!(
+            constant.tenant(&p),
+            Some(Cow::Borrowed("everyone"))
+        ));
+        // The owning forms give the same tenants.
+        let owned = TenantSource::extension(|o: &Org| o.id.clone());
+        assert_eq!(owned.tenant(&p).as_deref(), Some("acme"));
+        let header = TenantSource::header("x-api-key");
+        assert_eq!(header.tenant(&p).as_deref(), Some("key_1"));
+    }
+
+    #[test]
+    fn a_missing_extension_is_no_tenant() {
+        let p = parts(None, None);
+        assert_eq!(
+            TenantSource::extension_ref(|o: &Org| o.id.as_str()).tenant(&p),
+            None
+        );
+        assert_eq!(TenantSource::from_fn_ref(|_| None).tenant(&p), None);
     }
 }
