@@ -310,7 +310,7 @@ pub async fn build(name: &str, deps: &Deps) -> anyhow::Result<Router> {
             let tracker = UsageTracker::redis(deps.redis()?, UsageConfig::new());
             let layer = UsageLayer::new(
                 tracker,
-                TenantSource::from_fn(|_| Some("bench-tenant".into())),
+                TenantSource::from_fn_ref(|_| Some("bench-tenant")),
             );
             ping_router().layer(layer)
         }
