@@ -308,10 +308,8 @@ pub async fn build(name: &str, deps: &Deps) -> anyhow::Result<Router> {
 
         "usage-batched" => {
             let tracker = UsageTracker::redis(deps.redis()?, UsageConfig::new());
-            let layer = UsageLayer::new(
-                tracker,
-                TenantSource::from_fn_ref(|_| Some("bench-tenant")),
-            );
+            let layer =
+                UsageLayer::new(tracker, TenantSource::from_fn_ref(|_| Some("bench-tenant")));
             ping_router().layer(layer)
         }
 
