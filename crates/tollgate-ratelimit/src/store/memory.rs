@@ -10,14 +10,15 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher as _, BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use governor::RateLimiter;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DefaultKeyedStateStore;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
+use governor::state::keyed::{DefaultKeyedStateStore, ShrinkableKeyedStateStore};
 use smallvec::SmallVec;
 
 use super::{PolicyCheck, Verdicts};
@@ -26,12 +27,56 @@ use crate::quota::{Algorithm, Quota, Status, Verdict, WindowState, window};
 /// governor is keyed by a 64-bit keyed hash of the identity rather than
 /// the identity itself: no allocation per decision, and with a random
 /// per-process key two identities share a bucket with probability 2^-64.
-type Gov = RateLimiter<
-    u64,
-    DefaultKeyedStateStore<u64, BuildHasherDefault<PreHashed>>,
-    DefaultClock,
-    StateInformationMiddleware,
->;
+type Gov = RateLimiter<u64, SharedState, DefaultClock, StateInformationMiddleware>;
+
+/// The keyed state of one governor limiter (its `DashMap`), also held by
+/// the store: governor has no way to forget one key, so an admin reset
+/// removes the identity's entry here.
+#[derive(Clone, Default)]
+struct SharedState(Arc<DefaultKeyedStateStore<u64, BuildHasherDefault<PreHashed>>>);
+
+impl StateStore for SharedState {
+    type Key = u64;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<u64> for SharedState {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.0.retain_recent(drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        ShrinkableKeyedStateStore::shrink_to_fit(&*self.0);
+    }
+
+    fn len(&self) -> usize {
+        ShrinkableKeyedStateStore::len(&*self.0)
+    }
+
+    fn is_empty(&self) -> bool {
+        ShrinkableKeyedStateStore::is_empty(&*self.0)
+    }
+}
+
+/// A governor limiter for one quota, and its state.
+struct Limiter {
+    gov: Gov,
+    state: SharedState,
+}
+
+impl Limiter {
+    /// Forgets the identity whose key is `key`: its next request starts
+    /// from a full quota.
+    fn forget(&self, key: u64) {
+        self.state.0.remove(&key);
+    }
+}
 
 /// The hasher of governor's map. Its keys are keyed SipHash values
 /// already: uniform, and unpredictable without this process's random key,
@@ -56,9 +101,8 @@ impl Hasher for PreHashed {
     }
 }
 
-/// A policy's first limiter, made on first use, and whether an admin
-/// reset retired it.
-type FirstSlot = (OnceLock<(Quota, Gov)>, AtomicBool);
+/// A policy's first limiter, made on first use.
+type FirstSlot = OnceLock<(Quota, Limiter)>;
 
 /// A window state's key: policy index, period in µs, identity.
 type WindowKey = (usize, u64, String);
@@ -69,11 +113,10 @@ pub(crate) struct MemoryStore {
     hasher: std::collections::hash_map::RandomState,
     /// Per policy index, the limiter of the first quota seen for it (the
     /// policy's own quota, unless plans change it): found without a lock
-    /// or a reference count. An admin reset retires it for good (the map
-    /// below takes over for that policy); housekeeping still shrinks it.
+    /// or a reference count.
     first: Box<[FirstSlot]>,
     /// Every other (policy, quota) pair: plan tiers.
-    gcra: RwLock<HashMap<(usize, Quota), Arc<Gov>>>,
+    gcra: RwLock<HashMap<(usize, Quota), Arc<Limiter>>>,
     /// Window states by (policy index, period in µs, identity): plans whose
     /// windows differ count apart.
     windows: Mutex<HashMap<WindowKey, (WindowState, u64)>>,
@@ -101,9 +144,7 @@ impl MemoryStore {
     pub(crate) fn new(policies: usize, divisor: u32, every: Duration) -> Arc<Self> {
         let store = Arc::new(MemoryStore {
             divisor: divisor.max(1),
-            first: (0..policies)
-                .map(|_| (OnceLock::new(), AtomicBool::new(false)))
-                .collect(),
+            first: (0..policies).map(|_| OnceLock::new()).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             gcra: RwLock::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
@@ -125,17 +166,17 @@ impl MemoryStore {
 
     /// Forgets keys that are back to a full quota and frees memory.
     pub(crate) fn housekeep(&self) {
-        for (_, g) in self.first.iter().filter_map(|(slot, _)| slot.get()) {
-            g.retain_recent();
-            g.shrink_to_fit();
+        for (_, l) in self.first.iter().filter_map(OnceLock::get) {
+            l.gov.retain_recent();
+            l.gov.shrink_to_fit();
         }
-        let govs: Vec<Arc<Gov>> = match self.gcra.read() {
+        let limiters: Vec<Arc<Limiter>> = match self.gcra.read() {
             Ok(m) => m.values().cloned().collect(),
             Err(_) => return,
         };
-        for g in govs {
-            g.retain_recent();
-            g.shrink_to_fit();
+        for l in limiters {
+            l.gov.retain_recent();
+            l.gov.shrink_to_fit();
         }
         let now = wall_us();
         if let Ok(mut w) = self.windows.lock() {
@@ -151,37 +192,39 @@ impl MemoryStore {
         let first: usize = self
             .first
             .iter()
-            .filter(|(_, retired)| !retired.load(Ordering::Relaxed))
-            .filter_map(|(slot, _)| slot.get())
-            .map(|(_, g)| g.len())
+            .filter_map(OnceLock::get)
+            .map(|(_, l)| l.gov.len())
             .sum();
         first
             + self
                 .gcra
                 .read()
-                .map(|m| m.values().map(|g| g.len()).sum::<usize>())
+                .map(|m| m.values().map(|l| l.gov.len()).sum::<usize>())
                 .unwrap_or(0)
     }
 
-    fn new_gov(&self, quota: Quota) -> Gov {
-        RateLimiter::dashmap_with_hasher(quota.to_governor(self.divisor), Default::default())
-            .with_middleware::<StateInformationMiddleware>()
+    fn new_limiter(&self, quota: Quota) -> Limiter {
+        let state = SharedState::default();
+        let gov: Gov = RateLimiter::new(
+            quota.to_governor(self.divisor),
+            state.clone(),
+            DefaultClock::default(),
+        );
+        Limiter { gov, state }
     }
 
     /// Runs `f` on the limiter of `(index, quota)`, made on first use.
     fn with_limiter<T>(&self, index: usize, quota: Quota, f: impl FnOnce(&Gov) -> T) -> T {
-        if let Some((slot, retired)) = self.first.get(index)
-            && !retired.load(Ordering::Acquire)
-        {
-            let (q, g) = slot.get_or_init(|| (quota, self.new_gov(quota)));
+        if let Some(slot) = self.first.get(index) {
+            let (q, l) = slot.get_or_init(|| (quota, self.new_limiter(quota)));
             if *q == quota {
-                return f(g);
+                return f(&l.gov);
             }
         }
-        f(&self.limiter(index, quota))
+        f(&self.limiter(index, quota).gov)
     }
 
-    fn limiter(&self, index: usize, quota: Quota) -> Arc<Gov> {
+    fn limiter(&self, index: usize, quota: Quota) -> Arc<Limiter> {
         if let Ok(m) = self.gcra.read()
             && let Some(g) = m.get(&(index, quota))
         {
@@ -192,7 +235,7 @@ impl MemoryStore {
             Err(p) => p.into_inner(),
         };
         m.entry((index, quota))
-            .or_insert_with(|| Arc::new(self.new_gov(quota)))
+            .or_insert_with(|| Arc::new(self.new_limiter(quota)))
             .clone()
     }
 
@@ -369,15 +412,16 @@ impl MemoryStore {
         if let Ok(mut w) = self.windows.lock() {
             w.retain(|(i, _, id), _| !(*i == index && id == identity));
         }
-        // governor cannot forget one key: drop the policy's limiters, which
-        // resets every identity of that policy in this process.
-        if let Ok(mut m) = self.gcra.write() {
-            m.retain(|(i, _), _| *i != index);
+        // The identity's entry in each of the policy's limiters (its own
+        // quota and its plans'); every other identity keeps its state.
+        let key = self.hasher.hash_one(identity);
+        if let Some((_, l)) = self.first.get(index).and_then(OnceLock::get) {
+            l.forget(key);
         }
-        if let Some((_, retired)) = self.first.get(index) {
-            // Its state cannot be cleared in place: from now on this
-            // policy's limiters live in the map, made fresh.
-            retired.store(true, Ordering::Release);
+        if let Ok(m) = self.gcra.read() {
+            m.iter()
+                .filter(|((i, _), _)| *i == index)
+                .for_each(|(_, l)| l.forget(key));
         }
     }
 }
@@ -432,14 +476,47 @@ mod tests {
         assert_eq!(allowed(&free, "a"), 2);
         assert_eq!(allowed(&pro, "a"), 5);
         assert_eq!(store.gcra_keys(), 2);
-        // A reset retires the slot: both quotas start over for the policy.
+        // A reset starts both quotas over for the identity.
         store.reset(0, "a");
         assert_eq!(allowed(&free, "a"), 2);
         assert_eq!(allowed(&pro, "a"), 5);
-        // And a second reset clears the map's limiters again.
+        // And a second one again.
         store.reset(0, "a");
         assert_eq!(allowed(&free, "a"), 2);
         store.housekeep();
+    }
+
+    /// A reset forgets one identity: the others of the policy keep their
+    /// state (an application resetting a user's login attempts must not
+    /// reset everybody's), under the policy's own quota and its plans'.
+    #[tokio::test]
+    async fn a_reset_forgets_only_its_identity() {
+        let store = MemoryStore::new(2, 1, Duration::from_secs(60));
+        let free = [check(0, Quota::per_hour(2), Algorithm::Gcra)];
+        let pro = [check(0, Quota::per_hour(5), Algorithm::Gcra)];
+        let other_policy = [check(1, Quota::per_hour(1), Algorithm::Gcra)];
+        let allowed = |c: &[PolicyCheck], id: &str| {
+            (0..10)
+                .filter(|_| store.decide(id, c)[0].status == Status::Allowed)
+                .count()
+        };
+        for id in ["a", "b"] {
+            assert_eq!(allowed(&free, id), 2);
+            assert_eq!(allowed(&pro, id), 5);
+            assert_eq!(allowed(&other_policy, id), 1);
+        }
+        store.reset(0, "a");
+        assert_eq!(allowed(&free, "a"), 2);
+        assert_eq!(allowed(&pro, "a"), 5);
+        assert_eq!(allowed(&free, "b"), 0, "b keeps its free-plan state");
+        assert_eq!(allowed(&pro, "b"), 0, "b keeps its pro-plan state");
+        assert_eq!(
+            allowed(&other_policy, "a"),
+            0,
+            "another policy is untouched"
+        );
+        // Housekeeping still sees every limiter's keys.
+        assert_eq!(store.gcra_keys(), 6);
     }
 
     #[tokio::test]
