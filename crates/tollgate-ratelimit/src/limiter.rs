@@ -338,7 +338,13 @@ impl Inner {
                 // A message from a newer version.
                 Err(_) => self.forget_all(),
             },
-            Notice::Missed => self.forget_all(),
+            // Only the cached denials: a denial a missed reset lifted
+            // would go on refusing requests Redis admits. A lease is kept:
+            // its tokens were taken from Redis, and spending them is within
+            // the lease mode's bound (`chunk × instances`) whether or not a
+            // reset came since; dropping them would only waste them (this
+            // notice also comes when the subscription first connects).
+            Notice::Missed => self.deny_cache.clear(),
         }
     }
 }
@@ -1092,8 +1098,8 @@ impl RateLimiter {
     /// cache until the retry time it cached (at most the denial's
     /// `Retry-After`), and spends a lease it holds until the lease runs
     /// out. An instance whose subscription was cut off clears all of its
-    /// cached denials and leases when it is back, since it may have
-    /// missed resets.
+    /// cached denials when it is back, since it may have missed resets
+    /// (its leases stay: spending them is within the lease bound).
     pub async fn reset(&self, policy: &str, key: &str) -> Result<(), Error> {
         let p = self.admin_pending(policy, key, 0)?;
         let index = p.checks[0].index;
