@@ -679,7 +679,10 @@ async fn a_write_on_its_way_at_shutdown_is_accounted_by_shutdown() {
         hget(&server, &key, "api_request") == Some(6)
     })
     .await;
-    // Its answer is still on its way (it is held for 3 s).
+    // Its answer is still on its way, held for 3 s: the proxy takes the
+    // delay when it reads the answer, so it is given time to read it
+    // before the delay goes (within the write's 1 s deadline).
+    tokio::time::sleep(Duration::from_millis(400)).await;
     proxy.set_delay(Duration::ZERO);
     let s = t.shutdown().await;
     assert_eq!((s.flushed, s.dropped, s.pending), (6, 0, 0));
