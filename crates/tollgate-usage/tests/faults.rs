@@ -44,6 +44,15 @@ async fn through(url: String, deadline: Duration, threshold: u32) -> RedisHandle
     .expect("connect")
 }
 
+/// A server behind a latency proxy (no delay yet), and a handle through
+/// the proxy.
+async fn proxied(deadline: Duration, threshold: u32) -> (RedisServer, LatencyProxy, RedisHandle) {
+    let server = RedisServer::start();
+    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+    let h = through(proxy.url(), deadline, threshold).await;
+    (server, proxy, h)
+}
+
 /// A server whose data survives a restart (AOF, fsync always).
 fn durable() -> RedisServer {
     RedisServer::start_with_args(&["--appendonly", "yes", "--appendfsync", "always"])
@@ -169,9 +178,7 @@ async fn a_batch_partly_applied_before_a_script_reload_counts_once() {
 /// is not retried (that could count it twice): it is counted as dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_unconfirmed_past_the_retry_age_is_counted_as_dropped() {
-    let server = RedisServer::start();
-    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
-    let h = through(proxy.url(), Duration::from_millis(200), 100).await;
+    let (_server, proxy, h) = proxied(Duration::from_millis(200), 100).await;
     let t = UsageTracker::redis(h.clone(), manual().max_retry_age(Duration::from_millis(1)));
     t.record("acme", "api_request", 5);
     t.flush().await.expect("warm up");
@@ -239,9 +246,7 @@ async fn requests_refused_while_redis_is_down_are_not_counted() {
 /// withdrawn and the refused requests end up not counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_refused_after_a_lost_answer_are_withdrawn() {
-    let server = RedisServer::start();
-    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
-    let h = through(proxy.url(), Duration::from_millis(200), 100).await;
+    let (server, proxy, h) = proxied(Duration::from_millis(200), 100).await;
     let t = UsageTracker::redis(h.clone(), manual());
     let svc = hard_app(t.clone(), true);
     let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
@@ -527,9 +532,7 @@ async fn a_full_buffer_does_not_spin_the_flusher_during_an_outage() {
 /// queued for a retry under its id before it was sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_cancelled_while_waiting_for_redis_loses_nothing() {
-    let server = RedisServer::start();
-    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
-    let h = through(proxy.url(), Duration::from_secs(10), 100).await;
+    let (_server, proxy, h) = proxied(Duration::from_secs(10), 100).await;
     let t = UsageTracker::redis(h.clone(), manual());
     t.record("acme", "api_request", 5);
     t.flush().await.expect("warm up");
@@ -661,9 +664,7 @@ async fn an_old_time_does_not_replace_the_current_period() {
 /// counted once, as flushed, in what shutdown returns (it was applied).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_its_way_at_shutdown_is_accounted_by_shutdown() {
-    let server = RedisServer::start();
-    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
-    let h = through(proxy.url(), Duration::from_secs(1), 100).await;
+    let (server, proxy, h) = proxied(Duration::from_secs(1), 100).await;
     let t = UsageTracker::redis(h.clone(), manual());
     t.record_now("acme", "api_request", 1)
         .await
@@ -701,9 +702,7 @@ async fn a_write_on_its_way_at_shutdown_is_accounted_by_shutdown() {
 /// answer is lost too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_checks_are_settled_in_one_round_trip() {
-    let server = RedisServer::start();
-    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
-    let h = through(proxy.url(), Duration::from_millis(200), 100).await;
+    let (server, proxy, h) = proxied(Duration::from_millis(200), 100).await;
     let t = UsageTracker::redis(h.clone(), manual());
     let svc = hard_app(t.clone(), true);
     let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
@@ -743,9 +742,7 @@ async fn lost_checks_are_settled_in_one_round_trip() {
 /// counted as dropped, never silently lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_checks_beyond_the_bound_are_counted_as_dropped() {
-    let server = RedisServer::start();
-    let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
-    let h = through(proxy.url(), Duration::from_millis(200), 100).await;
+    let (server, proxy, h) = proxied(Duration::from_millis(200), 100).await;
     let t = UsageTracker::redis(h.clone(), manual().max_unsettled(4));
     let open = hard_app(t.clone(), false);
     let closed = hard_app(t.clone(), true);
