@@ -135,11 +135,14 @@ impl UsageConfig {
     }
     /// Most hard-quota checks kept for settling after their answer was
     /// lost (default 10,000): a served request's check is applied again
-    /// under its id, a refused request's is withdrawn. During a long
-    /// latency spike they would otherwise pile up without limit. Beyond it
-    /// a check is not kept: its units are counted as dropped (a served
-    /// request's may then be missing from its tenant's total, a refused
-    /// request's may stay in it).
+    /// under its id, a refused request's is withdrawn. The same bound
+    /// applies, separately, to synchronous writes
+    /// ([`UsageTracker::record_now`]) whose answer was lost, which are
+    /// retried under their id. During a long latency spike they would
+    /// otherwise pile up without limit. Beyond it a check or write is not
+    /// kept: its units are counted as dropped (a served request's may then
+    /// be missing from its tenant's total, a refused request's may stay in
+    /// it; a write may or may not have been applied).
     pub fn max_unsettled(mut self, n: usize) -> Self {
         self.max_unsettled = n.max(1);
         self
@@ -159,8 +162,8 @@ pub struct UsageStats {
     /// outside the supported calendar, for a period whose retention ran
     /// out before they could be written, still unwritten at the end of
     /// shutdown or recorded after it, or unconfirmed for longer than
-    /// [`UsageConfig::max_retry_age`]. Hard-quota checks whose answer was
-    /// lost and that could not be settled (beyond
+    /// [`UsageConfig::max_retry_age`]. Hard-quota checks and synchronous
+    /// writes whose answer was lost and that could not be settled (beyond
     /// [`UsageConfig::max_unsettled`], too old, or at shutdown) count
     /// here too, a refused request's included: its units may stay in the
     /// tenant's total.
@@ -215,6 +218,45 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.settled.notify_waiters();
+        }
+    }
+}
+
+/// A write waiting for the store's answer. If its caller drops the future
+/// before the answer comes (a client gone, a timeout around the call), the
+/// write may have been sent and applied: it is queued like one whose
+/// answer was lost. A synchronous write is retried under its id, so it
+/// counts once; a quota check is withdrawn, as its request was not served.
+struct Unanswered<'a> {
+    tracker: &'a UsageTracker,
+    write: Option<Lost>,
+}
+
+enum Lost {
+    Write(Arc<Batch>),
+    Check(QuotaOp),
+}
+
+impl<'a> Unanswered<'a> {
+    fn new(tracker: &'a UsageTracker, write: Lost) -> Self {
+        Unanswered {
+            tracker,
+            write: Some(write),
+        }
+    }
+
+    /// The answer came: the caller handles the write.
+    fn answered(mut self) {
+        self.write = None;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        match self.write.take() {
+            Some(Lost::Write(batch)) => self.tracker.push_pending(batch),
+            Some(Lost::Check(op)) => self.tracker.push_replay(Settle::Withdraw(op)),
+            None => {}
         }
     }
 }
@@ -358,6 +400,8 @@ struct Inner {
     /// Whether the last lost quota operation found `replays` full (logged
     /// once per spell, not once per operation).
     replays_full: AtomicBool,
+    /// The same for synchronous writes and `pending`.
+    pending_full: AtomicBool,
     /// The period of now: replaced only by the period of a later now, never
     /// by the period of a time given to [`UsageTracker::record_at`].
     current: RwLock<CurrentPeriod>,
@@ -420,6 +464,7 @@ impl UsageTracker {
             pending: Mutex::new(VecDeque::new()),
             replays: Mutex::new(VecDeque::new()),
             replays_full: AtomicBool::new(false),
+            pending_full: AtomicBool::new(false),
             current: RwLock::new(current),
             instance: rand::random(),
             seq: AtomicU64::new(0),
@@ -708,10 +753,12 @@ impl UsageTracker {
 
     /// Writes `n` units now (one round trip) and returns the new total. On
     /// failure the units are buffered (never lost) and the error returned.
+    /// If the returned future is dropped before the answer comes, the
+    /// write is retried under its id by the flusher: it counts once.
     pub async fn record_now(&self, tenant: &str, metric: &str, n: i64) -> Result<i64, UsageError> {
         let _write = self.begin_write();
         let (label, expire_at) = self.period_for();
-        let batch = Batch {
+        let batch = Arc::new(Batch {
             id: self.next_id(),
             tenants: vec![TenantIncrements {
                 tenant: Arc::from(tenant),
@@ -721,8 +768,11 @@ impl UsageTracker {
                 top_only: Vec::new(),
             }],
             top: self.inner.config.top,
-        };
-        match self.inner.store.apply(&batch).await {
+        });
+        let waiting = Unanswered::new(self, Lost::Write(batch.clone()));
+        let result = self.inner.store.apply(&batch).await;
+        waiting.answered();
+        match result {
             Ok(totals) => {
                 self.inner
                     .flushed
@@ -747,7 +797,9 @@ impl UsageTracker {
     /// call). When the store cannot decide
     /// ([`Unavailable`](QuotaOutcome::Unavailable)) the units are counted
     /// anyway, exactly once: for a caller that then serves the request
-    /// (fails open).
+    /// (fails open). If the returned future is dropped before the answer
+    /// comes (the request was not served), the check is withdrawn by the
+    /// flusher, as for a refused request.
     pub async fn try_consume(
         &self,
         tenant: &str,
@@ -797,7 +849,10 @@ impl UsageTracker {
             n,
             limit: Some(limit),
         };
-        match self.inner.store.quota(op.clone()).await {
+        let waiting = Unanswered::new(self, Lost::Check(op.clone()));
+        let answer = self.inner.store.quota(op.clone()).await;
+        waiting.answered();
+        match answer {
             Ok(QuotaAnswer {
                 allowed: true,
                 total,
@@ -1052,6 +1107,7 @@ impl UsageTracker {
             self.apply(&batch).await?;
             self.remove_pending(&batch.id);
         }
+        self.inner.pending_full.store(false, Ordering::Relaxed);
         // Quota operations whose answer was lost: the same op ids again.
         self.settle_replays().await?;
         let Some(batch) = self.take() else {
@@ -1258,27 +1314,38 @@ impl UsageTracker {
         }
     }
 
-    /// Queues a batch that was sent but not confirmed, for a retry under
-    /// its id. Once shutdown has sealed the queue nothing would retry it:
-    /// counted as dropped. Decided under the queue's lock, so that shutdown
-    /// either finds it queued or it finds the queue sealed.
-    fn push_pending(&self, batch: Batch) {
+    /// Queues a synchronous write that was sent but not confirmed, for a
+    /// retry under its id. Once shutdown has sealed the queue nothing would
+    /// retry it, and beyond [`UsageConfig::max_unsettled`] queued ones it
+    /// is not kept (each lost write of a latency spike would otherwise stay
+    /// in memory): then its units are counted as dropped. Decided under the
+    /// queue's lock, so that shutdown either finds it queued or it finds
+    /// the queue sealed.
+    fn push_pending(&self, batch: Arc<Batch>) {
         let units = batch.units();
         let mut p = locked(&self.inner.pending);
-        if self.inner.sealed.load(Ordering::Acquire) {
+        let sealed = self.inner.sealed.load(Ordering::Acquire);
+        if sealed || p.len() >= self.inner.config.max_unsettled {
             drop(p);
             self.inner
                 .dropped
                 .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
-            tracing::warn!(
-                batch = %batch.id,
-                units,
-                "usage write unconfirmed after shutdown: counted as dropped"
-            );
+            if sealed {
+                tracing::warn!(
+                    batch = %batch.id,
+                    units,
+                    "usage write unconfirmed after shutdown: counted as dropped"
+                );
+            } else if !self.inner.pending_full.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    max = self.inner.config.max_unsettled,
+                    "too many usage writes with lost answers await a retry: more are counted as dropped"
+                );
+            }
             return;
         }
         self.inner.pending_units.fetch_add(units, Ordering::Relaxed);
-        p.push_back(Unconfirmed::new(Arc::new(batch)));
+        p.push_back(Unconfirmed::new(batch));
     }
 
     /// Queues a quota operation whose answer was lost (see

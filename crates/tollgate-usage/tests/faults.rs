@@ -12,8 +12,8 @@ use http_body_util::Full;
 use tollgate_redis::{RedisConfig, RedisHandle};
 use tollgate_testkit::{LatencyProxy, RedisCluster, RedisServer};
 use tollgate_usage::{
-    Batch, Enforcement, MemoryStore, PeriodKind, Plan, Plans, RedisStore, Store, TenantIncrements,
-    TenantSource, UsageConfig, UsageLayer, UsageTracker, WriteMode, now_ms,
+    Batch, Enforcement, MemoryStore, PeriodKind, Plan, Plans, QuotaOutcome, RedisStore, Store,
+    TenantIncrements, TenantSource, UsageConfig, UsageLayer, UsageTracker, WriteMode, now_ms,
 };
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 
@@ -775,6 +775,74 @@ async fn lost_checks_beyond_the_bound_are_counted_as_dropped() {
     assert_eq!(hget(&server, &key, "api_request"), Some(6));
     let s = t.stats();
     assert_eq!((s.flushed, s.pending, s.dropped), (3, 0, 2));
+}
+
+/// Synchronous writes whose answer was lost wait in a bounded queue too:
+/// beyond the bound their units are counted as dropped. The kept ones are
+/// retried under their ids and count once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_synchronous_writes_beyond_the_bound_are_counted_as_dropped() {
+    let (server, proxy, h) = proxied(Duration::from_millis(200), 100).await;
+    let t = UsageTracker::redis(h.clone(), manual().mode(WriteMode::Sync).max_unsettled(2));
+    assert_eq!(t.record_now("acme", "api_request", 1).await.ok(), Some(1));
+    proxy.set_delay(Duration::from_millis(500));
+    for _ in 0..4 {
+        assert!(
+            t.record_now("acme", "api_request", 10).await.is_err(),
+            "the answer is lost"
+        );
+    }
+    // Two writes are kept for a retry, two are not.
+    let s = t.stats();
+    assert_eq!((s.pending, s.dropped), (20, 20));
+    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
+    wait_until("the lost writes run in Redis", || {
+        hget(&server, &key, "api_request") == Some(41)
+    })
+    .await;
+    proxy.set_delay(Duration::ZERO);
+    flush_until_ok(&t).await;
+    // The retries were applied already: nothing counts twice.
+    assert_eq!(hget(&server, &key, "api_request"), Some(41));
+    let s = t.stats();
+    assert_eq!((s.flushed, s.pending, s.dropped), (21, 0, 20));
+    // Below the bound again, a lost write is kept.
+    proxy.set_delay(Duration::from_millis(500));
+    assert!(t.record_now("acme", "api_request", 1).await.is_err());
+    assert_eq!((t.stats().pending, t.stats().dropped), (1, 20));
+}
+
+/// A caller that stops waiting for a synchronous write (a timeout around
+/// it, a client gone) leaves the write to the flusher: retried under its
+/// id, it counts once. A quota check stopped the same way is withdrawn:
+/// its request was not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_caller_stops_waiting_are_settled() {
+    let (server, proxy, h) = proxied(Duration::from_secs(5), 100).await;
+    let t = UsageTracker::redis(h.clone(), manual().mode(WriteMode::Sync));
+    assert_eq!(t.record_now("acme", "api_request", 1).await.ok(), Some(1));
+    assert_eq!(
+        t.try_consume("acme", "checks", 1, 100).await,
+        QuotaOutcome::Allowed { total: 1 }
+    );
+    proxy.set_delay(Duration::from_millis(400));
+    let cut = Duration::from_millis(50);
+    let write = tokio::time::timeout(cut, t.record_now("acme", "api_request", 10)).await;
+    assert!(write.is_err(), "the caller stopped waiting");
+    let check = tokio::time::timeout(cut, t.try_consume("acme", "checks", 1, 100)).await;
+    assert!(check.is_err(), "the caller stopped waiting");
+    assert_eq!(t.stats().pending, 10, "the write awaits its retry");
+    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
+    wait_until("the write runs in Redis", || {
+        hget(&server, &key, "api_request") == Some(11)
+    })
+    .await;
+    proxy.set_delay(Duration::ZERO);
+    flush_until_ok(&t).await;
+    assert_eq!(hget(&server, &key, "api_request"), Some(11), "counted once");
+    assert_eq!(hget(&server, &key, "checks"), Some(1), "withdrawn");
+    let s = t.stats();
+    assert_eq!((s.pending, s.dropped), (0, 0));
 }
 
 /// The same on a cluster: the withdrawals of tenants on every primary go
