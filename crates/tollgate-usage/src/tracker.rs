@@ -29,6 +29,13 @@ const DEFAULT_MAX_UNSETTLED: usize = 10_000;
 /// longer queue in several, each well within a command deadline.
 const SETTLE_CHUNK: usize = 1_000;
 
+/// Most counters a flush writes in one round trip: a buffer of more is
+/// written as several batches, each well within a command deadline. In
+/// one pipeline, a flush of 3,000 tenants outlasted the default 50 ms
+/// deadline: it timed out on every retry (so was never confirmed), and
+/// every timeout counted against the breaker the other layers share.
+const FLUSH_CHUNK: usize = 500;
+
 /// When increments reach Redis.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1080,7 +1087,8 @@ impl UsageTracker {
     /// Writes everything pending now: retried batches first (same ids, so
     /// nothing counts twice), then the quota operations whose answer was
     /// lost (settled together: one pipelined round trip for up to 1,000 of
-    /// them), then the buffer, in one pipelined round trip.
+    /// them), then the buffer, in pipelined round trips of at most 500
+    /// counters each.
     pub async fn flush(&self) -> Result<(), UsageError> {
         let _guard = self.inner.flush_lock.lock().await;
         let result = self.flush_locked().await;
@@ -1113,24 +1121,58 @@ impl UsageTracker {
         let Some(batch) = self.take() else {
             return Ok(());
         };
+        let parts: Vec<Arc<Batch>> = self.split(batch).into_iter().map(Arc::new).collect();
         // Pending before the first attempt: if this flush is dropped while
-        // it waits for the store, the batch is retried under its id, not
+        // it waits for the store, each part is retried under its id, not
         // lost.
-        let batch = Arc::new(batch);
-        locked(&self.inner.pending).push_back(Unconfirmed::new(batch.clone()));
-        match self.apply(&batch).await {
-            Ok(()) => {
-                self.remove_pending(&batch.id);
-                Ok(())
+        locked(&self.inner.pending).extend(parts.iter().map(|b| Unconfirmed::new(b.clone())));
+        let mut parts = parts.into_iter();
+        while let Some(batch) = parts.next() {
+            if let Err(e) = self.apply(&batch).await {
+                // This part may have been applied, unless it was never
+                // sent; the parts after it were not: those merge back.
+                let unsent = e.not_sent().then_some(batch);
+                for b in unsent.into_iter().chain(parts) {
+                    self.remove_pending(&b.id);
+                    self.restore(Arc::unwrap_or_clone(b));
+                }
+                return Err(e);
             }
-            Err(e) if e.not_sent() => {
-                // First attempt, never sent: it can merge back.
-                self.remove_pending(&batch.id);
-                self.restore(Arc::unwrap_or_clone(batch));
-                Err(e)
-            }
-            Err(e) => Err(e),
+            self.remove_pending(&batch.id);
         }
+        Ok(())
+    }
+
+    /// Splits a batch into batches of at most [`FLUSH_CHUNK`] counters
+    /// (a tenant's period is never split), each with an id of its own: the
+    /// markers of the top sets are per batch.
+    fn split(&self, mut batch: Batch) -> Vec<Batch> {
+        let counters = |t: &TenantIncrements| (t.metrics.len() + t.top_only.len()).max(1);
+        if batch.tenants.iter().map(counters).sum::<usize>() <= FLUSH_CHUNK {
+            return vec![batch];
+        }
+        let mut parts = Vec::new();
+        let mut tenants = std::mem::take(&mut batch.tenants).into_iter().peekable();
+        while tenants.peek().is_some() {
+            let mut size = 0;
+            let mut part = Vec::new();
+            while let Some(t) =
+                tenants.next_if(|t| part.is_empty() || size + counters(t) <= FLUSH_CHUNK)
+            {
+                size += counters(&t);
+                part.push(t);
+            }
+            parts.push(Batch {
+                id: if parts.is_empty() {
+                    std::mem::take(&mut batch.id)
+                } else {
+                    self.next_id()
+                },
+                tenants: part,
+                top: batch.top,
+            });
+        }
+        parts
     }
 
     /// A queued batch without its tenant-periods whose retention ran out

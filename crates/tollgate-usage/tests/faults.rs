@@ -107,6 +107,39 @@ async fn a_flush_retried_while_the_breaker_is_open_counts_once() {
     assert_eq!((stats.flushed, stats.pending, stats.dropped), (15, 0, 0));
 }
 
+/// A buffer of thousands of tenants is written in round trips of a few
+/// hundred counters, each within a deadline that one pipeline of it all
+/// outlasts (it then timed out on every retry and opened the breaker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_of_thousands_of_tenants_is_written_in_round_trips_within_the_deadline() {
+    let server = RedisServer::start();
+    let h = through(server.url(), Duration::from_millis(250), 1).await;
+    let t = UsageTracker::redis(h.clone(), manual().flush_threshold(1_000_000));
+    t.record("warm", "api_request", 1);
+    t.flush().await.expect("warm up (loads scripts)");
+    let tenants = 10_000;
+    for i in 0..tenants {
+        t.record(&format!("tenant-{i}"), "api_request", 1);
+    }
+    t.flush().await.expect("written within the deadline");
+    assert!(h.is_available(), "no timeout opened the breaker");
+    let s = t.stats();
+    assert_eq!((s.flushed, s.pending, s.dropped), (tenants + 1, 0, 0));
+    let store = RedisStore::new(h.clone());
+    let label = t.current_period().label;
+    for i in [0, 4_999, 9_999] {
+        let key = store.usage_key(&format!("tenant-{i}"), &label);
+        assert_eq!(hget(&server, &key, "api_request"), Some(1), "tenant-{i}");
+    }
+    let set = store.top_key("api_request", &label);
+    let members = server.command(&["ZCARD", &set]).expect("ZCARD").as_int();
+    assert_eq!(
+        members,
+        Some(10_001),
+        "every part's tenants are in the top set"
+    );
+}
+
 /// The first attempt of a flush is sent and partly applied (one script was
 /// missing); reloading the scripts is then refused by the breaker. The
 /// batch was sent, so it is retried under its id, never merged back.
