@@ -40,6 +40,7 @@ store_suite!(
     entries_expire,
     invalidate_key_removes_one,
     invalidate_tag_removes_members_across_slots,
+    invalidate_tag_removes_thousands_of_members,
     tag_members_expire_with_entries,
     overwrite_keeps_latest,
 );
@@ -143,6 +144,33 @@ async fn invalidate_tag_removes_members_across_slots(s: S) {
     assert!(s.invalidate_tag("never-used").await.unwrap().is_empty());
 }
 
+/// A tag of more members than one round lists (Redis lists them a
+/// thousand at a time) is removed whole.
+async fn invalidate_tag_removes_thousands_of_members(s: S) {
+    let n = 2_500;
+    for i in 0..n {
+        s.put(
+            &format!("m-{i}"),
+            "v".into(),
+            Duration::from_secs(60),
+            &tags(&["big"]),
+        )
+        .await
+        .unwrap();
+    }
+    let mut gone = s.invalidate_tag("big").await.unwrap();
+    gone.sort_unstable();
+    gone.dedup();
+    assert_eq!(gone.len(), n);
+    for i in [0, 999, 1_000, 2_499] {
+        assert_eq!(s.get(&format!("m-{i}")).await.unwrap(), None, "m-{i}");
+    }
+    assert!(
+        s.invalidate_tag("big").await.unwrap().is_empty(),
+        "the tag is gone"
+    );
+}
+
 async fn tag_members_expire_with_entries(s: S) {
     s.put("old", "v".into(), Duration::from_millis(100), &tags(&["t"]))
         .await
@@ -226,4 +254,44 @@ async fn a_tag_invalidation_cut_off_can_be_retried() {
         );
     }
     assert!(s.invalidate_tag("t").await.unwrap().is_empty());
+}
+
+/// A tag of a hundred thousand entries is invalidated in rounds, each
+/// within a deadline that one round trip for them all outlasts (it then
+/// failed every time it was run, and opened the breaker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_of_a_hundred_thousand_entries_is_invalidated_within_the_deadline() {
+    let server = tollgate_testkit::RedisServer::start();
+    let h = tollgate_redis::RedisHandle::connect(
+        tollgate_redis::RedisConfig::from_url(server.url())
+            .deadline(Duration::from_millis(100))
+            .failure_threshold(1),
+    )
+    .await
+    .unwrap();
+    let s = RedisStore::new(h.clone());
+    let n = 100_000;
+    let expiry = (std::time::SystemTime::now() + Duration::from_secs(600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let names: Vec<String> = (0..n).map(|i| format!("page-{i}")).collect();
+    let keys: Vec<String> = names.iter().map(|m| s.entry_key(m)).collect();
+    let tag = s.tag_key("campaigns");
+    let mut zadd = vec!["ZADD", tag.as_str()];
+    let mut mset = vec!["MSET"];
+    for (name, key) in names.iter().zip(&keys) {
+        zadd.extend([expiry.as_str(), name.as_str()]);
+        mset.extend([key.as_str(), "v"]);
+    }
+    server.command(&zadd).expect("ZADD");
+    server.command(&mset).expect("MSET");
+    let gone = s
+        .invalidate_tag("campaigns")
+        .await
+        .expect("within the deadline");
+    assert_eq!(gone.len(), n);
+    assert!(h.is_available(), "no timeout opened the breaker");
+    assert_eq!(server.command(&["DBSIZE"]).unwrap().as_int(), Some(0));
 }

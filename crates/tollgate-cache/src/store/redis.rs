@@ -15,6 +15,12 @@ static TAG_MEMBERS: LazyLock<Script> =
 static TAG_PRUNE: LazyLock<Script> =
     LazyLock::new(|| Script::new("cache_tag_prune", include_str!("tag_prune.lua")));
 
+/// Members of a tag listed, deleted and pruned per round trip: a tag of
+/// tens of thousands of entries is invalidated in rounds, each well within
+/// a command deadline (in one, it outlasted the deadline every time it was
+/// run, and each timeout counted against the shared breaker).
+const TAG_CHUNK: usize = 1_000;
+
 /// Keys deleted per `DEL` command.
 const DEL_CHUNK: usize = 500;
 
@@ -178,14 +184,36 @@ impl Store for RedisStore {
     fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<Vec<String>, Error>> {
         Box::pin(async move {
             let tag_key = self.tag_key(tag);
-            let listed: Vec<String> = self
-                .handle
-                .eval(&TAG_MEMBERS, vec![tag_key.clone()], vec![now_ms() as i64])
-                .await?;
-            let members: Vec<String> = listed.iter().step_by(2).cloned().collect();
-            self.delete_entries(&members).await?;
-            if !listed.is_empty() {
-                let _: i64 = self.handle.eval(&TAG_PRUNE, vec![tag_key], listed).await?;
+            let mut members = Vec::new();
+            // The members expiring first, a chunk at a time: each round
+            // removes what it listed from the index, so the next lists the
+            // following ones. A member stored again meanwhile stays listed
+            // (under a later expiry): listed again, it is deleted again.
+            loop {
+                let listed: Vec<String> = self
+                    .handle
+                    .eval(
+                        &TAG_MEMBERS,
+                        vec![tag_key.clone()],
+                        vec![now_ms() as i64, TAG_CHUNK as i64],
+                    )
+                    .await?;
+                if listed.is_empty() {
+                    break;
+                }
+                let round: Vec<String> = listed.iter().step_by(2).cloned().collect();
+                self.delete_entries(&round).await?;
+                let removed: i64 = self
+                    .handle
+                    .eval(&TAG_PRUNE, vec![tag_key.clone()], listed)
+                    .await?;
+                let last = round.len() < TAG_CHUNK;
+                members.extend(round);
+                // Nothing removed: every member listed was stored again
+                // meanwhile; the next round would list them again.
+                if last || removed == 0 {
+                    break;
+                }
             }
             Ok(members)
         })

@@ -5,6 +5,7 @@
 -- KEYS[1]: the tag's sorted set (member = logical entry key, score = the
 --          entry's expiry in Unix milliseconds).
 -- ARGV[1]: now, Unix milliseconds; members that expired before are skipped.
+-- ARGV[2]: the most members to list (the ones expiring first).
 -- Returns: a flat array member1, score1, member2, score2, ... (scores as
 --          Redis prints them, handed back unchanged to tag_prune.lua).
-return redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'WITHSCORES')
+return redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[2])
