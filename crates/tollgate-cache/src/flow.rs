@@ -546,7 +546,16 @@ where
     };
     let body = match plan {
         Ok(plan) => {
-            status.push_str(&format!("; stored; ttl={}", plan.meta.fresh_ms / 1000));
+            // Claimed only for a body of known length within the cap: one
+            // of unknown length may still turn out too big. (A body cut
+            // short after this, its client gone or its origin failing, is
+            // still not stored.)
+            let known = body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= shared.max_body as u64);
+            let stored = if known { "; stored" } else { "" };
+            status.push_str(&format!("{stored}; ttl={}", plan.meta.fresh_ms / 1000));
             let recorder = Recorder {
                 shared: shared.clone(),
                 plan,

@@ -61,6 +61,7 @@ suite!(
     conditional_requests_get_304,
     uncacheable_responses_are_not_stored,
     large_bodies_stream_through_unstored,
+    bodies_of_unknown_length_are_not_announced_as_stored,
     stale_while_revalidate_and_stale_if_error,
     unkeyed_headers_cannot_poison,
     range_requests_bypass,
@@ -573,6 +574,51 @@ async fn large_bodies_stream_through_unstored(make: Make) {
     assert_eq!(body.len(), 300 * 1024);
     assert_eq!(xc(&r), "MISS");
     assert_eq!(o.calls.load(Ordering::SeqCst), 2);
+}
+
+/// A body of unknown length (streamed, no `Content-Length`) may turn out
+/// over the cap: its `Cache-Status` does not say `stored`. It is stored
+/// once complete within the cap, and not when over it.
+async fn bodies_of_unknown_length_are_not_announced_as_stored(make: Make) {
+    use http_body_util::StreamBody;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let origin = service_fn(move |req: Request<Full<Bytes>>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let chunks = if req.uri().path() == "/big-stream" {
+            300
+        } else {
+            2
+        };
+        let frames = (0..chunks)
+            .map(|_| Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'x'; 1024]))));
+        let body = StreamBody::new(futures::stream::iter(frames));
+        async move { Ok::<_, Infallible>(Response::new(body)) }
+    });
+    let svc = layer(make()).layer(origin);
+    let fetch = |path: &'static str| {
+        let svc = svc.clone();
+        async move {
+            let req = get(path).body(Full::new(Bytes::new())).unwrap();
+            let res = svc.oneshot(req).await.unwrap();
+            let (parts, body) = res.into_parts();
+            let len = body.collect().await.unwrap().to_bytes().len();
+            (Response::from_parts(parts, ()), len)
+        }
+    };
+    for (path, len, hit) in [
+        ("/stream", 2 * 1024, "HIT"),
+        ("/big-stream", 300 * 1024, "MISS"),
+    ] {
+        let (r, n) = fetch(path).await;
+        assert_eq!((xc(&r), n), ("MISS", len), "{path}");
+        assert!(cs(&r).contains("ttl="), "{path}: {}", cs(&r));
+        assert!(!cs(&r).contains("stored"), "{path}: {}", cs(&r));
+        settle().await;
+        let (r, n) = fetch(path).await;
+        assert_eq!((xc(&r), n), (hit, len), "{path}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
 async fn stale_while_revalidate_and_stale_if_error(make: Make) {
