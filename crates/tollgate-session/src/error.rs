@@ -21,9 +21,11 @@ pub enum Error {
     #[error("session store failed")]
     Store(#[source] tollgate_redis::Error),
     /// The store cannot be reached and the operation cannot be served
-    /// without it: the layer is configured to fail closed, or
+    /// without it: the layer is configured to fail closed,
     /// [`Session::destroy`](crate::Session::destroy) could not delete a
-    /// record that may live in Redis.
+    /// record that may live in Redis, or a change was made to a session
+    /// whose record may live in Redis but could not be read (see
+    /// [`Session::insert`](crate::Session::insert)).
     #[error("the session store is unavailable")]
     Unavailable,
     /// A value could not be encoded to, or decoded from, JSON.

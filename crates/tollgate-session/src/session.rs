@@ -84,6 +84,12 @@ enum Phase {
         /// use: its load failed, was answered by the fallback, or found the
         /// record corrupt. Destroying the session must still delete it.
         unresolved: bool,
+        /// The incoming id's record may live in Redis, which could not be
+        /// read (Redis unreachable). The session cannot be changed in this
+        /// request unless its id is rotated: saving it would create a new
+        /// session in the fallback and replace the cookie, and the user
+        /// would lose the Redis session once Redis answers.
+        unreadable: bool,
     },
     /// A live record, under the incoming id.
     Loaded {
@@ -154,22 +160,35 @@ impl Session {
     }
 
     /// Stores `value` under `key` (written after the response).
+    ///
+    /// # Errors
+    ///
+    /// Besides a value that cannot be encoded: while Redis is unreachable,
+    /// a request whose cookie names a session that may live in Redis sees
+    /// it empty (the user is anonymous meanwhile). Changing it
+    /// (`insert`, `remove`, `clear`, `bind_user`) fails with
+    /// [`Error::Unavailable`] (503 through `?`) and the response keeps the
+    /// cookie: saving the change would start a new session in the fallback
+    /// store under a new cookie, and the user would lose the Redis session
+    /// once Redis answers. Call [`rotate_id`](Self::rotate_id) first (a
+    /// login) to start a new session on purpose.
     pub async fn insert<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), Error> {
         let json = serde_json::to_string(value).map_err(|source| Error::Serde {
             key: key.to_owned(),
             source,
         })?;
         let mut st = self.inner.state.lock().await;
-        self.ensure_loaded(&mut st).await?;
+        self.ensure_writable(&mut st).await?;
         st.diff.remove.remove(key);
         st.diff.set.insert(key.to_owned(), json);
         Ok(())
     }
 
-    /// Removes `key`, returning whether it was present.
+    /// Removes `key`, returning whether it was present. Fails like
+    /// [`insert`](Self::insert) while the session cannot be read.
     pub async fn remove(&self, key: &str) -> Result<bool, Error> {
         let mut st = self.inner.state.lock().await;
-        self.ensure_loaded(&mut st).await?;
+        self.ensure_writable(&mut st).await?;
         let had_local = st.diff.set.remove(key).is_some();
         let had_stored = !st.diff.clear
             && matches!(&st.phase, Phase::Loaded { record, .. } if record.data.contains_key(key));
@@ -177,10 +196,11 @@ impl Session {
         Ok(had_local || had_stored)
     }
 
-    /// Removes every entry; the session itself (id, user) stays.
+    /// Removes every entry; the session itself (id, user) stays. Fails
+    /// like [`insert`](Self::insert) while the session cannot be read.
     pub async fn clear(&self) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
-        self.ensure_loaded(&mut st).await?;
+        self.ensure_writable(&mut st).await?;
         st.diff.clear = true;
         st.diff.set.clear();
         st.diff.remove.clear();
@@ -198,10 +218,12 @@ impl Session {
     }
 
     /// Binds the session to a user (for listing and revoking a user's
-    /// sessions). Usually paired with [`rotate_id`](Self::rotate_id).
+    /// sessions). Usually paired with [`rotate_id`](Self::rotate_id), and
+    /// fails like [`insert`](Self::insert) without it while the session
+    /// cannot be read.
     pub async fn bind_user(&self, user_id: impl Into<String>) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
-        self.ensure_loaded(&mut st).await?;
+        self.ensure_writable(&mut st).await?;
         st.diff.user = Some(Some(user_id.into()));
         Ok(())
     }
@@ -329,6 +351,18 @@ impl Session {
             .await
     }
 
+    /// Loads the session for a change; refuses the change when its record
+    /// may live in Redis but could not be read (see [`insert`](Self::insert)).
+    async fn ensure_writable(&self, st: &mut State) -> Result<(), Error> {
+        self.ensure_loaded(st).await?;
+        match st.phase {
+            Phase::Fresh {
+                unreadable: true, ..
+            } if !st.rotate => Err(Error::Unavailable),
+            _ => Ok(()),
+        }
+    }
+
     async fn ensure_loaded(&self, st: &mut State) -> Result<(), Error> {
         match st.phase {
             Phase::Unloaded => {}
@@ -342,12 +376,15 @@ impl Session {
                 id: SessionId::generate(),
                 backend,
                 unresolved: false,
+                unreadable: false,
             };
             return Ok(());
         };
         let hash = shared.hasher.session(id);
-        // Whether a miss may hide a record: the fallback cannot see Redis's.
-        let mut unresolved = backend == Backend::Fallback;
+        // Whether a miss may hide a record in Redis: the fallback cannot
+        // see Redis's.
+        let mut unreadable = backend == Backend::Fallback;
+        let mut unresolved = unreadable;
         // Boxed: inline, a store's load future (half a KiB for Redis) would
         // be part of the future of every `get`, `insert` and `remove`, and
         // so of every handler awaiting one.
@@ -366,6 +403,7 @@ impl Session {
                     return Err(Error::Unavailable);
                 }
                 metrics::counter!("tollgate_session_fallback_total", "op" => "load").increment(1);
+                unreadable = true;
                 unresolved = true;
                 (shared.memory.load(&hash).await?, Backend::Fallback)
             }
@@ -388,6 +426,7 @@ impl Session {
                 id: SessionId::generate(),
                 backend,
                 unresolved,
+                unreadable,
             },
         };
         Ok(())

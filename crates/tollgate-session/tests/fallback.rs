@@ -196,6 +196,42 @@ async fn an_outage_never_removes_the_cookie() {
     assert_eq!(alice.send("GET", "/whoami").await.body, "alice");
 }
 
+/// A change to a session Redis cannot read fails (503) and keeps the
+/// cookie, before the breaker opens (the load times out) and after: saved,
+/// it would have started a new session in the fallback under a new cookie,
+/// and the user would have lost the Redis session once Redis answered. A
+/// login (which rotates the id) still starts a new session. Once Redis
+/// answers, the session is there, unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_to_a_session_redis_cannot_read_fails_and_keeps_the_cookie() {
+    let mut server = RedisServer::start();
+    let h = fragile(&server.url()).await;
+    let sessions = redis_sessions(h.clone());
+    let mut alice = Client::new(app(sessions.clone()));
+    alice.send("POST", "/login/alice").await;
+    assert_eq!(alice.send("POST", "/set/x/1").await.status, 200);
+    let cookie = alice.cookie.clone().unwrap();
+
+    server.pause();
+    let timed_out = send_with(&alice.app, "POST", "/set/x/2", Some(&cookie)).await;
+    freeze_until_open(&mut server, &h, &alice.app, &cookie).await;
+    let refused = send_with(&alice.app, "POST", "/set/x/3", Some(&cookie)).await;
+    for res in [&timed_out, &refused] {
+        assert_eq!(res.status, 503, "{res:?}");
+        assert!(res.set_cookie.is_empty(), "the cookie stays: {res:?}");
+    }
+    assert_eq!(sessions.memory_store().len(), 0, "no session was started");
+    let login = send_with(&alice.app, "POST", "/login/alice", Some(&cookie)).await;
+    assert_eq!(login.status, 200, "{login:?}");
+    assert_eq!(login.set_cookie.len(), 1, "a login starts a new session");
+    assert_eq!(sessions.memory_store().len(), 1);
+
+    server.resume();
+    wait_until("breaker closed", || h.is_available()).await;
+    assert_eq!(alice.send("GET", "/whoami").await.body, "alice");
+    assert_eq!(alice.send("GET", "/get/x").await.body, "\"1\"");
+}
+
 /// Logging out while the breaker is open cannot delete the Redis record:
 /// it fails (503), and the cookie stays, whether the handler read the
 /// session first or not. Once Redis answers, logging out works and the
