@@ -51,6 +51,14 @@ impl TenantSource {
     /// [`key`](Self::key) with the rate limiter's hashing
     /// `HeaderKey`. The name is case-insensitive; one that is not a valid
     /// header name matches nothing.
+    ///
+    /// The value is whatever the client sent: every made-up key becomes a
+    /// tenant, with a hash in Redis for the period and its retention (the
+    /// process's buffer stays bounded by
+    /// [`max_buffered`](crate::UsageConfig::max_buffered)). Where keys are
+    /// not checked before this layer, take the tenant from what the auth
+    /// layer verified ([`extension`](Self::extension)), or check the key in
+    /// [`from_fn`](Self::from_fn).
     pub fn header(name: &str) -> Self {
         TenantSource {
             kind: SourceKind::Header(http::HeaderName::from_bytes(name.as_bytes()).ok()),
