@@ -159,7 +159,11 @@ impl UsageConfig {
 /// Counters of the tracker itself (also exported through `metrics`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct UsageStats {
-    /// Units recorded into the buffer.
+    /// Units recorded into the buffer. Units are counted without their
+    /// sign here, in `flushed` and in `dropped` (a refund of 5 is 5
+    /// units); increments to one counter within a flush interval net out
+    /// before they are written, so with mixed signs `flushed` can be less
+    /// than `buffered`.
     pub buffered: u64,
     /// Units written to the store.
     pub flushed: u64,
@@ -175,7 +179,7 @@ pub struct UsageStats {
     /// here too, a refused request's included: its units may stay in the
     /// tenant's total.
     pub dropped: u64,
-    /// Units waiting to be written.
+    /// Units waiting to be written (their net total).
     pub pending: u64,
 }
 
@@ -1315,17 +1319,17 @@ impl UsageTracker {
     /// A batch unconfirmed for too long: its markers may be gone, so a
     /// retry could count it twice. Counted as dropped instead.
     fn give_up_batch(&self, batch: &Batch) {
-        let units = batch.units();
+        let units = batch.magnitude();
         tracing::error!(
             batch = %batch.id,
             units,
             "usage batch unconfirmed for too long: counted as dropped"
         );
         self.remove_pending(&batch.id);
-        self.inner.pending_units.fetch_sub(units, Ordering::Relaxed);
         self.inner
-            .dropped
-            .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
+            .pending_units
+            .fetch_sub(batch.units(), Ordering::Relaxed);
+        self.inner.dropped.fetch_add(units, Ordering::Relaxed);
     }
 
     /// A quota operation taken off its queue unsettled: too old to retry
@@ -1371,7 +1375,7 @@ impl UsageTracker {
             drop(p);
             self.inner
                 .dropped
-                .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
+                .fetch_add(batch.magnitude(), Ordering::Relaxed);
             if sealed {
                 tracing::warn!(
                     batch = %batch.id,
@@ -1421,11 +1425,12 @@ impl UsageTracker {
 
     async fn apply(&self, batch: &Batch) -> Result<(), UsageError> {
         let totals = self.inner.store.apply(batch).await?;
-        let units = batch.units();
-        self.inner.pending_units.fetch_sub(units, Ordering::Relaxed);
+        self.inner
+            .pending_units
+            .fetch_sub(batch.units(), Ordering::Relaxed);
         self.inner
             .flushed
-            .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
+            .fetch_add(batch.magnitude(), Ordering::Relaxed);
         self.learn(&totals);
         Ok(())
     }
@@ -1510,17 +1515,17 @@ impl UsageTracker {
     /// from now on is counted as dropped at once, not queued.
     async fn seal(&self) {
         let _guard = self.inner.flush_lock.lock().await;
-        let mut units = self.take().map_or(0, |b| b.units());
+        let mut units = self.take().map_or(0, |b| b.magnitude());
         // Before the queues are emptied: a write that finds a queue after
         // that finds it sealed (the queue's lock orders the two).
         self.inner.sealed.store(true, Ordering::Release);
         units += locked(&self.inner.pending)
             .drain(..)
-            .map(|b| b.write.units())
-            .sum::<i64>();
+            .map(|b| b.write.magnitude())
+            .sum::<u64>();
         let mut withdrawals = 0;
         for r in locked(&self.inner.replays).drain(..) {
-            units += r.write.op().n;
+            units += r.write.op().n.unsigned_abs();
             if matches!(r.write, Settle::Withdraw(_)) {
                 withdrawals += 1;
             }
@@ -1528,9 +1533,7 @@ impl UsageTracker {
         self.each_shard(|b| b.added_pending = 0);
         self.inner.pending_units.store(0, Ordering::Relaxed);
         if units != 0 || withdrawals != 0 {
-            self.inner
-                .dropped
-                .fetch_add(units.unsigned_abs(), Ordering::Relaxed);
+            self.inner.dropped.fetch_add(units, Ordering::Relaxed);
             tracing::error!(
                 units,
                 withdrawals,

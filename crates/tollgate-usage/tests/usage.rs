@@ -57,6 +57,7 @@ type Make = Box<dyn Fn() -> UsageTracker + Send + Sync>;
 
 store_suite!(
     records_flushes_and_reports,
+    units_of_either_sign_are_counted,
     increments_from_many_threads_flush_as_one,
     a_retried_batch_counts_once,
     a_replayed_quota_operation_counts_once,
@@ -86,6 +87,20 @@ async fn records_flushes_and_reports(make: Make) {
     assert_eq!(t.stats().pending, 0);
     // Recording again for a counter already seen returns the estimate.
     assert_eq!(t.record("acme", "api_request", 1), 4);
+}
+
+/// A refund (a negative increment) counts as units flushed like any
+/// other: +5 on one metric and −5 on another are 10 units written, not 0.
+async fn units_of_either_sign_are_counted(make: Make) {
+    let t = make();
+    t.record("acme", "donation_cents", 2_500);
+    t.record("acme", "refund_cents", -500);
+    t.record("globex", "donation_cents", -500);
+    t.flush().await.expect("flush");
+    let acme = t.usage("acme", None).await.expect("usage");
+    assert_eq!(acme.get("refund_cents"), Some(&-500));
+    let s = t.stats();
+    assert_eq!((s.buffered, s.flushed, s.pending), (3_500, 3_500, 0));
 }
 
 /// Each thread records into its own share of the buffer; a flush writes

@@ -42,13 +42,22 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Total units in the batch's hashes (for the flushed and dropped
-    /// counters).
+    /// The net total of the batch's increments to its hashes (for the
+    /// pending count).
     pub fn units(&self) -> i64 {
+        self.increments().sum()
+    }
+
+    /// The batch's units without their signs (for the flushed and dropped
+    /// counts): +5 on one metric and −5 on another are 10 units, not 0.
+    pub fn magnitude(&self) -> u64 {
+        self.increments().map(i64::unsigned_abs).sum()
+    }
+
+    fn increments(&self) -> impl Iterator<Item = i64> + '_ {
         self.tenants
             .iter()
             .flat_map(|t| t.metrics.iter().map(|(_, n)| *n))
-            .sum()
     }
 }
 
