@@ -69,6 +69,17 @@ fn hget(server: &RedisServer, key: &str, field: &str) -> Option<i64> {
         .as_int()
 }
 
+/// acme's usage hash for the current period.
+fn acme_key(h: &RedisHandle, t: &UsageTracker) -> String {
+    RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label)
+}
+
+/// Waits until the `api_request` total of `key` is `n` in Redis (a write
+/// whose answer was lost still runs there).
+async fn wait_for_requests(what: &str, server: &RedisServer, key: &str, n: i64) {
+    wait_until(what, || hget(server, key, "api_request") == Some(n)).await;
+}
+
 async fn api_requests(t: &UsageTracker, tenant: &str) -> Option<i64> {
     t.usage(tenant, None)
         .await
@@ -101,7 +112,7 @@ async fn a_flush_retried_while_the_breaker_is_open_counts_once() {
     proxy.set_delay(Duration::ZERO);
     wait_until("the breaker closes", || h.is_available()).await;
     flush_until_ok(&t).await;
-    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
+    let key = acme_key(&h, &t);
     assert_eq!(hget(&server, &key, "api_request"), Some(15));
     let stats = t.stats();
     assert_eq!((stats.flushed, stats.pending, stats.dropped), (15, 0, 0));
@@ -289,11 +300,8 @@ async fn requests_refused_after_a_lost_answer_are_withdrawn() {
         let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
-    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
-    wait_until("the lost checks run in Redis", || {
-        hget(&server, &key, "api_request") == Some(6)
-    })
-    .await;
+    let key = acme_key(&h, &t);
+    wait_for_requests("the lost checks run in Redis", &server, &key, 6).await;
     proxy.set_delay(Duration::ZERO);
     flush_until_ok(&t).await;
     assert_eq!(hget(&server, &key, "api_request"), Some(1));
@@ -702,17 +710,14 @@ async fn a_write_on_its_way_at_shutdown_is_accounted_by_shutdown() {
     t.record_now("acme", "api_request", 1)
         .await
         .expect("warm up (loads scripts)");
-    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
+    let key = acme_key(&h, &t);
     // Answers now take 3 s: longer than the deadline.
     proxy.set_delay(Duration::from_secs(3));
     let write = tokio::spawn({
         let t = t.clone();
         async move { t.record_now("acme", "api_request", 5).await }
     });
-    wait_until("the write is applied", || {
-        hget(&server, &key, "api_request") == Some(6)
-    })
-    .await;
+    wait_for_requests("the write is applied", &server, &key, 6).await;
     // Its answer is still on its way, held for 3 s: the proxy takes the
     // delay when it reads the answer, so it is given time to read it
     // before the delay goes (within the write's 1 s deadline).
@@ -753,16 +758,10 @@ async fn lost_checks_are_settled_in_one_round_trip() {
         let res = svc.clone().oneshot(req("acme")).await.expect("infallible");
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
-    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
-    wait_until("the lost checks run in Redis", || {
-        hget(&server, &key, "api_request") == Some(6)
-    })
-    .await;
+    let key = acme_key(&h, &t);
+    wait_for_requests("the lost checks run in Redis", &server, &key, 6).await;
     assert!(t.flush().await.is_err(), "the answer is lost");
-    wait_until("all five withdrawals run in Redis", || {
-        hget(&server, &key, "api_request") == Some(1)
-    })
-    .await;
+    wait_for_requests("all five withdrawals run in Redis", &server, &key, 1).await;
     proxy.set_delay(Duration::ZERO);
     flush_until_ok(&t).await;
     assert_eq!(hget(&server, &key, "api_request"), Some(1));
@@ -797,11 +796,8 @@ async fn lost_checks_beyond_the_bound_are_counted_as_dropped() {
     // Three replays and one withdrawal are kept; two withdrawals are not.
     let s = t.stats();
     assert_eq!((s.pending, s.dropped), (3, 2));
-    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
-    wait_until("the lost checks run in Redis", || {
-        hget(&server, &key, "api_request") == Some(7)
-    })
-    .await;
+    let key = acme_key(&h, &t);
+    wait_for_requests("the lost checks run in Redis", &server, &key, 7).await;
     proxy.set_delay(Duration::ZERO);
     flush_until_ok(&t).await;
     // The kept withdrawal undid its check; the two dropped did not.
@@ -828,11 +824,8 @@ async fn lost_synchronous_writes_beyond_the_bound_are_counted_as_dropped() {
     // Two writes are kept for a retry, two are not.
     let s = t.stats();
     assert_eq!((s.pending, s.dropped), (20, 20));
-    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
-    wait_until("the lost writes run in Redis", || {
-        hget(&server, &key, "api_request") == Some(41)
-    })
-    .await;
+    let key = acme_key(&h, &t);
+    wait_for_requests("the lost writes run in Redis", &server, &key, 41).await;
     proxy.set_delay(Duration::ZERO);
     flush_until_ok(&t).await;
     // The retries were applied already: nothing counts twice.
@@ -865,11 +858,8 @@ async fn writes_whose_caller_stops_waiting_are_settled() {
     let check = tokio::time::timeout(cut, t.try_consume("acme", "checks", 1, 100)).await;
     assert!(check.is_err(), "the caller stopped waiting");
     assert_eq!(t.stats().pending, 10, "the write awaits its retry");
-    let key = RedisStore::new(h.clone()).usage_key("acme", &t.current_period().label);
-    wait_until("the write runs in Redis", || {
-        hget(&server, &key, "api_request") == Some(11)
-    })
-    .await;
+    let key = acme_key(&h, &t);
+    wait_for_requests("the write runs in Redis", &server, &key, 11).await;
     proxy.set_delay(Duration::ZERO);
     flush_until_ok(&t).await;
     assert_eq!(hget(&server, &key, "api_request"), Some(11), "counted once");
