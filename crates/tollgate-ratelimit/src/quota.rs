@@ -351,14 +351,21 @@ pub(crate) fn window(
     now: u64,
     cost: u32,
 ) -> (Verdict, Option<WindowState>) {
-    let cur = now / period;
-    let elapsed = now - cur * period;
-    let left = period - elapsed;
+    let mut cur = now / period;
+    let mut elapsed = now - cur * period;
     let (count, prev) = match state {
         Some(s) if s.window == cur => (s.count, s.prev),
         Some(s) if s.window + 1 == cur => (0, s.count),
+        // The clock went back behind the stored window (Redis failed over
+        // to a node whose clock is behind): go on counting in that window,
+        // as at its start, rather than start the count again.
+        Some(s) if s.window > cur => {
+            (cur, elapsed) = (s.window, 0);
+            (s.count, s.prev)
+        }
         _ => (0, 0),
     };
+    let left = period - elapsed;
     let prev = if sliding { prev } else { 0 };
     let weighted = if sliding {
         ((prev as f64) * (left as f64) / (period as f64)).floor() as u64
@@ -503,6 +510,27 @@ mod tests {
         // The retry hint is honest: at now + retry the request conforms.
         let (v2, _) = window(true, 10, 1_000_000, s, 1_000_000 + v.retry_us, 1);
         assert_eq!(v2.status, Status::Allowed);
+    }
+
+    /// A clock that goes back behind the stored window (Redis failed over
+    /// to a node whose clock is behind) keeps counting in that window
+    /// instead of starting the count again.
+    #[test]
+    fn a_clock_gone_back_keeps_the_window_count() {
+        for sliding in [false, true] {
+            let mut s = None;
+            for _ in 0..3 {
+                s = window(sliding, 4, 1_000_000, s, 10_000_500, 1).1;
+            }
+            let (v, next) = window(sliding, 4, 1_000_000, s, 9_999_500, 1);
+            assert_eq!((v.status, v.remaining), (Status::Allowed, 0), "{sliding}");
+            assert_eq!(next.map(|n| (n.window, n.count)), Some((10, 4)));
+            let (v, _) = window(sliding, 4, 1_000_000, next, 9_999_600, 1);
+            assert_eq!(v.status, Status::Denied, "{sliding}");
+            // Timed from the stored window's start: the full window.
+            assert_eq!(v.reset_us, 1_000_000);
+            assert!(v.retry_us >= 1_000_000, "{sliding}: {}", v.retry_us);
+        }
     }
 
     type Gov =

@@ -23,6 +23,7 @@ redis_tests!(
     plans_and_shadow,
     shadow_policy_stays_out_of_the_headers,
     windows_in_redis,
+    a_clock_gone_back_keeps_counting_the_window,
     plans_with_other_windows_count_apart,
     lease_mode_stays_within_bound,
     lease_takes_one_chunk_at_a_time,
@@ -339,6 +340,46 @@ async fn windows_in_redis(url: String) {
     let retry: u64 = header(&c, "retry-after").unwrap().parse().unwrap();
     assert!((1..=3600).contains(&retry));
     let _ = Duration::ZERO;
+}
+
+/// Redis's clock going back behind a window (a failover to a node whose
+/// clock is behind) does not start the count again: two instances whose
+/// script clocks stand on either side of a window's start share its count.
+async fn a_clock_gone_back_keeps_counting_the_window(url: String) {
+    for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let t = || {
+            table(
+                vec![
+                    Policy::new("w", Quota::new(3, Duration::from_secs(1)))
+                        .with_algorithm(algorithm),
+                ],
+                &["w"],
+            )
+        };
+        let ahead = RateLimiter::builder(t())
+            .redis(connect(&url).await)
+            .deny_cache(0)
+            .synthetic_clock(10_000_500)
+            .build();
+        let behind = RateLimiter::builder(t())
+            .redis(connect(&url).await)
+            .deny_cache(0)
+            .synthetic_clock(9_999_500)
+            .build();
+        let ip = if algorithm == Algorithm::FixedWindow {
+            "192.0.2.50:1"
+        } else {
+            "192.0.2.51:1"
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                send(&service(ahead.clone()), req("/", ip)).await.status(),
+                200
+            );
+        }
+        let res = send(&service(behind), req("/", ip)).await;
+        assert_eq!(res.status(), 429, "{algorithm:?}: the count goes on");
+    }
 }
 
 /// A plan whose window is not the policy's own counts in a key of its

@@ -88,7 +88,6 @@ end
 local function win(v, sliding, limit, period, cost)
   local elapsed = fmod(now, period)
   local cur = (now - elapsed) / period
-  local left = period - elapsed
   local c, p = 0, 0
   if v then
     local sw, sc, sp = string.match(v, '^(%d+) (%d+) (%d+)$')
@@ -98,9 +97,16 @@ local function win(v, sliding, limit, period, cost)
         c, p = sc, sp
       elseif sw + 1 == cur then
         c, p = 0, sc
+      elseif sw > cur then
+        -- The clock went back behind the stored window (a failover to a
+        -- node whose clock is behind): go on counting in that window, as
+        -- at its start, rather than start the count again.
+        cur, elapsed = sw, 0
+        c, p = sc, sp
       end
     end
   end
+  local left = period - elapsed
   local weighted = 0
   if sliding then
     weighted = floor(p * left / period)
