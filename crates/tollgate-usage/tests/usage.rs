@@ -63,6 +63,7 @@ store_suite!(
     a_replayed_quota_operation_counts_once,
     hard_quota_is_exact_across_instances,
     exact_counts_across_instances,
+    exact_counts_for_many_tenants_flushed_in_parts,
 );
 
 async fn records_flushes_and_reports(make: Make) {
@@ -310,6 +311,50 @@ async fn exact_counts_across_instances(make: Make) {
         .await
         .expect("usage");
     assert_eq!(usage.get("api_request"), Some(&192_000));
+}
+
+/// Three instances recording for 1,500 tenants from many tasks while their
+/// flushers run: every flush of that many counters goes out in several
+/// parts, and every tenant's total comes out exact.
+async fn exact_counts_for_many_tenants_flushed_in_parts(make: Make) {
+    let trackers: Vec<UsageTracker> = (0..3).map(|_| make()).collect();
+    let tenants: Arc<Vec<String>> = Arc::new((0..1_500).map(|i| format!("tenant-{i}")).collect());
+    let mut tasks = Vec::new();
+    for t in &trackers {
+        for _ in 0..8 {
+            let (t, tenants) = (t.clone(), tenants.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..5 {
+                    for tenant in tenants.iter() {
+                        t.record(tenant, "api_request", 1);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    for t in &trackers {
+        let s = t.shutdown().await;
+        assert_eq!((s.pending, s.dropped), (0, 0));
+        assert_eq!((s.buffered, s.flushed), (60_000, 60_000));
+    }
+    let top = trackers[0]
+        .top("api_request", None, 2_000)
+        .await
+        .expect("top");
+    assert_eq!(top.len(), 1_500);
+    assert!(
+        top.iter().all(|(_, n)| *n == 120),
+        "{:?}",
+        top.iter().find(|(_, n)| *n != 120)
+    );
+    for tenant in ["tenant-0", "tenant-749", "tenant-1499"] {
+        let usage = trackers[0].usage(tenant, None).await.expect("usage");
+        assert_eq!(usage.get("api_request"), Some(&120), "{tenant}");
+    }
 }
 
 /// The hash expires at period end + retention, set once and never pushed
