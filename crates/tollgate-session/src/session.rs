@@ -209,7 +209,11 @@ impl Session {
 
     /// Gives the session a new id at the end of the request, keeping its
     /// entries; the old id stops working. Call it on login (and on any
-    /// privilege change) to defeat session fixation.
+    /// privilege change) to defeat session fixation. While Redis cannot
+    /// read the request's session, calling it first is what lets a login
+    /// start a new session in the fallback store (see
+    /// [`insert`](Self::insert)); the old record, if any, stays in Redis
+    /// until it expires.
     pub async fn rotate_id(&self) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
         self.ensure_loaded(&mut st).await?;
