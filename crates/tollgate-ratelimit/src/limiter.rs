@@ -648,6 +648,7 @@ impl RateLimiter {
     pub(crate) async fn decide_remote(&self, p: &Pending) -> Report {
         let started = p.started;
         let inner = &self.inner;
+        let seen = inner.deny_cache.generation();
         let (report, store) = match &inner.redis {
             None => (self.decide_memory(p, Source::Memory), Store::Memory),
             Some(r) => match self.decide_redis(r, p).await {
@@ -661,7 +662,7 @@ impl RateLimiter {
         if store == Store::Redis && report.verdict == RequestVerdict::Deny {
             inner
                 .deny_cache
-                .insert(&p.identity, &p.checks, &report, started);
+                .insert(&p.identity, &p.checks, &report, started, seen);
         }
         self.record(p, &report, started, store);
         report
@@ -1222,6 +1223,10 @@ struct DenyCache {
     /// denied) skip the lock.
     used: std::sync::atomic::AtomicBool,
     map: Mutex<RequestMap<String, CachedDenial>>,
+    /// Moves (under the map's lock) whenever denials are forgotten (a
+    /// reset, here or heard from another instance): a denial Redis decided
+    /// before that is not cached when its answer comes after it.
+    forgotten: std::sync::atomic::AtomicU64,
 }
 
 struct CachedDenial {
@@ -1239,7 +1244,14 @@ impl DenyCache {
             capacity,
             used: std::sync::atomic::AtomicBool::new(false),
             map: Mutex::new(RequestMap::default()),
+            forgotten: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many times denials were forgotten so far: taken before a
+    /// decision is sent, and handed back to [`insert`](Self::insert).
+    fn generation(&self) -> u64 {
+        self.forgotten.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn entry_key(identity: &str, checks: &[PolicyCheck]) -> String {
@@ -1315,7 +1327,17 @@ impl DenyCache {
 
     /// `started` is when the request began, which is no later than the
     /// moment Redis decided: the entry never outlives Redis's own answer.
-    fn insert(&self, identity: &str, checks: &[PolicyCheck], report: &Report, started: Instant) {
+    /// `seen` is the [`generation`](Self::generation) taken before the
+    /// decision was sent: if denials were forgotten since (a reset that
+    /// may have come after Redis decided), the denial is not cached.
+    fn insert(
+        &self,
+        identity: &str,
+        checks: &[PolicyCheck],
+        report: &Report,
+        started: Instant,
+        seen: u64,
+    ) {
         if self.capacity == 0 {
             return;
         }
@@ -1331,6 +1353,9 @@ impl DenyCache {
         };
         let until = started + Duration::from_micros(retry);
         let Ok(mut map) = self.map.lock() else { return };
+        if self.forgotten.load(std::sync::atomic::Ordering::Relaxed) != seen {
+            return;
+        }
         if map.len() >= self.capacity {
             let now = Instant::now();
             map.retain(|_, e| e.until > now);
@@ -1354,16 +1379,24 @@ impl DenyCache {
     /// Forgets `identity`'s denials by lists of policies that include the
     /// one at `index` (every list when `None`).
     fn forget(&self, identity: &str, index: Option<usize>) {
-        if let Ok(mut map) = self.map.lock() {
-            map.retain(|k, _| !entry_of(k, identity, index));
-        }
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.forgotten
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        map.retain(|k, _| !entry_of(k, identity, index));
     }
 
     /// Forgets every denial.
     fn clear(&self) {
-        if let Ok(mut map) = self.map.lock() {
-            map.clear();
-        }
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.forgotten
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        map.clear();
     }
 }
 
@@ -1435,13 +1468,27 @@ mod deny_cache_tests {
     fn a_cached_denial_counts_down() {
         let cache = DenyCache::new(8);
         let at = Instant::now();
-        cache.insert("ip:1", &checks(1), &denial(), at);
+        cache.insert("ip:1", &checks(1), &denial(), at, cache.generation());
         let hit = cache
             .get("ip:1", &checks(1), at + Duration::from_secs(20))
             .expect("cached");
         let d = &hit.decisions[0];
         assert_eq!((d.reset, d.retry_after), (30, Some(30)));
         assert_eq!(d.source, Source::DenyCache);
+    }
+
+    /// A denial decided before a reset whose answer comes after it is not
+    /// cached: the reset may have deleted the state Redis denied on.
+    #[test]
+    fn a_denial_decided_before_a_forget_is_not_cached() {
+        let cache = DenyCache::new(8);
+        let at = Instant::now();
+        let seen = cache.generation();
+        cache.forget("ip:9", None);
+        cache.insert("ip:1", &checks(1), &denial(), at, seen);
+        assert!(cache.get("ip:1", &checks(1), at).is_none());
+        cache.insert("ip:1", &checks(1), &denial(), at, cache.generation());
+        assert!(cache.get("ip:1", &checks(1), at).is_some());
     }
 
     /// Only a request of the same cost is answered from the cache: a
@@ -1451,7 +1498,7 @@ mod deny_cache_tests {
     fn only_the_same_cost_is_answered() {
         let cache = DenyCache::new(8);
         let at = Instant::now();
-        cache.insert("ip:1", &checks(2), &denial(), at);
+        cache.insert("ip:1", &checks(2), &denial(), at, cache.generation());
         let later = at + Duration::from_secs(1);
         assert!(cache.get("ip:1", &checks(2), later).is_some());
         assert!(cache.get("ip:1", &checks(1), later).is_none());
@@ -1501,9 +1548,9 @@ mod reset_tests {
         let cache = DenyCache::new(8);
         let at = Instant::now();
         for list in [&[0][..], &[1], &[0, 1]] {
-            cache.insert("ip:1", &checks(list), &denial(), at);
+            cache.insert("ip:1", &checks(list), &denial(), at, cache.generation());
         }
-        cache.insert("ip:2", &checks(&[0]), &denial(), at);
+        cache.insert("ip:2", &checks(&[0]), &denial(), at, cache.generation());
         cache.forget("ip:1", Some(0));
         let later = at + Duration::from_secs(1);
         assert!(cache.get("ip:1", &checks(&[0]), later).is_none());

@@ -667,3 +667,44 @@ async fn dropping_the_limiter_closes_its_subscription() {
     )
     .await;
 }
+
+/// A denial Redis decided before a reset, whose answer comes back after
+/// the reset began, is not cached: the identity's next request is asked
+/// of Redis again, not refused from a denial the reset made stale. (The
+/// answers come through a proxy that holds them back; the broadcast of the
+/// reset, held back too, arrives after the next request was decided.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_answered_after_a_reset_is_not_cached() {
+    let server = tollgate_testkit::RedisServer::start();
+    let proxy = tollgate_testkit::LatencyProxy::start(server.port(), Duration::ZERO).await;
+    let t = table(vec![Policy::new("api", Quota::per_hour(1))], &["api"]);
+    let limiter = RateLimiter::builder(t)
+        .redis(connect(&proxy.url()).await)
+        .build();
+    eventually(Duration::from_secs(3), "the limiter hears resets", || {
+        let listening = limiter.is_listening();
+        async move { listening }
+    })
+    .await;
+    let svc = service(limiter.clone());
+    let peer = "192.0.2.60:1";
+    assert_eq!(send(&svc, req("/", peer)).await.status(), 200);
+    proxy.set_delay(Duration::from_millis(400));
+    let denied = tokio::spawn(send(&svc, req("/", peer)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reset = {
+        let limiter = limiter.clone();
+        tokio::spawn(async move { limiter.reset("api", "ip:192.0.2.60").await })
+    };
+    // The reset's DEL ran (it forgets the local denials before it is sent).
+    eventually(Duration::from_secs(3), "the key is deleted", || {
+        let empty = server.command(&["DBSIZE"]).ok().and_then(|r| r.as_int()) == Some(0);
+        async move { empty }
+    })
+    .await;
+    let res = denied.await.unwrap();
+    assert_eq!(res.status(), 429, "decided before the reset");
+    let res = send(&svc, req("/", peer)).await;
+    assert_eq!(res.status(), 200, "asked of Redis again");
+    reset.await.unwrap().unwrap();
+}
