@@ -1379,24 +1379,26 @@ impl DenyCache {
     /// Forgets `identity`'s denials by lists of policies that include the
     /// one at `index` (every list when `None`).
     fn forget(&self, identity: &str, index: Option<usize>) {
-        let mut map = self
-            .map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.forgotten
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
-        map.retain(|k, _| !entry_of(k, identity, index));
+        self.forgetting()
+            .retain(|k, _| !entry_of(k, identity, index));
     }
 
     /// Forgets every denial.
     fn clear(&self) {
-        let mut map = self
+        self.forgetting().clear();
+    }
+
+    /// The map, locked for forgetting denials: the generation moves under
+    /// the lock, so an insert either lands before (and is forgotten) or
+    /// sees the new generation.
+    fn forgetting(&self) -> std::sync::MutexGuard<'_, RequestMap<String, CachedDenial>> {
+        let map = self
             .map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.forgotten
             .fetch_add(1, std::sync::atomic::Ordering::Release);
-        map.clear();
+        map
     }
 }
 
