@@ -440,6 +440,13 @@ mod tests {
         }
     }
 
+    /// How many of ten requests of `id` under `c` are allowed.
+    fn allowed(store: &MemoryStore, c: &[PolicyCheck], id: &str) -> usize {
+        (0..10)
+            .filter(|_| store.decide(id, c)[0].status == Status::Allowed)
+            .count()
+    }
+
     #[tokio::test]
     async fn governor_fallback_limits_and_is_all_or_nothing_for_windows() {
         let store = MemoryStore::new(2, 1, Duration::from_secs(60));
@@ -466,23 +473,18 @@ mod tests {
         let store = MemoryStore::new(1, 1, Duration::from_secs(60));
         let free = [check(0, Quota::per_hour(2), Algorithm::Gcra)];
         let pro = [check(0, Quota::per_hour(5), Algorithm::Gcra)];
-        let allowed = |c: &[PolicyCheck], id: &str| {
-            (0..10)
-                .filter(|_| store.decide(id, c)[0].status == Status::Allowed)
-                .count()
-        };
         // The policy's first quota lives in its slot, a plan's other quota
         // in the map: each keeps its own state.
-        assert_eq!(allowed(&free, "a"), 2);
-        assert_eq!(allowed(&pro, "a"), 5);
+        assert_eq!(allowed(&store, &free, "a"), 2);
+        assert_eq!(allowed(&store, &pro, "a"), 5);
         assert_eq!(store.gcra_keys(), 2);
         // A reset starts both quotas over for the identity.
         store.reset(0, "a");
-        assert_eq!(allowed(&free, "a"), 2);
-        assert_eq!(allowed(&pro, "a"), 5);
+        assert_eq!(allowed(&store, &free, "a"), 2);
+        assert_eq!(allowed(&store, &pro, "a"), 5);
         // And a second one again.
         store.reset(0, "a");
-        assert_eq!(allowed(&free, "a"), 2);
+        assert_eq!(allowed(&store, &free, "a"), 2);
         store.housekeep();
     }
 
@@ -495,23 +497,22 @@ mod tests {
         let free = [check(0, Quota::per_hour(2), Algorithm::Gcra)];
         let pro = [check(0, Quota::per_hour(5), Algorithm::Gcra)];
         let other_policy = [check(1, Quota::per_hour(1), Algorithm::Gcra)];
-        let allowed = |c: &[PolicyCheck], id: &str| {
-            (0..10)
-                .filter(|_| store.decide(id, c)[0].status == Status::Allowed)
-                .count()
-        };
         for id in ["a", "b"] {
-            assert_eq!(allowed(&free, id), 2);
-            assert_eq!(allowed(&pro, id), 5);
-            assert_eq!(allowed(&other_policy, id), 1);
+            assert_eq!(allowed(&store, &free, id), 2);
+            assert_eq!(allowed(&store, &pro, id), 5);
+            assert_eq!(allowed(&store, &other_policy, id), 1);
         }
         store.reset(0, "a");
-        assert_eq!(allowed(&free, "a"), 2);
-        assert_eq!(allowed(&pro, "a"), 5);
-        assert_eq!(allowed(&free, "b"), 0, "b keeps its free-plan state");
-        assert_eq!(allowed(&pro, "b"), 0, "b keeps its pro-plan state");
+        assert_eq!(allowed(&store, &free, "a"), 2);
+        assert_eq!(allowed(&store, &pro, "a"), 5);
         assert_eq!(
-            allowed(&other_policy, "a"),
+            allowed(&store, &free, "b"),
+            0,
+            "b keeps its free-plan state"
+        );
+        assert_eq!(allowed(&store, &pro, "b"), 0, "b keeps its pro-plan state");
+        assert_eq!(
+            allowed(&store, &other_policy, "a"),
             0,
             "another policy is untouched"
         );
