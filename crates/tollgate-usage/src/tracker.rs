@@ -272,6 +272,17 @@ impl Drop for Unanswered<'_> {
     }
 }
 
+/// What [`UsageTracker::keep_unsettled`] counts and logs of a write.
+struct Unsettled<'a> {
+    /// "usage write", "quota operation".
+    what: &'static str,
+    id: &'a str,
+    /// Its units while queued (net).
+    pending: i64,
+    /// Its units if not kept (without sign).
+    dropped: u64,
+}
+
 /// A retry queue's lock, also after a panic elsewhere poisoned it (the
 /// queue itself is always consistent: every change is one call).
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1368,30 +1379,19 @@ impl UsageTracker {
     /// queue's lock, so that shutdown either finds it queued or it finds
     /// the queue sealed.
     fn push_pending(&self, batch: Arc<Batch>) {
-        let units = batch.units();
-        let mut p = locked(&self.inner.pending);
-        let sealed = self.inner.sealed.load(Ordering::Acquire);
-        if sealed || p.len() >= self.inner.config.max_unsettled {
-            drop(p);
-            self.inner
-                .dropped
-                .fetch_add(batch.magnitude(), Ordering::Relaxed);
-            if sealed {
-                tracing::warn!(
-                    batch = %batch.id,
-                    units,
-                    "usage write unconfirmed after shutdown: counted as dropped"
-                );
-            } else if !self.inner.pending_full.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    max = self.inner.config.max_unsettled,
-                    "too many usage writes with lost answers await a retry: more are counted as dropped"
-                );
-            }
-            return;
-        }
-        self.inner.pending_units.fetch_add(units, Ordering::Relaxed);
-        p.push_back(Unconfirmed::new(batch));
+        let (units, dropped) = (batch.units(), batch.magnitude());
+        let id = batch.id.clone();
+        self.keep_unsettled(
+            &self.inner.pending,
+            &self.inner.pending_full,
+            batch,
+            Unsettled {
+                what: "usage write",
+                id: &id,
+                pending: units,
+                dropped,
+            },
+        );
     }
 
     /// Queues a quota operation whose answer was lost (see
@@ -1399,28 +1399,60 @@ impl UsageTracker {
     /// [`UsageConfig::max_unsettled`] are queued already: then its units
     /// are counted as dropped.
     fn push_replay(&self, s: Settle) {
-        let n = s.op().n;
-        let mut q = locked(&self.inner.replays);
+        let op = s.op();
+        let (n, id) = (op.n, op.op_id.clone());
+        // A withdrawal adds nothing pending: it undoes a check.
+        let pending = if matches!(s, Settle::Apply(_)) { n } else { 0 };
+        self.keep_unsettled(
+            &self.inner.replays,
+            &self.inner.replays_full,
+            s,
+            Unsettled {
+                what: "quota operation",
+                id: &id,
+                pending,
+                dropped: n.unsigned_abs(),
+            },
+        );
+    }
+
+    /// Queues `write` on `queue` (a retry queue) with its pending units,
+    /// both under the queue's lock, so that shutdown either finds it
+    /// queued or finds the queue sealed. Once sealed, or with
+    /// [`UsageConfig::max_unsettled`] queued already, it is not kept: its
+    /// units are counted as dropped (logged once per spell when full).
+    fn keep_unsettled<T>(
+        &self,
+        queue: &Mutex<VecDeque<Unconfirmed<T>>>,
+        full: &AtomicBool,
+        write: T,
+        u: Unsettled<'_>,
+    ) {
+        let mut q = locked(queue);
         let sealed = self.inner.sealed.load(Ordering::Acquire);
         if sealed || q.len() >= self.inner.config.max_unsettled {
             drop(q);
-            self.inner
-                .dropped
-                .fetch_add(n.unsigned_abs(), Ordering::Relaxed);
+            self.inner.dropped.fetch_add(u.dropped, Ordering::Relaxed);
             if sealed {
-                tracing::warn!(op = %s.op().op_id, units = n, "quota operation unconfirmed after shutdown: counted as dropped");
-            } else if !self.inner.replays_full.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    id = u.id,
+                    units = u.dropped,
+                    "{} unconfirmed after shutdown: counted as dropped",
+                    u.what
+                );
+            } else if !full.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     max = self.inner.config.max_unsettled,
-                    "too many quota operations with lost answers await settling: more are counted as dropped"
+                    "too many {}s with lost answers await a retry: more are counted as dropped",
+                    u.what
                 );
             }
             return;
         }
-        if let Settle::Apply(op) = &s {
-            self.inner.pending_units.fetch_add(op.n, Ordering::Relaxed);
-        }
-        q.push_back(Unconfirmed::new(s));
+        self.inner
+            .pending_units
+            .fetch_add(u.pending, Ordering::Relaxed);
+        q.push_back(Unconfirmed::new(write));
     }
 
     async fn apply(&self, batch: &Batch) -> Result<(), UsageError> {
