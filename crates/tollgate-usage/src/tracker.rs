@@ -238,36 +238,46 @@ impl Drop for InFlight<'_> {
 /// write may have been sent and applied: it is queued like one whose
 /// answer was lost. A synchronous write is retried under its id, so it
 /// counts once; a quota check is withdrawn, as its request was not served.
-struct Unanswered<'a> {
+struct Unanswered<'a, W: Unsettle> {
     tracker: &'a UsageTracker,
-    write: Option<Lost>,
+    write: Option<W>,
 }
 
-enum Lost {
-    Write(Arc<Batch>),
-    Check(QuotaOp),
+/// What becomes of a write whose caller stopped waiting for its answer.
+trait Unsettle {
+    fn unsettle(self, tracker: &UsageTracker);
 }
 
-impl<'a> Unanswered<'a> {
-    fn new(tracker: &'a UsageTracker, write: Lost) -> Self {
+impl Unsettle for Arc<Batch> {
+    fn unsettle(self, tracker: &UsageTracker) {
+        tracker.push_pending(self);
+    }
+}
+
+impl Unsettle for QuotaOp {
+    fn unsettle(self, tracker: &UsageTracker) {
+        tracker.push_replay(Settle::Withdraw(self));
+    }
+}
+
+impl<'a, W: Unsettle> Unanswered<'a, W> {
+    fn new(tracker: &'a UsageTracker, write: W) -> Self {
         Unanswered {
             tracker,
             write: Some(write),
         }
     }
 
-    /// The answer came: the caller handles the write.
-    fn answered(mut self) {
-        self.write = None;
+    /// The answer came: the write goes back to the caller.
+    fn answered(mut self) -> Option<W> {
+        self.write.take()
     }
 }
 
-impl Drop for Unanswered<'_> {
+impl<W: Unsettle> Drop for Unanswered<'_, W> {
     fn drop(&mut self) {
-        match self.write.take() {
-            Some(Lost::Write(batch)) => self.tracker.push_pending(batch),
-            Some(Lost::Check(op)) => self.tracker.push_replay(Settle::Withdraw(op)),
-            None => {}
+        if let Some(w) = self.write.take() {
+            w.unsettle(self.tracker);
         }
     }
 }
@@ -791,7 +801,7 @@ impl UsageTracker {
             }],
             top: self.inner.config.top,
         });
-        let waiting = Unanswered::new(self, Lost::Write(batch.clone()));
+        let waiting = Unanswered::new(self, batch.clone());
         let result = self.inner.store.apply(&batch).await;
         waiting.answered();
         match result {
@@ -871,9 +881,9 @@ impl UsageTracker {
             n,
             limit: Some(limit),
         };
-        let waiting = Unanswered::new(self, Lost::Check(op.clone()));
-        let answer = self.inner.store.quota(op.clone()).await;
-        waiting.answered();
+        let waiting = Unanswered::new(self, op.clone());
+        let answer = self.inner.store.quota(op).await;
+        let op = waiting.answered();
         match answer {
             Ok(QuotaAnswer {
                 allowed: true,
@@ -909,11 +919,13 @@ impl UsageTracker {
                 // The answer was lost: the increment may have been applied.
                 // Settle the same operation later; its marker makes sure it
                 // counts once (served) or not at all (refused).
-                self.push_replay(if refuse {
-                    Settle::Withdraw(op)
-                } else {
-                    Settle::Apply(QuotaOp { limit: None, ..op })
-                });
+                if let Some(op) = op {
+                    self.push_replay(if refuse {
+                        Settle::Withdraw(op)
+                    } else {
+                        Settle::Apply(QuotaOp { limit: None, ..op })
+                    });
+                }
                 QuotaOutcome::Unavailable
             }
         }
