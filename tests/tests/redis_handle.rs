@@ -11,9 +11,9 @@ use tollgate_redis::fred::interfaces::{
 use tollgate_redis::fred::types::{ClusterHash, CustomCommand, Value};
 use tollgate_redis::{
     BatchConn, BatchOp, BreakerState, CoalesceConfig, Coalescer, Error, HealthService, Notice,
-    RedisConfig, RedisHandle, Script, Subscription,
+    RedisConfig, RedisHandle, Script, Subscription, Topology,
 };
-use tollgate_testkit::{LatencyProxy, RedisCluster, RedisServer, Reply};
+use tollgate_testkit::{LatencyProxy, RedisCluster, RedisSentinel, RedisServer, Reply};
 use tower::ServiceExt;
 
 const DEADLINE: Duration = Duration::from_millis(50);
@@ -51,7 +51,8 @@ async fn wait_for_state(h: &RedisHandle, want: BreakerState, within: Duration) -
     started.elapsed()
 }
 
-/// Runs a test body against a standalone server and a 3-primary cluster.
+/// Runs a test body against a standalone server, a 3-primary cluster and a
+/// primary found through Sentinel.
 macro_rules! topology_tests {
     ($($name:ident),* $(,)?) => {
         mod standalone {
@@ -66,6 +67,13 @@ macro_rules! topology_tests {
             async fn $name() {
                 let cluster = tollgate_testkit::RedisCluster::start();
                 super::$name(super::connect(cluster.url()).await).await;
+            })*
+        }
+        mod sentinel {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let sentinel = tollgate_testkit::RedisSentinel::start();
+                super::$name(super::connect(sentinel.url()).await).await;
             })*
         }
     };
@@ -719,7 +727,10 @@ async fn a_subscription_hears_its_channel_and_recovers(h: RedisHandle) {
         .expect("CLIENT KILL");
         killed += reply.as_i64().unwrap_or(0);
     }
-    assert_eq!(killed, 1, "one subscribed connection");
+    // A Sentinel holds a subscription of its own on the primary it watches
+    // (its `__sentinel__:hello` channel); it subscribes again by itself.
+    let sentinels = i64::from(*h.topology() == Topology::Sentinel);
+    assert_eq!(killed, 1 + sentinels, "one subscribed connection");
     let started = Instant::now();
     while seen.recv().await.expect("listener running").is_some() {
         assert!(started.elapsed() < Duration::from_secs(10), "Missed");
@@ -731,4 +742,94 @@ async fn a_subscription_hears_its_channel_and_recovers(h: RedisHandle) {
         while seen.recv().await.is_some() {}
     });
     assert!(closed.await.is_ok(), "the listener stopped");
+}
+
+/// Sentinel: killing the primary cuts calls off at the deadline while the
+/// Sentinel fails over; the handle then finds the promoted replica through
+/// the Sentinel, closes the breaker and runs scripts there (reloaded: each
+/// server has its own script cache), on the data replicated before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_moves_the_handle_to_the_promoted_replica() {
+    let mut sentinel = RedisSentinel::start();
+    let h = connect(sentinel.url()).await;
+    let n: i64 = h.eval(&INCR_BY, vec!["k"], vec![41]).await.expect("script");
+    assert_eq!(n, 41);
+    sentinel.wait_replicated();
+    let (slowest, stop, tasks) = traffic(&h, 16);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slowest.store(0, Ordering::Relaxed);
+    let opened = h.health().await.breaker_opened;
+
+    let new = tokio::task::block_in_place(|| sentinel.fail_over());
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
+    assert!(
+        h.health().await.breaker_opened > opened,
+        "the outage was seen"
+    );
+    let worst = Duration::from_micros(slowest.load(Ordering::Relaxed));
+    assert!(
+        worst <= DEADLINE + SLACK,
+        "a call took {worst:?} during the failover"
+    );
+    stop_traffic(stop, tasks).await;
+
+    let before = h.scripts_reloaded();
+    let n: i64 = h
+        .eval(&INCR_BY, vec!["k"], vec![1])
+        .await
+        .expect("script on the promoted replica");
+    assert_eq!(n, 42, "the replicated value");
+    assert_eq!(h.scripts_reloaded(), before + 1);
+    assert_eq!(
+        sentinel.nodes()[new].command(&["GET", "k"]),
+        Ok(Reply::Bulk("42".into())),
+        "written to the new primary"
+    );
+}
+
+/// Sentinel: a planned switch (`SENTINEL FAILOVER`) drops no connection,
+/// and the old primary goes on taking writes until a Sentinel demotes it
+/// (seconds later), when it throws them away. The handle moves its writes,
+/// and its subscriptions, to the new primary before that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_sentinel_switch_moves_the_handle_before_the_old_primary_is_demoted() {
+    let mut sentinel = RedisSentinel::start();
+    let h = connect(sentinel.url()).await;
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let sub = Subscription::start(&h, h.keys("test").key(&["events"]), move |n| {
+        let _ = tx.send(match n {
+            Notice::Message(m) => Some(m.to_vec()),
+            Notice::Missed => None,
+        });
+    })
+    .expect("subscription");
+    publish_until_heard(&sub, &mut seen, "before").await;
+
+    let new = tokio::task::block_in_place(|| sentinel.switch_over());
+    let old = 1 - new;
+    let started = Instant::now();
+    for n in 0.. {
+        let key = format!("probe:{n}");
+        let written = key.clone();
+        let _ = h
+            .call(|c| async move { c.set::<(), _, _>(written, 1, None, None, false).await })
+            .await;
+        if sentinel.nodes()[new].command(&["GET", &key]) == Ok(Reply::Bulk("1".into())) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the handle never wrote to the new primary"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Heard only if the subscription moved too: a publish reaches the
+    // subscribers of the server it is sent to, and the pool sends it to
+    // the new primary.
+    publish_until_heard(&sub, &mut seen, "after").await;
+    assert_eq!(
+        tollgate_testkit::role(&sentinel.nodes()[old]).as_deref(),
+        Some("master"),
+        "the handle moved before the Sentinel demoted the old primary"
+    );
 }

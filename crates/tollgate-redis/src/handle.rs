@@ -62,7 +62,45 @@ struct Inner {
     /// Tracked connections, for the health report: their prefixes and
     /// their state (not kept alive by the handle).
     tracked: Mutex<Vec<(Vec<String>, Weak<crate::tracking::Inner>)>>,
+    /// Dedicated clients that follow the primary on a Sentinel switch,
+    /// while their [`FollowPrimary`] guard lives.
+    followers: Mutex<Vec<(Weak<()>, Client)>>,
+    /// Clients connected to the Sentinels, announcing switches.
+    watchers: Mutex<Vec<Client>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Inner {
+    /// A Sentinel names `to` primary: reconnects every client (the pool's
+    /// and the followers) connected elsewhere. A reconnection asks a
+    /// Sentinel for the primary again.
+    fn primary_moved(&self, to: &fred::types::config::Server) {
+        let mut clients: Vec<Client> = self.pool.clients().to_vec();
+        if let Ok(mut f) = self.followers.lock() {
+            f.retain(|(w, _)| w.strong_count() > 0);
+            clients.extend(f.iter().map(|(_, c)| c.clone()));
+        }
+        let mut moving = 0;
+        for client in clients {
+            if crate::sentinel::elsewhere(&client, to) {
+                moving += 1;
+                tokio::spawn(async move {
+                    let _ = client.force_reconnection().await;
+                });
+            }
+        }
+        if moving > 0 {
+            tracing::warn!(namespace = %self.namespace, primary = %to, clients = moving, "Redis Sentinel switched the primary: reconnecting to it");
+        }
+    }
+}
+
+/// Keeps a dedicated client following a Sentinel's switch of primary:
+/// see [`RedisHandle::follow_primary`].
+#[derive(Debug)]
+#[must_use = "the client follows the primary only while the guard lives"]
+pub struct FollowPrimary {
+    _token: Arc<()>,
 }
 
 impl Drop for Inner {
@@ -75,8 +113,16 @@ impl Drop for Inner {
         // Stop fred's reconnect loops; nothing can use this pool any more.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let pool = self.pool.clone();
+            let watchers = self
+                .watchers
+                .get_mut()
+                .map(std::mem::take)
+                .unwrap_or_default();
             rt.spawn(async move {
                 let _ = pool.quit().await;
+                for w in watchers {
+                    let _ = w.quit().await;
+                }
             });
         }
     }
@@ -173,10 +219,13 @@ impl RedisHandle {
                 scripts_reloaded: AtomicU64::new(0),
                 layers: Mutex::new(Vec::new()),
                 tracked: Mutex::new(Vec::new()),
+                followers: Mutex::new(Vec::new()),
+                watchers: Mutex::new(Vec::new()),
                 tasks: Mutex::new(Vec::new()),
             }),
         };
         handle.watch_connections();
+        handle.watch_sentinels()?;
         if let Some(reason) = degraded {
             tracing::warn!(namespace = %handle.inner.namespace, reason, "starting degraded: Redis is unreachable, layers use their in-process fallbacks until it answers");
             handle.inner.breaker.trip(reason);
@@ -414,6 +463,49 @@ impl RedisHandle {
         if let Ok(mut t) = self.inner.tasks.lock() {
             t.extend(tasks);
         }
+    }
+
+    /// With Sentinel: watches each Sentinel of the URL for a switch of
+    /// primary (see [`crate::sentinel`]).
+    fn watch_sentinels(&self) -> Result<(), Error> {
+        let weak = Arc::downgrade(&self.inner);
+        let moved = Arc::new(move |to: fred::types::config::Server| {
+            if let Some(inner) = weak.upgrade() {
+                inner.primary_moved(&to);
+            }
+        });
+        let watchers = crate::sentinel::watch(
+            &self.inner.blueprint.config,
+            &self.inner.blueprint.policy,
+            moved,
+        )
+        .map_err(|e| Error::Config {
+            field: "url",
+            reason: e.details().to_owned(),
+        })?;
+        if let (Ok(mut w), Ok(mut t)) = (self.inner.watchers.lock(), self.inner.tasks.lock()) {
+            for (client, task) in watchers {
+                w.push(client);
+                t.push(task);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `client` (a [`dedicated_client`](Self::dedicated_client))
+    /// follow a Sentinel's switch of primary at once, like the pool, while
+    /// the returned guard lives. Without it, a switch that drops no
+    /// connection reaches the client only when a Sentinel demotes the old
+    /// primary, seconds later. Does nothing for other topologies.
+    pub fn follow_primary(&self, client: &Client) -> FollowPrimary {
+        let token = Arc::new(());
+        if self.inner.topology == Topology::Sentinel
+            && let Ok(mut f) = self.inner.followers.lock()
+        {
+            f.retain(|(w, _)| w.strong_count() > 0);
+            f.push((Arc::downgrade(&token), client.clone()));
+        }
+        FollowPrimary { _token: token }
     }
 
     fn start_prober(&self) {

@@ -40,6 +40,7 @@ pub mod local;
 mod readied;
 mod route;
 mod script;
+mod sentinel;
 mod subscription;
 mod tracking;
 
@@ -47,7 +48,7 @@ pub use breaker::{BreakerState, CircuitBreaker};
 pub use coalesce::{BatchConn, BatchOp, CoalesceConfig, Coalescer, GetOp};
 pub use config::{RedisConfig, Topology};
 pub use error::Error;
-pub use handle::RedisHandle;
+pub use handle::{FollowPrimary, RedisHandle};
 pub use health::{
     HealthReport, HealthService, HealthStatus, LayerHealth, LayerMode, LocalCacheHealth,
 };

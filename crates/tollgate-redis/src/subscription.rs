@@ -83,6 +83,8 @@ pub struct Subscription {
     client: Client,
     listening: Arc<AtomicBool>,
     task: JoinHandle<()>,
+    /// Reconnects to a primary a Sentinel switched to.
+    _follow: crate::FollowPrimary,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -136,6 +138,7 @@ impl Subscription {
             handler,
         ));
         Ok(Subscription {
+            _follow: handle.follow_primary(&client),
             handle: handle.clone(),
             channel,
             client,

@@ -87,6 +87,8 @@ pub(crate) struct Inner {
     handle: RedisHandle,
     /// Tracking is on and the connection answers.
     live: AtomicBool,
+    /// Reconnects to a primary a Sentinel switched to.
+    _follow: crate::FollowPrimary,
 }
 
 impl Drop for Inner {
@@ -123,6 +125,7 @@ impl TrackedConnection {
     ) -> Result<Self, Error> {
         let client = handle.dedicated_client(true)?;
         let inner = Arc::new(Inner {
+            _follow: handle.follow_primary(&client),
             client,
             handle: handle.clone(),
             live: AtomicBool::new(false),

@@ -2,7 +2,8 @@
 //!
 //! Each server runs on a free loopback port in its own temporary directory
 //! and is killed when dropped. Topologies: [`RedisServer`] (standalone),
-//! [`RedisCluster`] (three primaries), [`RedisServer::start_tls`] (TLS with
+//! [`RedisCluster`] (three primaries), [`RedisSentinel`] (a primary and a
+//! replica watched by a Sentinel), [`RedisServer::start_tls`] (TLS with
 //! a generated CA, plus an ACL user). Faults: [`pause`](RedisServer::pause)
 //! (SIGSTOP: the socket stays open and nothing answers),
 //! [`resume`](RedisServer::resume), [`kill`](RedisServer::kill),
@@ -73,6 +74,8 @@ fn free_port() -> u16 {
 struct Flavor {
     cluster: bool,
     tls: Option<TlsMaterial>,
+    /// A Sentinel watching the primary on this port.
+    sentinel_of: Option<u16>,
     extra: Vec<String>,
 }
 
@@ -172,7 +175,22 @@ impl RedisServer {
     }
 
     fn launch(&mut self) -> Result<(), String> {
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(primary) = self.flavor.sentinel_of {
+            // Sentinel mode needs a writable config file, named first. It
+            // rewrites the file with what it learns: a restart keeps it.
+            let conf = self.dir.path().join("sentinel.conf");
+            if !conf.exists() {
+                let text = format!(
+                    "sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {primary} 1\n\
+                     sentinel down-after-milliseconds {SENTINEL_SERVICE} 500\n\
+                     sentinel failover-timeout {SENTINEL_SERVICE} 2000\n"
+                );
+                std::fs::write(&conf, text).map_err(|e| format!("writing {conf:?}: {e}"))?;
+            }
+            cmd.arg(conf).arg("--sentinel");
+        }
+        let child = cmd
             .args(self.args())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -467,6 +485,165 @@ impl RedisCluster {
     }
 }
 
+/// The first field of `ROLE` (`master`, `slave`), if the server answers.
+pub fn role(server: &RedisServer) -> Option<String> {
+    match server.command(&["ROLE"]) {
+        Ok(Reply::Array(r)) => r.first().and_then(Reply::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// The service name under which [`RedisSentinel`]'s Sentinel knows its
+/// primary.
+pub const SENTINEL_SERVICE: &str = "tollgate";
+
+/// A primary and one replica, watched by one Sentinel under the name
+/// [`SENTINEL_SERVICE`]: the topology behind `redis-sentinel://` URLs. The
+/// Sentinel declares a primary down after 500 ms without an answer and
+/// promotes the replica, so [`fail_over`](Self::fail_over) takes a second
+/// or two.
+#[derive(Debug)]
+pub struct RedisSentinel {
+    nodes: Vec<RedisServer>,
+    sentinel: RedisServer,
+}
+
+impl RedisSentinel {
+    /// Starts the primary, its replica and the Sentinel, and waits until
+    /// the replica is in sync and the Sentinel knows it (so it can fail
+    /// over to it).
+    pub fn start() -> Self {
+        let primary = RedisServer::start();
+        let port = primary.port.to_string();
+        let replica = RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &port]);
+        let sentinel = RedisServer::spawn(Flavor {
+            sentinel_of: Some(primary.port),
+            ..Flavor::default()
+        });
+        let s = RedisSentinel {
+            nodes: vec![primary, replica],
+            sentinel,
+        };
+        s.wait_until("the replica is in sync and known to the Sentinel", || {
+            let synced = matches!(s.nodes[1].command(&["INFO", "replication"]),
+                Ok(Reply::Bulk(info)) if info_field(&info, "master_link_status") == Some("up"));
+            let known = matches!(
+                s.sentinel.command(&["SENTINEL", "REPLICAS", SENTINEL_SERVICE]),
+                Ok(Reply::Array(r)) if !r.is_empty()
+            );
+            synced && known
+        });
+        s
+    }
+
+    /// `redis-sentinel://127.0.0.1:PORT/0?sentinelServiceName=tollgate`.
+    pub fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName={SENTINEL_SERVICE}",
+            self.sentinel.port
+        )
+    }
+
+    /// The two data nodes (the first started as the primary).
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// The Sentinel process.
+    pub fn sentinel(&self) -> &RedisServer {
+        &self.sentinel
+    }
+
+    /// The index in [`nodes`](Self::nodes) of the node the Sentinel names
+    /// primary now.
+    pub fn primary_index(&self) -> usize {
+        let port =
+            match self
+                .sentinel
+                .command(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE])
+            {
+                Ok(Reply::Array(a)) if a.len() == 2 => a[1].as_int(),
+                other => panic!("SENTINEL GET-MASTER-ADDR-BY-NAME: {other:?}"),
+            };
+        self.nodes
+            .iter()
+            .position(|n| port == Some(i64::from(n.port)))
+            .unwrap_or_else(|| panic!("the Sentinel names port {port:?}, not one of its nodes"))
+    }
+
+    /// The node the Sentinel names primary now.
+    pub fn primary(&self) -> &RedisServer {
+        &self.nodes[self.primary_index()]
+    }
+
+    /// Waits until every write the primary took so far has reached the
+    /// replica (`WAIT 1`), so that a failover loses none of them.
+    pub fn wait_replicated(&self) {
+        let primary = self.primary();
+        let acked = primary.command(&["WAIT", "1", "5000"]);
+        assert_eq!(
+            acked.as_ref().ok().and_then(Reply::as_int),
+            Some(1),
+            "WAIT 1: {acked:?}"
+        );
+    }
+
+    /// Kills the primary and waits until the Sentinel has promoted the
+    /// other node and that node acts as primary. Returns its index.
+    pub fn fail_over(&mut self) -> usize {
+        let old = self.primary_index();
+        self.nodes[old].kill();
+        self.wait_for_promotion(1 - old)
+    }
+
+    /// A planned switch (`SENTINEL FAILOVER`): the Sentinel promotes the
+    /// replica and makes the old primary its replica, closing the old
+    /// primary's client connections. Waits until the new primary acts as
+    /// one and returns its index.
+    pub fn switch_over(&mut self) -> usize {
+        let old = self.primary_index();
+        // Refused while the Sentinel has no fresh report of a replica in
+        // sync (it asks replicas every few seconds): ask again.
+        self.wait_until("the Sentinel starts a failover", || {
+            match self
+                .sentinel
+                .command(&["SENTINEL", "FAILOVER", SENTINEL_SERVICE])
+            {
+                Ok(Reply::Status(s)) if s == "OK" => true,
+                Ok(Reply::Error(e)) if e.starts_with("NOGOODSLAVE") || e.starts_with("INPROG") => {
+                    false
+                }
+                other => panic!("SENTINEL FAILOVER: {other:?}"),
+            }
+        });
+        self.wait_for_promotion(1 - old)
+    }
+
+    fn wait_for_promotion(&self, new: usize) -> usize {
+        self.wait_until("the Sentinel promotes the replica", || {
+            let named = matches!(
+                self.sentinel.command(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE]),
+                Ok(Reply::Array(a)) if a.len() == 2
+                    && a[1].as_int() == Some(i64::from(self.nodes[new].port))
+            );
+            named && role(&self.nodes[new]) == Some("master".to_owned())
+        });
+        new
+    }
+
+    fn wait_until(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !done() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "timed out waiting until {what}; Sentinel log: {}",
+                self.sentinel.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,5 +681,40 @@ mod tests {
         assert_eq!(c.url().matches("node=").count(), 2);
         let r = c.command_for_key("foo", &["SET", "foo", "1"]);
         assert_eq!(r, Ok(Reply::Status("OK".into())));
+    }
+
+    #[test]
+    fn sentinel_fails_over_to_the_replica() {
+        let mut s = RedisSentinel::start();
+        assert!(s.url().starts_with("redis-sentinel://127.0.0.1:"));
+        assert_eq!(s.primary_index(), 0);
+        let primary = s.primary();
+        assert_eq!(
+            primary.command(&["SET", "k", "v"]),
+            Ok(Reply::Status("OK".into()))
+        );
+        s.wait_replicated();
+        assert_eq!(s.fail_over(), 1);
+        assert_eq!(s.primary_index(), 1);
+        assert_eq!(
+            s.primary().command(&["GET", "k"]),
+            Ok(Reply::Bulk("v".into()))
+        );
+        assert_eq!(
+            s.primary().command(&["SET", "k", "w"]),
+            Ok(Reply::Status("OK".into())),
+            "the promoted replica takes writes"
+        );
+    }
+
+    #[test]
+    fn sentinel_switches_over_and_keeps_the_old_primary_as_replica() {
+        let mut s = RedisSentinel::start();
+        assert_eq!(s.switch_over(), 1);
+        let started = Instant::now();
+        while role(&s.nodes()[0]).as_deref() != Some("slave") {
+            assert!(started.elapsed() < Duration::from_secs(30), "demoted");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
