@@ -807,22 +807,7 @@ async fn a_planned_sentinel_switch_moves_the_handle_before_the_old_primary_is_de
 
     let new = tokio::task::block_in_place(|| sentinel.switch_over());
     let old = 1 - new;
-    let started = Instant::now();
-    for n in 0.. {
-        let key = format!("probe:{n}");
-        let written = key.clone();
-        let _ = h
-            .call(|c| async move { c.set::<(), _, _>(written, 1, None, None, false).await })
-            .await;
-        if sentinel.nodes()[new].command(&["GET", &key]) == Ok(Reply::Bulk("1".into())) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the handle never wrote to the new primary"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sentinel.wait_for_handle(&h).await;
     // Heard only if the subscription moved too: a publish reaches the
     // subscribers of the server it is sent to, and the pool sends it to
     // the new primary.

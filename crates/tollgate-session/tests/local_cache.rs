@@ -3,8 +3,9 @@
 //! restarted, frozen or flushed Redis empties it, it works over TLS with an ACL
 //! user and on Redis Cluster (every primary tracked, one restarted or
 //! flushed on its own, a slot moved between primaries), without
-//! `CLIENT TRACKING` (ACL) it stays off while sessions keep working; the
-//! health report says whether it serves.
+//! `CLIENT TRACKING` (ACL) it stays off while sessions keep working;
+//! behind a Sentinel it follows a switch of primary; the health report
+//! says whether it serves.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tollgate_redis::RedisHandle;
 use tollgate_session::store::{Diff, NewRecord, Record, RedisStore, SaveOutcome, SessionStore};
-use tollgate_testkit::{RedisCluster, RedisServer, Reply};
+use tollgate_testkit::{RedisCluster, RedisSentinel, RedisServer, Reply};
 
 use common::{id_hash as hash, long_timeouts as timeouts};
 
@@ -665,4 +666,49 @@ async fn the_health_report_says_whether_the_cache_serves() {
         handle.health().await.local_caches.is_empty()
     })
     .await;
+}
+
+/// Behind a Sentinel, a planned switch of primary drops no connection. The
+/// cache's tracking connection moves with the pool, so a change saved on
+/// the new primary reaches the cache, long before a Sentinel demotes the
+/// old primary (which would close the connection). Left on the old
+/// primary, the cache would hear nothing and serve the old record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_sentinel_a_switch_of_primary_keeps_the_cache_exact() {
+    let mut sentinel = RedisSentinel::start();
+    let handle = tollgate_testkit::connect(sentinel.url()).await;
+    let a = cached(handle.clone());
+    // Another store on the same pool, without a cache.
+    let b = RedisStore::new(handle.clone(), timeouts());
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let h = hash();
+    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+    wait_cached(&Primary(&sentinel), &a, &h, Some("1")).await;
+    sentinel.wait_replicated();
+
+    let new = tokio::task::block_in_place(|| sentinel.switch_over());
+    sentinel.wait_for_handle(&handle).await;
+    let loaded = b.load(&h).await.unwrap().expect("replicated");
+    b.save(&h, None, &set("n", "2"), loaded.generation)
+        .await
+        .unwrap();
+    wait_until("the change to reach the cache", || async {
+        entry(&a.load(&h).await.unwrap(), "n").as_deref() == Some("2")
+    })
+    .await;
+    assert_eq!(
+        tollgate_testkit::role(&sentinel.nodes()[1 - new]).as_deref(),
+        Some("master"),
+        "the cache followed before the Sentinel demoted the old primary"
+    );
+    wait_cached(&Primary(&sentinel), &a, &h, Some("2")).await;
+}
+
+/// The primary a Sentinel names, for counting commands.
+struct Primary<'a>(&'a RedisSentinel);
+
+impl Counted for Primary<'_> {
+    fn processed(&self) -> u64 {
+        self.0.primary().commands_processed()
+    }
 }

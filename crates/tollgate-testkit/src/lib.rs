@@ -619,6 +619,29 @@ impl RedisSentinel {
         self.wait_for_promotion(1 - old)
     }
 
+    /// Waits until `handle` writes to the primary the Sentinel names (after
+    /// a switch, once the handle has moved): writes a probe key through it
+    /// until that primary holds the key. Panics after 30 s.
+    pub async fn wait_for_handle(&self, handle: &tollgate_redis::RedisHandle) {
+        use tollgate_redis::fred::interfaces::KeysInterface;
+        let started = Instant::now();
+        for n in 0.. {
+            let key = format!("testkit:probe:{n}");
+            let written = key.clone();
+            let _ = handle
+                .call(|c| async move { c.set::<(), _, _>(written, 1, None, None, false).await })
+                .await;
+            if self.primary().command(&["GET", &key]) == Ok(Reply::Bulk("1".into())) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the handle never wrote to the primary the Sentinel names"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn wait_for_promotion(&self, new: usize) -> usize {
         self.wait_until("the Sentinel promotes the replica", || {
             let named = matches!(
