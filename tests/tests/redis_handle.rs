@@ -818,3 +818,115 @@ async fn a_planned_sentinel_switch_moves_the_handle_before_the_old_primary_is_de
         "the handle moved before the Sentinel demoted the old primary"
     );
 }
+
+/// Writes `k` through `h`; the error, which must say Redis refuses
+/// writes, and the breaker then open.
+async fn refused_write(h: &RedisHandle, k: &str) {
+    let k = k.to_owned();
+    let err = h
+        .call(|c| async move { c.set::<(), _, _>(k, 1, None, None, false).await })
+        .await
+        .expect_err("the write is refused");
+    assert!(err.refuses_writes() && err.is_outage(), "{err:?}");
+    assert_eq!(
+        h.breaker().state(),
+        BreakerState::Open,
+        "open at the first refusal"
+    );
+    // PING is answered, but the probe waits for a write to succeed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_ne!(h.breaker().state(), BreakerState::Closed);
+}
+
+/// A Redis that answers but refuses writes opens the breaker at the first
+/// refusal, so every layer goes to its fallback rather than failing each
+/// write (a session saved nowhere, a usage flush retried forever), and it
+/// stays open until a write succeeds: over `maxmemory` with nothing to
+/// evict (`OOM`, a script's write included), then turned into a replica
+/// (`READONLY`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_refuses_writes_opens_the_breaker_until_a_write_succeeds() {
+    let server = RedisServer::start();
+    let h = connect(server.url()).await;
+    let _: i64 = h.eval(&INCR_BY, vec!["k"], vec![1]).await.expect("script");
+    let ok = Ok(Reply::Status("OK".into()));
+    assert_eq!(server.command(&["CONFIG", "SET", "maxmemory", "1"]), ok);
+    let err = h
+        .eval::<i64, _, _>(&INCR_BY, vec!["k"], vec![1])
+        .await
+        .expect_err("a script's write is refused");
+    assert!(err.refuses_writes() && err.is_outage(), "{err:?}");
+    assert_eq!(h.breaker().state(), BreakerState::Open);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_ne!(h.breaker().state(), BreakerState::Closed);
+    assert_eq!(server.command(&["CONFIG", "SET", "maxmemory", "0"]), ok);
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(5)).await;
+    let n: i64 = h
+        .eval(&INCR_BY, vec!["k"], vec![1])
+        .await
+        .expect("written again");
+    assert_eq!(n, 2);
+
+    let primary = RedisServer::start();
+    let port = primary.port().to_string();
+    assert_eq!(server.command(&["REPLICAOF", "127.0.0.1", &port]), ok);
+    refused_write(&h, "k").await;
+    assert_eq!(server.command(&["REPLICAOF", "NO", "ONE"]), ok);
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(5)).await;
+}
+
+/// On a cluster, one primary over `maxmemory` opens the breaker, and the
+/// probe writes at every primary: the others taking writes do not close
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_primary_that_refuses_writes_keeps_the_breaker_open() {
+    let cluster = RedisCluster::start();
+    let h = connect(cluster.url()).await;
+    let full = &cluster.nodes()[1];
+    let ok = Ok(Reply::Status("OK".into()));
+    assert_eq!(full.command(&["CONFIG", "SET", "maxmemory", "1"]), ok);
+    // A key of that primary's slots: it answers reads of it (others
+    // answer MOVED).
+    let key = (0..)
+        .map(|n| format!("k{n}"))
+        .find(|k| full.command(&["GET", k]) == Ok(Reply::Nil))
+        .expect("a key");
+    refused_write(&h, &key).await;
+    assert_eq!(full.command(&["CONFIG", "SET", "maxmemory", "0"]), ok);
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(5)).await;
+}
+
+/// An ACL user that may not write the probe's key still recovers: the
+/// probe's write refused for that key alone (`NOPERM`) shows that Redis
+/// takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_without_the_probe_key_recovers() {
+    let mut server = RedisServer::start();
+    let ok = Ok(Reply::Status("OK".into()));
+    let acl = [
+        "ACL",
+        "SETUSER",
+        "limited",
+        "on",
+        ">limited-pw",
+        "~tollgate:ratelimit:*",
+        "+@all",
+    ];
+    assert_eq!(server.command(&acl), ok);
+    let url = format!("redis://limited:limited-pw@127.0.0.1:{}", server.port());
+    let h = connect(url).await;
+    let key = h.keys("ratelimit").key(&["k"]);
+    let n: i64 = h
+        .call(|c| async move { c.incr(key).await })
+        .await
+        .expect("a permitted key");
+    assert_eq!(n, 1);
+    server.pause();
+    while h.breaker().state() == BreakerState::Closed {
+        let _ = h
+            .call(|c| async move { c.get::<Option<i64>, _>("tollgate:ratelimit:k").await })
+            .await;
+    }
+    server.resume();
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(5)).await;
+}

@@ -73,13 +73,48 @@ impl Error {
     /// Whether this error says Redis is unreachable or unresponsive (and so
     /// counts against the circuit breaker), as opposed to Redis answering
     /// with an error of its own (a bad script argument, a wrong type).
+    ///
+    /// A Redis that answers but refuses every write counts as an outage
+    /// too (see [`refuses_writes`](Self::refuses_writes)): every layer
+    /// writes, so none could work on it.
     pub fn is_outage(&self) -> bool {
         match self {
             Error::Unavailable | Error::Timeout(_) => true,
-            Error::Redis(e) | Error::Script { source: e, .. } => is_outage_error(e),
+            Error::Redis(e) | Error::Script { source: e, .. } => {
+                is_outage_error(e) || refuses_writes(e)
+            }
             _ => false,
         }
     }
+
+    /// Whether Redis answered but refuses writes for now: over `maxmemory`
+    /// with nothing it may evict (`OOM`), a replica (`READONLY`, as after
+    /// a failover the client has not followed yet), a failed snapshot with
+    /// `stop-writes-on-bgsave-error` (`MISCONF`), too few replicas for
+    /// `min-replicas-to-write` (`NOREPLICAS`), or a replica cut off from
+    /// its primary (`MASTERDOWN`). The handle opens its breaker at once on
+    /// such an error, and closes it only once a write succeeds again.
+    pub fn refuses_writes(&self) -> bool {
+        match self {
+            Error::Redis(e) | Error::Script { source: e, .. } => refuses_writes(e),
+            _ => false,
+        }
+    }
+}
+
+/// See [`Error::refuses_writes`]. A script's error carries the command's
+/// (`OOM command not allowed … script: …`).
+pub(crate) fn refuses_writes(e: &fred::error::Error) -> bool {
+    const PREFIXES: [&str; 5] = [
+        "OOM ",
+        "READONLY ",
+        "MISCONF ",
+        "NOREPLICAS ",
+        "MASTERDOWN ",
+    ];
+    let d = e.details().trim_start();
+    let d = d.strip_prefix("ERR ").unwrap_or(d);
+    PREFIXES.iter().any(|p| d.starts_with(p))
 }
 
 impl From<fred::error::Error> for Error {
@@ -145,6 +180,34 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_of_writes_are_outages_other_replies_are_not() {
+        let reply = |d: &str| {
+            Error::Redis(fred::error::Error::new(
+                fred::error::ErrorKind::Unknown,
+                d.to_owned(),
+            ))
+        };
+        for d in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "OOM command not allowed when used memory > 'maxmemory'. script: 5c09, on @user_script:2.",
+            "READONLY You can't write against a read only replica.",
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+            "NOREPLICAS Not enough good replicas to write.",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+        ] {
+            assert!(reply(d).refuses_writes() && reply(d).is_outage(), "{d}");
+        }
+        for d in [
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "ERR value is not an integer or out of range",
+            "ERR user_script:1: OOMPH is not a command",
+            "NOSCRIPT No matching script.",
+        ] {
+            assert!(!reply(d).refuses_writes() && !reply(d).is_outage(), "{d}");
+        }
+    }
 
     #[test]
     fn redacts_passwords() {

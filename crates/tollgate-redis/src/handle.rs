@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fred::clients::{Client, Pool};
-use fred::interfaces::{ClientLike, EventInterface};
+use fred::interfaces::{ClientLike, ClusterInterface, EventInterface, KeysInterface};
 use fred::types::config::{ConnectionConfig, PerformanceConfig};
 use fred::types::{FromValue, MultipleKeys, MultipleValues};
 use tokio::task::JoinHandle;
@@ -421,7 +421,14 @@ impl RedisHandle {
         if matches!(e, Error::Unavailable) {
             return;
         }
-        if e.is_outage() {
+        if e.refuses_writes() {
+            // A state of the server, not a lost reply: open at once. The
+            // probe then waits for a write to succeed.
+            let failed = self.inner.breaker.record_failure(false);
+            if self.inner.breaker.trip("Redis refuses writes") || failed {
+                self.start_prober();
+            }
+        } else if e.is_outage() {
             if self
                 .inner
                 .breaker
@@ -524,7 +531,7 @@ impl RedisHandle {
                 }
                 inner.breaker.begin_probe();
                 let timeout = (inner.deadline * 2).max(Duration::from_millis(100));
-                if probe(&inner.pool, timeout).await {
+                if probe(&inner, timeout).await {
                     inner.breaker.close();
                     inner.prober.store(false, Ordering::Release);
                     // A close racing a new failure may have re-opened it.
@@ -623,10 +630,40 @@ impl RedisHandle {
     }
 }
 
-async fn probe(pool: &Pool, timeout: Duration) -> bool {
-    for client in pool.clients() {
+/// Whether Redis is usable again: every client of the pool gets a PONG,
+/// and a write succeeds at every primary (a Redis that answers may still
+/// refuse writes: see [`Error::refuses_writes`]).
+async fn probe(inner: &Inner, timeout: Duration) -> bool {
+    for client in inner.pool.clients() {
         match tokio::time::timeout(timeout, client.ping::<String>(None)).await {
             Ok(Ok(_)) => {}
+            _ => return false,
+        }
+    }
+    let client = inner.pool.next();
+    let keys = KeySpace::new(&inner.namespace, "health");
+    let probes = match client.cached_cluster_state() {
+        Some(state) if inner.topology == Topology::Cluster => state
+            .unique_primary_nodes()
+            .iter()
+            .map(|p| crate::keys::key_in_slots(&keys, "probe", |s| state.get_server(s) == Some(p)))
+            .collect::<Option<Vec<_>>>(),
+        _ => Some(vec![keys.key(&["probe"])]),
+    };
+    let Some(probes) = probes else { return false };
+    for key in probes {
+        let set = client.set::<(), _, _>(
+            key,
+            1,
+            Some(fred::types::Expiration::PX(10_000)),
+            None,
+            false,
+        );
+        match tokio::time::timeout(timeout, set).await {
+            Ok(Ok(())) => {}
+            // Refused for another reason (an ACL without this key): Redis
+            // takes writes, only not this one.
+            Ok(Err(e)) if !crate::error::refuses_writes(&e) && !is_outage_error(&e) => {}
             _ => return false,
         }
     }

@@ -97,6 +97,20 @@ pub fn slot(key: &str) -> u16 {
     fred::util::redis_keyslot(key.as_bytes())
 }
 
+/// The first of `keys`'s keys `name:0`, `name:1`, … whose slot `owned`
+/// accepts: a key that lands on one given primary of a cluster.
+pub(crate) fn key_in_slots(
+    keys: &KeySpace,
+    name: &str,
+    owned: impl Fn(u16) -> bool,
+) -> Option<String> {
+    // A primary holding a single slot takes 16,384 tries on average;
+    // missing it in a million has odds below e^-60.
+    (0..1_000_000u32)
+        .map(|n| keys.key(&[name, &n.to_string()]))
+        .find(|k| owned(slot(k)))
+}
+
 /// Braces would change which part of the key Redis hashes, and `%` is the
 /// escape character itself; everything else is kept as is so keys stay
 /// readable in `redis-cli`.

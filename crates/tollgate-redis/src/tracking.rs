@@ -413,7 +413,9 @@ impl Watch {
         let state = inner.client.cached_cluster_state();
         let canary = |p: &Option<Server>| match (p, &state) {
             (None, _) => Some(self.keys.key(&["canary"])),
-            (Some(p), Some(state)) => self.canary_on(|slot| state.get_server(slot) == Some(p)),
+            (Some(p), Some(state)) => crate::keys::key_in_slots(&self.keys, "canary", |slot| {
+                state.get_server(slot) == Some(p)
+            }),
             (Some(_), None) => None,
         };
         let Some(canaries) = primaries.iter().map(canary).collect::<Option<Vec<_>>>() else {
@@ -430,15 +432,6 @@ impl Watch {
         sink.all();
         self.complete = true;
         inner.live.store(true, Ordering::Release);
-    }
-
-    /// A canary key in a slot `owned` accepts.
-    fn canary_on(&self, owned: impl Fn(u16) -> bool) -> Option<String> {
-        // A primary holding a single slot takes 16,384 tries on average;
-        // missing it in a million has odds below e^-60.
-        (0..1_000_000u32)
-            .map(|n| self.keys.key(&["canary", &n.to_string()]))
-            .find(|k| owned(crate::slot(k)))
     }
 }
 
