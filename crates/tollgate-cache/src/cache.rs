@@ -2,8 +2,8 @@
 //! coherent across instances by Redis pub/sub, and `get_or_compute`.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::flight::{Flights, Role};
 use crate::key::UrlKey;
 use crate::l1::{L1, L1Value, LOCAL_MAX_BYTES};
+use crate::pending::{Invalidation, Pending};
 use crate::store::{MemoryStore, RedisStore, Store};
 
 /// Keys invalidated per pub/sub message.
@@ -149,6 +150,9 @@ pub(crate) struct Inner {
     /// before a bump is not stored, so a fill racing an invalidation can
     /// never put the old response back.
     epoch: Arc<AtomicU64>,
+    /// Invalidations that failed on an outage, to run again: until they
+    /// have, the store is not read.
+    pending: Pending,
 }
 
 impl std::fmt::Debug for Cache {
@@ -211,9 +215,12 @@ impl Cache {
         self.inner.handle.as_ref()
     }
 
-    /// Whether the store can be asked now (false while the breaker is open).
+    /// Whether the store can be asked now: false while the breaker is
+    /// open, and after it closes until the invalidations that failed
+    /// during the outage have run (the store may hold entries they
+    /// remove).
     pub fn is_available(&self) -> bool {
-        self.inner.store.is_available()
+        self.inner.store.is_available() && !self.inner.pending.waiting()
     }
 
     /// Whether the store's reads end by themselves within the lookup
@@ -369,17 +376,41 @@ impl Cache {
     /// Removes one stored key without bumping the epoch (used to undo a
     /// write that raced an invalidation).
     pub(crate) async fn invalidate_quietly(&self, key: &str) -> Result<bool, Error> {
-        let found = self.inner.store.invalidate_key(key).await?;
+        let found = self.delete(key).await?;
         self.forget(std::slice::from_ref(&key.to_owned())).await;
         Ok(found)
     }
 
     pub(crate) async fn invalidate_raw(&self, key: &str) -> Result<bool, Error> {
         self.bump();
-        let found = self.inner.store.invalidate_key(key).await;
+        let found = self.delete(key).await;
         // Told even when the store failed: the delete may have landed.
         self.forget(std::slice::from_ref(&key.to_owned())).await;
         found
+    }
+
+    /// Removes `key` from the store, kept to run again if that fails on an
+    /// outage.
+    async fn delete(&self, key: &str) -> Result<bool, Error> {
+        let found = self.inner.store.invalidate_key(key).await;
+        if let Err(e) = &found {
+            self.failed(Invalidation::Key(key.to_owned()), e);
+        }
+        found
+    }
+
+    /// An invalidation failed with `e`: on an outage, it is kept and runs
+    /// again once the store answers (see [`crate::pending`]).
+    fn failed(&self, item: Invalidation, e: &Error) {
+        let Error::Store(e) = e else { return };
+        if !e.is_outage() {
+            return;
+        }
+        if self.inner.pending.keep(item)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(replay(Arc::downgrade(&self.inner)));
+        }
     }
 
     /// Removes every entry (data values and responses) tagged `tag`, on
@@ -389,7 +420,10 @@ impl Cache {
     /// timeout) does not cut it off half way, and the other instances are
     /// told even when a step fails (when the store cannot say what it
     /// removed, they drop their whole L1). A failed invalidation leaves the
-    /// tag in place: running it again finishes the job. On Redis a large
+    /// tag in place: running it again finishes the job. When it failed on
+    /// an outage (Redis down or too slow) the cache runs it again itself
+    /// once the store answers, and does not read the store until then (see
+    /// [`is_available`](Self::is_available)). On Redis a large
     /// tag is removed a thousand entries per round, each round within the
     /// command deadline.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<usize, Error> {
@@ -418,6 +452,7 @@ impl Cache {
                 Ok(keys.len())
             }
             Err(e) => {
+                self.failed(Invalidation::Tag(tag.to_owned()), &e);
                 // Some entries may be gone without their keys known here.
                 self.forget_all().await;
                 Err(e)
@@ -536,6 +571,36 @@ impl Cache {
     }
 }
 
+/// How often kept invalidations check whether the store is back.
+const REPLAY_EVERY: Duration = Duration::from_millis(100);
+
+/// Runs the invalidations kept by [`Pending`] once the store answers
+/// again, round after round until none is left; ends early if the cache is
+/// dropped.
+async fn replay(cache: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(REPLAY_EVERY).await;
+        let Some(inner) = cache.upgrade() else { return };
+        let cache = Cache { inner };
+        if !cache.inner.store.is_available() {
+            continue;
+        }
+        for item in cache.inner.pending.take() {
+            // A failure on an outage keeps the item for the next round.
+            let _ = match item {
+                Invalidation::Tag(t) => cache.invalidate_tag_now(&t).await.map(drop),
+                Invalidation::Key(k) => cache.invalidate_raw(&k).await.map(drop),
+            };
+        }
+        if cache.inner.pending.settle() {
+            tracing::info!(
+                "the cache invalidations that failed during the outage have run: serving from the store again"
+            );
+            return;
+        }
+    }
+}
+
 /// Tells the other instances to drop L1 copies.
 async fn broadcast(sub: &Subscription, msg: impl Into<Bytes>) {
     if let Err(e) = sub.publish(msg).await {
@@ -644,6 +709,7 @@ impl CacheBuilder {
                 coalesce_timeout: self.coalesce_timeout,
                 subscription,
                 epoch,
+                pending: Pending::default(),
             }),
         }
     }

@@ -31,10 +31,12 @@
 //! - `Cache-Status` (RFC 9211) and `X-Cache: HIT | MISS | STALE | BYPASS`;
 //!   metrics by route template: `tollgate_cache_requests_total{route,
 //!   outcome}`, `tollgate_cache_store_errors_total{op}`,
-//!   `tollgate_cache_stored_bytes_total`.
+//!   `tollgate_cache_stored_bytes_total`,
+//!   `tollgate_cache_invalidations_dropped_total`.
 //! - Redis down (breaker open) or slower than the handle's deadline: the
 //!   request goes to the origin (`X-Cache: BYPASS`), never a 5xx; the cache
-//!   comes back by itself.
+//!   comes back by itself. Invalidations that failed meanwhile run again
+//!   first, and the cache is not read until they have.
 //!
 //! ```
 //! use std::time::Duration;
@@ -90,6 +92,7 @@ mod future;
 mod key;
 mod l1;
 mod layer;
+mod pending;
 mod route;
 mod service;
 mod store;

@@ -217,6 +217,48 @@ async fn redis_down_computes() {
     }
 }
 
+/// A tag invalidation that fails during an outage returns its error, and
+/// the cache runs it again itself once Redis is back, before serving from
+/// Redis again: the removed value is never read afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_invalidation_during_an_outage_runs_when_redis_is_back() {
+    let mut server = tollgate_testkit::RedisServer::start();
+    let h = RedisHandle::connect(
+        RedisConfig::from_url(server.url())
+            .deadline(Duration::from_millis(50))
+            .probe_interval(Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    let c = Cache::redis(h.clone());
+    let get = |v: u32| {
+        c.get_or_compute(
+            "total",
+            Duration::from_secs(60),
+            &["campaigns"],
+            move || async move { Ok::<_, std::io::Error>(v) },
+        )
+    };
+    assert_eq!(get(1).await.unwrap(), 1);
+    assert_eq!(get(2).await.unwrap(), 1, "cached");
+    server.pause();
+    let err = c
+        .invalidate_tag("campaigns")
+        .await
+        .expect_err("Redis is frozen");
+    assert!(matches!(err, tollgate_cache::Error::Store(_)), "{err:?}");
+    assert!(!c.is_available(), "not read until the invalidation has run");
+    server.resume();
+    let started = std::time::Instant::now();
+    while !c.is_available() {
+        assert_eq!(get(3).await.unwrap(), 3, "computed, never the old value");
+        assert!(started.elapsed() < Duration::from_secs(10), "recovered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(get(4).await.unwrap(), 4, "the old value is gone from Redis");
+    assert_eq!(get(5).await.unwrap(), 4, "and the new one cached");
+}
+
 /// A caller that stops waiting for a tag invalidation (a timeout) does not
 /// cut it off: the entries are deleted and the other instances told.
 async fn an_abandoned_tag_invalidation_still_completes(make: Make) {

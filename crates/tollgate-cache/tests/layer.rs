@@ -721,6 +721,53 @@ async fn redis_killed_bypasses_without_5xx() {
     }
 }
 
+/// A POST during an outage cannot remove the stored response of its URL.
+/// The invalidation is kept, and once Redis is back it runs before anything
+/// is served from Redis again: the old response is never a hit afterwards
+/// (it was, until its TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_during_an_outage_runs_before_redis_serves_again() {
+    let mut server = tollgate_testkit::RedisServer::start();
+    let h = RedisHandle::connect(
+        RedisConfig::from_url(server.url())
+            .deadline(Duration::from_millis(50))
+            .probe_interval(Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    let (_o, svc) = stack(Cache::redis(h.clone()));
+    send(&svc, get("/plain")).await;
+    settle().await;
+    let (r, stored) = send(&svc, get("/plain")).await;
+    assert_eq!(xc(&r), "HIT");
+    // Frozen: the entry stays in Redis, and lookups time out until the
+    // breaker opens.
+    server.pause();
+    while h.breaker().state() == tollgate_redis::BreakerState::Closed {
+        let (r, _) = send(&svc, get("/plain")).await;
+        assert_eq!(r.status(), 200);
+    }
+    let (r, _) = send(&svc, get("/plain").method(Method::POST)).await;
+    assert_eq!(r.status(), 200, "the POST itself is served");
+    server.resume();
+    let started = std::time::Instant::now();
+    loop {
+        let (r, body) = send(&svc, get("/plain")).await;
+        assert!(
+            !(xc(&r) == "HIT" && body == stored),
+            "the response the POST invalidated was served after the outage"
+        );
+        if xc(&r) == "HIT" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "did not serve from Redis again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// An absolute-form request line (or an HTTP/2 `:authority`) names one
 /// host, the `Host` header, which applications read, another: the response
 /// may be built for the header's host, so it is neither served from nor
