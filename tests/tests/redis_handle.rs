@@ -365,6 +365,15 @@ async fn reports_health(h: RedisHandle) {
     assert_eq!(json["breaker"], "closed");
     assert_eq!(json["layers"][0]["name"], "ratelimit");
     assert_eq!(json["layers"][0]["mode"], "redis");
+    // The test servers keep nothing on disk: said once a layer keeps data
+    // that must outlive a restart.
+    assert_eq!(report.appendonly, Some(false));
+    assert_eq!(report.maxmemory_policy.as_deref(), Some("noeviction"));
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    h.register_layer("session");
+    let report = h.health().await;
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(report.warnings[0].starts_with("appendonly is off"));
 }
 
 /// Traffic from `n` tasks; returns the slowest call seen and a stop flag.

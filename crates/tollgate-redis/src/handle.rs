@@ -12,7 +12,9 @@ use tokio::task::JoinHandle;
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::config::{RedisConfig, Topology};
 use crate::error::{Error, is_outage_error};
-use crate::health::{HealthReport, HealthStatus, LayerHealth, LayerMode, LocalCacheHealth};
+use crate::health::{
+    HealthReport, HealthStatus, LayerHealth, LayerMode, LocalCacheHealth, ServerSettings,
+};
 use crate::keys::KeySpace;
 use crate::script::Script;
 
@@ -67,6 +69,8 @@ struct Inner {
     followers: Mutex<Vec<(Weak<()>, Client)>>,
     /// Clients connected to the Sentinels, announcing switches.
     watchers: Mutex<Vec<Client>>,
+    /// Whether the health report's warnings were logged (once).
+    warned: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -221,6 +225,7 @@ impl RedisHandle {
                 tracked: Mutex::new(Vec::new()),
                 followers: Mutex::new(Vec::new()),
                 watchers: Mutex::new(Vec::new()),
+                warned: AtomicBool::new(false),
                 tasks: Mutex::new(Vec::new()),
             }),
         };
@@ -318,6 +323,15 @@ impl RedisHandle {
         {
             l.push(name);
         }
+    }
+
+    /// The names of the registered layers.
+    fn registered_layers(&self) -> Vec<&'static str> {
+        self.inner
+            .layers
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
     }
 
     /// Lists a tracked connection in the health report while it exists.
@@ -559,16 +573,17 @@ impl RedisHandle {
         let ping = tokio::time::timeout(deadline, client.ping::<String>(None)).await;
         let latency = started.elapsed();
         let connected = matches!(ping, Ok(Ok(_)));
-        let (mut version, mut memory) = (None, None);
+        let mut settings = ServerSettings::default();
         if connected
             && let Ok(Ok(info)) = tokio::time::timeout(deadline, client.info::<String>(None)).await
         {
-            for line in info.lines() {
-                if let Some(v) = line.strip_prefix("redis_version:") {
-                    version = Some(v.trim().to_owned());
-                } else if let Some(v) = line.strip_prefix("used_memory:") {
-                    memory = v.trim().parse().ok();
-                }
+            settings = ServerSettings::from_info(&info);
+        }
+        let registered = self.registered_layers();
+        let warnings = settings.warnings(&registered);
+        if !warnings.is_empty() && !self.inner.warned.swap(true, Ordering::Relaxed) {
+            for w in &warnings {
+                tracing::warn!(namespace = %self.inner.namespace, "Redis settings: {w}");
             }
         }
         let breaker = self.inner.breaker.state();
@@ -577,19 +592,13 @@ impl RedisHandle {
         } else {
             LayerMode::Fallback
         };
-        let layers = self
-            .inner
-            .layers
-            .lock()
-            .map(|l| {
-                l.iter()
-                    .map(|name| LayerHealth {
-                        name: (*name).to_owned(),
-                        mode,
-                    })
-                    .collect()
+        let layers = registered
+            .iter()
+            .map(|name| LayerHealth {
+                name: (*name).to_owned(),
+                mode,
             })
-            .unwrap_or_default();
+            .collect();
         let local_caches = self
             .inner
             .tracked
@@ -615,8 +624,12 @@ impl RedisHandle {
             },
             connected,
             latency_ms: connected.then_some(latency.as_secs_f64() * 1e3),
-            server_version: version,
-            used_memory_bytes: memory,
+            server_version: settings.version,
+            used_memory_bytes: settings.used_memory,
+            maxmemory_bytes: settings.maxmemory,
+            maxmemory_policy: settings.policy,
+            appendonly: settings.appendonly,
+            warnings,
             topology: Some(self.inner.topology.clone()),
             namespace: self.inner.namespace.clone(),
             breaker: Some(breaker),

@@ -74,6 +74,15 @@ pub struct HealthReport {
     pub server_version: Option<String>,
     /// `used_memory` from INFO.
     pub used_memory_bytes: Option<u64>,
+    /// `maxmemory` from INFO (0: no limit).
+    pub maxmemory_bytes: Option<u64>,
+    /// `maxmemory_policy` from INFO.
+    pub maxmemory_policy: Option<String>,
+    /// `aof_enabled` from INFO.
+    pub appendonly: Option<bool>,
+    /// Settings of this Redis that can lose what the registered layers
+    /// keep (sessions, usage counts), in words; empty when none.
+    pub warnings: Vec<String>,
     /// Standalone, cluster or sentinel.
     pub topology: Option<Topology>,
     /// Key namespace.
@@ -104,6 +113,10 @@ impl HealthReport {
             latency_ms: None,
             server_version: None,
             used_memory_bytes: None,
+            maxmemory_bytes: None,
+            maxmemory_policy: None,
+            appendonly: None,
+            warnings: Vec::new(),
             topology: None,
             namespace: String::new(),
             breaker: None,
@@ -144,6 +157,68 @@ impl HealthReport {
             header::HeaderValue::from_static("no-store"),
         );
         res
+    }
+}
+
+/// What an INFO reply says about memory and persistence.
+#[derive(Debug, Default)]
+pub(crate) struct ServerSettings {
+    pub(crate) version: Option<String>,
+    pub(crate) used_memory: Option<u64>,
+    pub(crate) maxmemory: Option<u64>,
+    pub(crate) policy: Option<String>,
+    pub(crate) appendonly: Option<bool>,
+}
+
+impl ServerSettings {
+    /// Reads the fields of an INFO reply.
+    pub(crate) fn from_info(info: &str) -> Self {
+        let mut s = ServerSettings::default();
+        for line in info.lines() {
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            let v = v.trim();
+            match k {
+                "redis_version" => s.version = Some(v.to_owned()),
+                "used_memory" => s.used_memory = v.parse().ok(),
+                "maxmemory" => s.maxmemory = v.parse().ok(),
+                "maxmemory_policy" => s.policy = Some(v.to_owned()),
+                "aof_enabled" => s.appendonly = Some(v == "1"),
+                _ => {}
+            }
+        }
+        s
+    }
+
+    /// The settings that can lose what `layers` keep in Redis: sessions
+    /// and usage counts must outlive memory pressure and restarts (cached
+    /// responses and rate-limit state may not).
+    pub(crate) fn warnings(&self, layers: &[&str]) -> Vec<String> {
+        let kept: Vec<&str> = layers
+            .iter()
+            .copied()
+            .filter(|l| matches!(*l, "session" | "usage"))
+            .collect();
+        if kept.is_empty() {
+            return Vec::new();
+        }
+        let what = kept.join(" and ");
+        let mut w = Vec::new();
+        if let (Some(policy), Some(max)) = (&self.policy, self.maxmemory)
+            && max > 0
+            && policy != "noeviction"
+        {
+            w.push(format!(
+                "maxmemory-policy is {policy}: under memory pressure Redis may evict {what} data; use noeviction (the layers fall back when Redis refuses writes), or give the cache a Redis of its own"
+            ));
+        }
+        if self.appendonly == Some(false) {
+            w.push(format!(
+                "appendonly is off: a Redis restart loses the {what} data written since the last snapshot (all of it without snapshots)"
+            ));
+        }
+        w
     }
 }
 
@@ -205,5 +280,41 @@ impl<B> tower::Service<Request<B>> for HealthService {
             };
             Ok(report.into_response())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_that_lose_sessions_or_usage_are_reported() {
+        let info = "# Server\r\nredis_version:7.0.15\r\n# Memory\r\nused_memory:1024\r\nmaxmemory:1048576\r\nmaxmemory_policy:allkeys-lru\r\n# Persistence\r\naof_enabled:0\r\n";
+        let s = ServerSettings::from_info(info);
+        assert_eq!(s.version.as_deref(), Some("7.0.15"));
+        assert_eq!((s.used_memory, s.maxmemory), (Some(1024), Some(1_048_576)));
+        assert_eq!(s.appendonly, Some(false));
+        let w = s.warnings(&["ratelimit", "session", "usage"]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("maxmemory-policy is allkeys-lru")
+                && w[0].contains("session and usage")
+        );
+        assert!(w[1].starts_with("appendonly is off"));
+        assert!(
+            s.warnings(&["ratelimit", "cache"]).is_empty(),
+            "nothing kept"
+        );
+
+        let safe =
+            ServerSettings::from_info("maxmemory:0\nmaxmemory_policy:allkeys-lru\naof_enabled:1\n");
+        assert!(
+            safe.warnings(&["session"]).is_empty(),
+            "no limit: nothing evicted"
+        );
+        let safe = ServerSettings::from_info(
+            "maxmemory:100\nmaxmemory_policy:noeviction\naof_enabled:1\n",
+        );
+        assert!(safe.warnings(&["usage"]).is_empty());
     }
 }
