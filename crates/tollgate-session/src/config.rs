@@ -34,6 +34,10 @@ pub enum FailureMode {
     FailClosed,
 }
 
+/// Default bound of a session's data, in bytes (see
+/// [`SessionsBuilder::max_data_bytes`]).
+pub const DEFAULT_MAX_DATA_BYTES: usize = 128 * 1024;
+
 /// Smallest accepted secret (hashing and signing keys), in bytes.
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -56,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) timeouts: Timeouts,
     pub(crate) failure: FailureMode,
     pub(crate) record_client: bool,
+    /// Most bytes of data (keys and JSON values) a session may hold.
+    pub(crate) max_data_bytes: usize,
 }
 
 /// Which store serves a session.
@@ -233,6 +239,7 @@ pub struct SessionsBuilder {
     failure: FailureMode,
     no_client_info: bool,
     local_cache: Option<(usize, Duration)>,
+    max_data_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for SessionsBuilder {
@@ -364,8 +371,28 @@ impl SessionsBuilder {
         self
     }
 
+    /// Most bytes of data a session may hold, keys and JSON-encoded values
+    /// together (default 128 KiB). An [`insert`](crate::Session::insert)
+    /// that would go over it fails with [`Error::TooLarge`] and changes
+    /// nothing. Every request that reads a session moves its whole record,
+    /// and on Redis within the command deadline: without a bound, one
+    /// session grown without end (a list appended to on every request)
+    /// would make its own requests time out, and its timeouts would open
+    /// the breaker that every layer shares.
+    pub fn max_data_bytes(mut self, bytes: usize) -> Self {
+        self.max_data_bytes = Some(bytes);
+        self
+    }
+
     /// Checks the configuration.
     pub fn build(self) -> Result<Sessions, Error> {
+        let max_data_bytes = self.max_data_bytes.unwrap_or(DEFAULT_MAX_DATA_BYTES);
+        if max_data_bytes == 0 {
+            return Err(Error::Config {
+                field: "max_data_bytes",
+                reason: "must be positive",
+            });
+        }
         let mut t = self.timeouts;
         if t.idle.is_zero() {
             return Err(Error::Config {
@@ -457,6 +484,7 @@ impl SessionsBuilder {
                 timeouts: t,
                 failure: self.failure,
                 record_client: !self.no_client_info,
+                max_data_bytes,
             }),
         })
     }

@@ -46,6 +46,20 @@ pub enum Error {
     /// The session has no user bound to it (user-index operations).
     #[error("the session has no user bound to it")]
     NoUser,
+    /// Storing the value would take the session's data over its size limit
+    /// ([`SessionsBuilder::max_data_bytes`](crate::SessionsBuilder::max_data_bytes)).
+    /// Nothing was changed.
+    #[error(
+        "session value `{key}` would make the session's data {bytes} bytes, over its limit of {limit}"
+    )]
+    TooLarge {
+        /// The entry's key.
+        key: String,
+        /// The data's size with the value.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl From<tollgate_redis::Error> for Error {

@@ -83,7 +83,7 @@ mod session;
 pub mod store;
 mod transport;
 
-pub use config::{FailureMode, MIN_SECRET_LEN, Sessions, SessionsBuilder};
+pub use config::{DEFAULT_MAX_DATA_BYTES, FailureMode, MIN_SECRET_LEN, Sessions, SessionsBuilder};
 pub use error::Error;
 pub use future::ResponseFuture;
 pub use layer::SessionLayer;

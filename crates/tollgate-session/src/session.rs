@@ -73,6 +73,35 @@ struct State {
     rotate: bool,
 }
 
+impl State {
+    /// The size of the session's data (keys and JSON values) once `key`
+    /// holds `json`, counting this request's changes.
+    fn data_bytes_with(&self, key: &str, json: &str) -> usize {
+        let entry = |k: &String, v: &String| k.len() + v.len();
+        let stored = match &self.phase {
+            Phase::Loaded { record, .. } if !self.diff.clear => record
+                .data
+                .iter()
+                .filter(|(k, _)| {
+                    k.as_str() != key
+                        && !self.diff.remove.contains(k.as_str())
+                        && !self.diff.set.contains_key(k.as_str())
+                })
+                .map(|(k, v)| entry(k, v))
+                .sum(),
+            _ => 0,
+        };
+        let changed: usize = self
+            .diff
+            .set
+            .iter()
+            .filter(|(k, _)| k.as_str() != key)
+            .map(|(k, v)| entry(k, v))
+            .sum();
+        stored + changed + key.len() + json.len()
+    }
+}
+
 enum Phase {
     /// Nothing read yet.
     Unloaded,
@@ -163,7 +192,10 @@ impl Session {
     ///
     /// # Errors
     ///
-    /// Besides a value that cannot be encoded: while Redis is unreachable,
+    /// A value that cannot be encoded, and one that would take the
+    /// session's data (keys and JSON values) over
+    /// [`max_data_bytes`](crate::SessionsBuilder::max_data_bytes)
+    /// ([`Error::TooLarge`]; the session is unchanged). While Redis is unreachable,
     /// a request whose cookie names a session that may live in Redis sees
     /// it empty (the user is anonymous meanwhile). Changing it
     /// (`insert`, `remove`, `clear`, `bind_user`) fails with
@@ -179,6 +211,15 @@ impl Session {
         })?;
         let mut st = self.inner.state.lock().await;
         self.ensure_writable(&mut st).await?;
+        let limit = self.shared().max_data_bytes;
+        let bytes = st.data_bytes_with(key, &json);
+        if bytes > limit {
+            return Err(Error::TooLarge {
+                key: key.to_owned(),
+                bytes,
+                limit,
+            });
+        }
         st.diff.remove.remove(key);
         st.diff.set.insert(key.to_owned(), json);
         Ok(())
