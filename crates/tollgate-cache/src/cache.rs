@@ -142,6 +142,8 @@ pub(crate) struct Inner {
     memo: DecodeMemo,
     flights: Flights<Bytes>,
     coalesce_timeout: Duration,
+    /// Largest encoded value `get_or_compute` stores.
+    max_value_bytes: usize,
     /// The L1 invalidation channel (with an L1 on Redis): stops listening
     /// when the cache is dropped.
     subscription: Option<Subscription>,
@@ -174,6 +176,7 @@ pub struct CacheBuilder {
     l1: Option<(Duration, u64)>,
     coalesce_timeout: Duration,
     memory_bytes: u64,
+    max_value_bytes: usize,
 }
 
 /// How long a write or an invalidation of a store that does not bound its
@@ -190,6 +193,7 @@ impl Cache {
             l1: None,
             coalesce_timeout: Duration::from_secs(5),
             memory_bytes: 64 << 20,
+            max_value_bytes: 1 << 20,
         }
     }
 
@@ -551,10 +555,16 @@ impl Cache {
                 if let Ok(bytes) = serde_json::to_vec(&v) {
                     let bytes = Bytes::from(bytes);
                     guard.complete(Some(bytes.clone()));
+                    let fits = bytes.len() <= self.inner.max_value_bytes;
+                    if !fits {
+                        metrics::counter!("tollgate_cache_data_total", "outcome" => "too_large")
+                            .increment(1);
+                        tracing::debug!(bytes = bytes.len(), limit = self.inner.max_value_bytes, key = %key, "value over max_value_bytes: not cached");
+                    }
                     // Not stored when an invalidation ran during the compute
                     // (the value may predate it), and taken back out when
                     // one ran during the write.
-                    if available && self.epoch() == epoch {
+                    if fits && available && self.epoch() == epoch {
                         let tags: Vec<String> = tags.iter().map(|t| (*t).to_owned()).collect();
                         let put = self.bounded_write(self.put_raw(&key, bytes, ttl, &tags));
                         if let Err(e) = put.await {
@@ -667,6 +677,17 @@ impl CacheBuilder {
         self
     }
 
+    /// Largest value (encoded as JSON) that
+    /// [`get_or_compute`](Cache::get_or_compute) stores (default 1 MiB, as
+    /// the response cache's body cap). A larger one is computed and
+    /// returned but not stored: writing and reading it would take longer
+    /// than a command's deadline, and the timeouts would open the breaker
+    /// that every layer shares.
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
     /// Builds the cache. With an L1 on Redis, starts the invalidation
     /// subscriber (needs a Tokio runtime).
     pub fn build(self) -> Cache {
@@ -707,6 +728,7 @@ impl CacheBuilder {
                 memo: DecodeMemo,
                 flights: Flights::default(),
                 coalesce_timeout: self.coalesce_timeout,
+                max_value_bytes: self.max_value_bytes,
                 subscription,
                 epoch,
                 pending: Pending::default(),

@@ -217,6 +217,29 @@ async fn redis_down_computes() {
     }
 }
 
+/// A value over `max_value_bytes` is computed and returned every time,
+/// never stored; one within it is cached.
+#[tokio::test]
+async fn a_value_over_the_limit_is_returned_not_stored() {
+    let c = Cache::builder().max_value_bytes(100).build();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let get = |key: &'static str, len: usize| {
+        let calls = calls.clone();
+        c.get_or_compute(key, Duration::from_secs(60), &[], move || async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>("x".repeat(len))
+        })
+    };
+    for _ in 0..2 {
+        assert_eq!(get("big", 200).await.unwrap().len(), 200);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "computed each time");
+    for _ in 0..2 {
+        assert_eq!(get("small", 50).await.unwrap().len(), 50);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "the small one cached");
+}
+
 /// A tag invalidation that fails during an outage returns its error, and
 /// the cache runs it again itself once Redis is back, before serving from
 /// Redis again: the removed value is never read afterwards.
