@@ -29,13 +29,7 @@ static INCR_BY: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
 });
 
 async fn connect(url: String) -> RedisHandle {
-    RedisHandle::connect(
-        RedisConfig::from_url(url)
-            .deadline(DEADLINE)
-            .probe_interval(Duration::from_millis(50)),
-    )
-    .await
-    .expect("connect")
+    tollgate_testkit::connect_with_deadline(url, DEADLINE).await
 }
 
 async fn wait_for_state(h: &RedisHandle, want: BreakerState, within: Duration) -> Duration {

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tollgate_cache::Cache;
-use tollgate_redis::{RedisConfig, RedisHandle};
 
 use tollgate_testkit::connect as handle;
 
@@ -195,13 +194,7 @@ async fn waiters_give_up_after_the_coalesce_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_computes() {
     let mut server = tollgate_testkit::RedisServer::start();
-    let h = RedisHandle::connect(
-        RedisConfig::from_url(server.url())
-            .deadline(Duration::from_millis(50))
-            .probe_interval(Duration::from_millis(50)),
-    )
-    .await
-    .unwrap();
+    let h = tollgate_testkit::connect_with_deadline(server.url(), Duration::from_millis(50)).await;
     let c = Cache::redis(h);
     server.kill();
     for i in 0..20u32 {
@@ -246,13 +239,7 @@ async fn a_value_over_the_limit_is_returned_not_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_invalidation_during_an_outage_runs_when_redis_is_back() {
     let mut server = tollgate_testkit::RedisServer::start();
-    let h = RedisHandle::connect(
-        RedisConfig::from_url(server.url())
-            .deadline(Duration::from_millis(50))
-            .probe_interval(Duration::from_millis(50)),
-    )
-    .await
-    .unwrap();
+    let h = tollgate_testkit::connect_with_deadline(server.url(), Duration::from_millis(50)).await;
     let c = Cache::redis(h.clone());
     let get = |v: u32| {
         c.get_or_compute(

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use tollgate_cache::{Cache, ResponseCacheLayer, RouteRule, UserKey};
-use tollgate_redis::{RedisConfig, RedisHandle};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt, service_fn};
 
@@ -681,13 +680,7 @@ async fn range_requests_bypass(make: Make) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_bypasses_without_5xx() {
     let mut server = tollgate_testkit::RedisServer::start();
-    let h = RedisHandle::connect(
-        RedisConfig::from_url(server.url())
-            .deadline(Duration::from_millis(50))
-            .probe_interval(Duration::from_millis(50)),
-    )
-    .await
-    .unwrap();
+    let h = tollgate_testkit::connect_with_deadline(server.url(), Duration::from_millis(50)).await;
     let (o, svc) = stack(Cache::redis(h.clone()));
     send(&svc, get("/plain")).await;
     settle().await;
@@ -728,13 +721,7 @@ async fn redis_killed_bypasses_without_5xx() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidation_during_an_outage_runs_before_redis_serves_again() {
     let mut server = tollgate_testkit::RedisServer::start();
-    let h = RedisHandle::connect(
-        RedisConfig::from_url(server.url())
-            .deadline(Duration::from_millis(50))
-            .probe_interval(Duration::from_millis(50)),
-    )
-    .await
-    .unwrap();
+    let h = tollgate_testkit::connect_with_deadline(server.url(), Duration::from_millis(50)).await;
     let (_o, svc) = stack(Cache::redis(h.clone()));
     send(&svc, get("/plain")).await;
     settle().await;

@@ -31,9 +31,19 @@ pub use tls::TlsMaterial;
 /// a 2 s deadline (debug builds under heavy concurrency) and a breaker that
 /// probes every 50 ms, so recovery is quick. Panics if `url` is unusable.
 pub async fn connect(url: impl Into<String>) -> tollgate_redis::RedisHandle {
+    connect_with_deadline(url, Duration::from_secs(2)).await
+}
+
+/// A handle on `url` with a production-like deadline, for tests of
+/// outages and recovery: `deadline` per command and a breaker that probes
+/// every 50 ms. Panics if `url` is unusable.
+pub async fn connect_with_deadline(
+    url: impl Into<String>,
+    deadline: Duration,
+) -> tollgate_redis::RedisHandle {
     tollgate_redis::RedisHandle::connect(
         tollgate_redis::RedisConfig::from_url(url)
-            .deadline(Duration::from_secs(2))
+            .deadline(deadline)
             .probe_interval(Duration::from_millis(50)),
     )
     .await
