@@ -83,6 +83,8 @@ pub(crate) fn watch(
             username: username.clone(),
             password: password.clone(),
             database: None,
+            // RESP3: a subscribed connection may still ask for the primary.
+            version: fred::types::RespVersion::RESP3,
             ..config.clone()
         };
         let client = fred::types::Builder::from_config(sentinel)
