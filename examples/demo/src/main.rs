@@ -43,7 +43,12 @@ async fn main() -> ExitCode {
     };
     match &config.redis_url {
         Some(_) => {
-            tracing::info!(addr = %config.addr, "tollgate demo listening; state is shared through Redis")
+            tracing::info!(addr = %config.addr, "tollgate demo listening; state is shared through Redis");
+            // Logs, once, the Redis settings that could lose sessions or
+            // usage counts (also listed by `/health/redis`).
+            if let Some(redis) = app.redis() {
+                let _ = redis.health().await;
+            }
         }
         None => {
             tracing::info!(addr = %config.addr, "tollgate demo listening; REDIS_URL is unset, so everything runs in process (state is per process and lost on restart)")
