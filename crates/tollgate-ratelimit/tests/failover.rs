@@ -1,4 +1,4 @@
-//! Redis down, frozen, back: no 5xx (unless a policy fails closed), the
+//! Redis down (killed, or a Sentinel failing over), frozen, back: no 5xx
 //! headers stay, and decisions return to Redis.
 
 mod common;
@@ -11,7 +11,7 @@ use common::*;
 use tollgate_ratelimit::{
     FailureMode, MissingKey, Policy, PolicyTable, Quota, RateLimiter, Source,
 };
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::{RedisSentinel, RedisServer};
 
 fn table(mode: FailureMode) -> PolicyTable {
     PolicyTable::builder()
@@ -29,7 +29,36 @@ async fn source_of(limiter: &RateLimiter) -> Source {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_redis_under_traffic() {
     let mut server = RedisServer::start();
-    let h = connect_with(&server.url(), Duration::from_millis(100)).await;
+    let url = server.url();
+    through_an_outage(&url, &mut server, RedisServer::kill, RedisServer::restart).await;
+}
+
+/// Behind a Sentinel: the primary killed, decisions fall back until the
+/// replica is promoted, then return to Redis there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_under_traffic() {
+    let mut sentinel = RedisSentinel::start();
+    let url = sentinel.url();
+    through_an_outage(
+        &url,
+        &mut sentinel,
+        |s| {
+            s.kill_primary();
+        },
+        |s| {
+            // The node still running is the replica the Sentinel promotes.
+            let replica = s.nodes().iter().position(RedisServer::is_running);
+            s.wait_for_promotion(replica.expect("a node still runs"));
+        },
+    )
+    .await;
+}
+
+/// Traffic through `down(redis)` and `up(redis)`: no 5xx, the headers on
+/// every response, no request stalled, decisions in process while Redis
+/// is down and back on Redis afterwards.
+async fn through_an_outage<T>(url: &str, redis: &mut T, down: fn(&mut T), up: fn(&mut T)) {
+    let h = connect_with(url, Duration::from_millis(100)).await;
     let limiter = RateLimiter::builder(table(FailureMode::Fallback))
         .redis(h)
         .build();
@@ -54,14 +83,14 @@ async fn kill_redis_under_traffic() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(source_of(&limiter).await, Source::Redis);
-    tokio::task::block_in_place(|| server.kill());
+    tokio::task::block_in_place(|| down(redis));
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
         source_of(&limiter).await,
         Source::Memory,
         "fallback while Redis is dead"
     );
-    tokio::task::block_in_place(|| server.restart());
+    tokio::task::block_in_place(|| up(redis));
     let back = Instant::now();
     while source_of(&limiter).await != Source::Redis {
         assert!(

@@ -601,9 +601,16 @@ impl RedisSentinel {
     /// Kills the primary and waits until the Sentinel has promoted the
     /// other node and that node acts as primary. Returns its index.
     pub fn fail_over(&mut self) -> usize {
+        let new = self.kill_primary();
+        self.wait_for_promotion(new)
+    }
+
+    /// Kills the primary, and returns the index of the node the Sentinel
+    /// will promote (see [`wait_for_promotion`](Self::wait_for_promotion)).
+    pub fn kill_primary(&mut self) -> usize {
         let old = self.primary_index();
         self.nodes[old].kill();
-        self.wait_for_promotion(1 - old)
+        1 - old
     }
 
     /// A planned switch (`SENTINEL FAILOVER`): the Sentinel promotes the
@@ -652,7 +659,9 @@ impl RedisSentinel {
         }
     }
 
-    fn wait_for_promotion(&self, new: usize) -> usize {
+    /// Waits until the Sentinel has promoted node `new` and it acts as
+    /// primary; returns `new`.
+    pub fn wait_for_promotion(&self, new: usize) -> usize {
         self.wait_until("the Sentinel promotes the replica", || {
             let named = matches!(
                 self.sentinel.command(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE]),
