@@ -1,5 +1,6 @@
 //! Redis down (killed, or a Sentinel failing over), frozen, back: no 5xx
-//! headers stay, and decisions return to Redis.
+//! (unless a policy fails closed), the headers stay, and decisions return
+//! to Redis.
 
 mod common;
 
