@@ -559,6 +559,11 @@ impl RedisSentinel {
         &self.nodes
     }
 
+    /// One data node, for fault injection (pause a replica, say).
+    pub fn node_mut(&mut self, i: usize) -> &mut RedisServer {
+        &mut self.nodes[i]
+    }
+
     /// The Sentinel process.
     pub fn sentinel(&self) -> &RedisServer {
         &self.sentinel

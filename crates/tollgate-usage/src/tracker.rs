@@ -63,6 +63,7 @@ pub struct UsageConfig {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_retry_age: Duration,
     pub(crate) max_unsettled: usize,
+    pub(crate) replicas: u32,
 }
 
 impl Default for UsageConfig {
@@ -78,6 +79,7 @@ impl Default for UsageConfig {
             shutdown_timeout: Duration::from_secs(10),
             max_retry_age: MAX_RETRY_AGE,
             max_unsettled: DEFAULT_MAX_UNSETTLED,
+            replicas: 0,
         }
     }
 }
@@ -152,6 +154,15 @@ impl UsageConfig {
     /// it; a write may or may not have been applied).
     pub fn max_unsettled(mut self, n: usize) -> Self {
         self.max_unsettled = n.max(1);
+        self
+    }
+
+    /// With Redis: a flush counts as written only once this many replicas
+    /// have it, so that a failover to a replica (Sentinel) loses no
+    /// flushed count (default 0: do not wait). See
+    /// [`RedisStore::wait_for_replicas`](crate::RedisStore::wait_for_replicas).
+    pub fn wait_for_replicas(mut self, replicas: u32) -> Self {
+        self.replicas = replicas;
         self
     }
 }
@@ -477,7 +488,8 @@ impl std::fmt::Debug for UsageTracker {
 impl UsageTracker {
     /// A tracker writing to Redis through `handle` (needs a Tokio runtime).
     pub fn redis(handle: tollgate_redis::RedisHandle, config: UsageConfig) -> Self {
-        Self::new(Store::Redis(RedisStore::new(handle)), config)
+        let store = RedisStore::new(handle).wait_for_replicas(config.replicas);
+        Self::new(Store::Redis(store), config)
     }
 
     /// A tracker keeping usage in this process only.

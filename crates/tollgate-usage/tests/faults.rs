@@ -915,3 +915,49 @@ async fn lost_checks_are_settled_across_cluster_nodes() {
     let s = t.stats();
     assert_eq!((s.pending, s.dropped), (0, 0));
 }
+
+/// With `wait_for_replicas(1)` a flush counts as written once the replica
+/// has it: while the replica is frozen a flush is applied on the primary
+/// but not confirmed, and is retried under its id (counted once) once the
+/// replica answers. A primary killed after a confirmed flush loses none of
+/// it: the promoted replica has every count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushes_that_wait_for_a_replica_survive_a_failover() {
+    let mut sentinel = tollgate_testkit::RedisSentinel::start();
+    let h =
+        tollgate_testkit::connect_with_deadline(sentinel.url(), Duration::from_millis(400)).await;
+    let t = UsageTracker::redis(h.clone(), manual().wait_for_replicas(1));
+    let key = acme_key(&h, &t);
+    t.record("acme", "api_request", 5);
+    t.flush().await.expect("the replica answers");
+    let replica = 1 - sentinel.primary_index();
+    assert_eq!(
+        hget(&sentinel.nodes()[replica], &key, "api_request"),
+        Some(5)
+    );
+
+    sentinel.node_mut(replica).pause();
+    t.record("acme", "api_request", 10);
+    assert!(t.flush().await.is_err(), "not on the replica: unconfirmed");
+    let primary = 1 - replica;
+    assert_eq!(
+        hget(&sentinel.nodes()[primary], &key, "api_request"),
+        Some(15),
+        "on the primary"
+    );
+    assert_eq!(t.stats().flushed, 5);
+    sentinel.node_mut(replica).resume();
+    flush_until_ok(&t).await;
+    assert_eq!(
+        hget(&sentinel.nodes()[primary], &key, "api_request"),
+        Some(15),
+        "counted once"
+    );
+    let stats = t.stats();
+    assert_eq!((stats.flushed, stats.pending, stats.dropped), (15, 0, 0));
+
+    t.record("acme", "api_request", 100);
+    t.flush().await.expect("flushed");
+    let new = tokio::task::block_in_place(|| sentinel.fail_over());
+    assert_eq!(hget(&sentinel.nodes()[new], &key, "api_request"), Some(115));
+}

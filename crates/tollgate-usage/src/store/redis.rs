@@ -15,7 +15,7 @@ use std::sync::{Arc, LazyLock};
 
 use tollgate_redis::fred::interfaces::{HashesInterface, LuaInterface, SortedSetsInterface};
 
-use tollgate_redis::fred::types::Value;
+use tollgate_redis::fred::types::{ClusterHash, CustomCommand, Value};
 use tollgate_redis::{
     BatchConn, BatchOp, CoalesceConfig, Coalescer, KeySpace, RedisHandle, Script,
 };
@@ -38,6 +38,28 @@ pub struct RedisStore {
     handle: RedisHandle,
     keys: KeySpace,
     quota: Coalescer<QuotaBatch>,
+    /// Flushes wait for replicas (see [`wait_for_replicas`](Self::wait_for_replicas)).
+    durable: Option<Arc<Durable>>,
+}
+
+/// The connection flushes are written on when they wait for replicas:
+/// `WAIT` holds its connection until the replicas answer, and on the
+/// pool's it would hold up every layer's commands behind it.
+struct Durable {
+    client: tollgate_redis::fred::clients::Client,
+    replicas: u32,
+    _follow: tollgate_redis::FollowPrimary,
+}
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            rt.spawn(async move {
+                let _ = client.quit().await;
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -63,7 +85,49 @@ impl RedisStore {
             handle,
             keys,
             quota,
+            durable: None,
         }
+    }
+
+    /// Makes a flush count as written only once `replicas` replicas have
+    /// it (`WAIT`, for at most half the handle's deadline), so that a
+    /// failover to a replica loses no flushed count. A flush the replicas
+    /// have not confirmed is retried under its batch id, which Redis
+    /// applies at most once; a batch still unconfirmed after the retry
+    /// window is counted as dropped, although the primary may hold it.
+    /// Flushes then go over a connection of their own. `0` (the default)
+    /// does not wait.
+    ///
+    /// Not on Redis Cluster (each primary would need its own `WAIT`): there
+    /// it logs a warning and does not wait. Hard-quota checks are not
+    /// waited for: a failover may lose the last few of them, and let that
+    /// many more requests through.
+    pub fn wait_for_replicas(mut self, replicas: u32) -> Self {
+        self.durable = None;
+        if replicas == 0 {
+            return self;
+        }
+        if self.handle.is_cluster() {
+            tracing::warn!(
+                "usage: wait_for_replicas is not supported on Redis Cluster; flushes do not wait for replicas"
+            );
+            return self;
+        }
+        match self.handle.dedicated_client(false) {
+            Ok(client) => {
+                let follow = self.handle.follow_primary(&client);
+                let _connection = client.connect();
+                self.durable = Some(Arc::new(Durable {
+                    client,
+                    replicas,
+                    _follow: follow,
+                }));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "usage: no connection for flushes that wait for replicas; flushes do not wait");
+            }
+        }
+        self
     }
 
     /// The handle.
@@ -101,8 +165,10 @@ impl RedisStore {
         let conn_result = self
             .handle
             .run(async {
-                let client = self.handle.client();
-                let pipeline = client.pipeline();
+                let pipeline = match &self.durable {
+                    Some(d) => d.client.pipeline(),
+                    None => self.handle.client().pipeline(),
+                };
                 for t in batch.tenants.iter().filter(|t| !t.metrics.is_empty()) {
                     let marker = self.keys.tagged(&t.tenant, &["b", &batch.id, &t.period]);
                     let hash = self.usage_key(&t.tenant, &t.period);
@@ -130,10 +196,24 @@ impl RedisStore {
                     let (cmd, args) = evalsha(&FLUSH_TOP, [marker, set], args);
                     let _: () = pipeline.custom(cmd, args).await?;
                 }
+                if let Some(d) = &self.durable {
+                    // Half the deadline: the whole pipeline must fit in it.
+                    let ms = (self.handle.deadline() / 2).as_millis().max(1);
+                    let cmd = CustomCommand::new_static("WAIT", ClusterHash::Random, true);
+                    let args: Vec<Value> = vec![
+                        d.replicas.into(),
+                        i64::try_from(ms).unwrap_or(i64::MAX).into(),
+                    ];
+                    let _: () = pipeline.custom(cmd, args).await?;
+                }
                 Ok::<_, tollgate_redis::Error>(pipeline.try_all::<Value>().await)
             })
             .await;
-        let results = conn_result?;
+        let mut results = conn_result?;
+        let acked = match &self.durable {
+            Some(_) => results.pop(),
+            None => None,
+        };
         // A restarted Redis has no scripts: load them and let the caller
         // retry the same batch (harmless: each part is applied at most once).
         if results
@@ -167,6 +247,16 @@ impl RedisStore {
         for r in results.iter().skip(with_hash.len()) {
             if let Err(e) = r {
                 return Err(UsageError::Store(tollgate_redis::Error::Redis(e.clone())));
+            }
+        }
+        if let (Some(d), Some(acked)) = (&self.durable, acked) {
+            let n = acked.ok().and_then(|v| v.as_i64()).unwrap_or(0);
+            if n < i64::from(d.replicas) {
+                // Applied on the primary, not yet safe from a failover:
+                // retried under the same id (applied at most once).
+                return Err(UsageError::Unconfirmed(tollgate_redis::Error::Protocol(
+                    format!("the flush reached {n} of {} replicas", d.replicas).into(),
+                )));
             }
         }
         Ok(totals)
@@ -324,7 +414,6 @@ impl RedisStore {
 }
 
 use tollgate_redis::fred::interfaces::ClientLike;
-use tollgate_redis::fred::types::{ClusterHash, CustomCommand};
 
 /// EVALSHA as a custom command, because fred's pipelines have no Lua
 /// interface; routed by the slot of the keys (which share one).
