@@ -410,9 +410,12 @@ impl Cache {
         if !e.is_outage() {
             return;
         }
-        if self.inner.pending.keep(item)
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
+        // Kept only where a task can run it again: a kept invalidation
+        // turns the cache off until it has run.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.inner.pending.keep(item) {
             rt.spawn(replay(Arc::downgrade(&self.inner)));
         }
     }
