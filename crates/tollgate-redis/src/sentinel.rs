@@ -36,6 +36,10 @@ use tokio::task::JoinHandle;
 /// `<service> <old ip> <old port> <new ip> <new port>`.
 pub(crate) const SWITCH_CHANNEL: &str = "+switch-master";
 
+/// How long a watcher waits for its Sentinel to answer (a frozen Sentinel
+/// must not stall it for good; the next reconnection asks again).
+const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The primary that `message`, published on [`SWITCH_CHANNEL`], names for
 /// `service`, if it is about `service`.
 pub(crate) fn switched_to(message: &str, service: &str) -> Option<Server> {
@@ -122,7 +126,7 @@ async fn listen(client: Client, service: String, moved: Arc<dyn Fn(Server) + Sen
                 Ok(_) | Err(RecvError::Lagged(_)) => {
                     // A failed subscribe is retried on the next connection;
                     // meanwhile fred finds the primary on every reconnect.
-                    let _ = client.subscribe(SWITCH_CHANNEL).await;
+                    let _ = tokio::time::timeout(ASK_TIMEOUT, client.subscribe(SWITCH_CHANNEL)).await;
                     ask(&client, &service, &*moved).await;
                 }
                 Err(RecvError::Closed) => return,
@@ -134,10 +138,10 @@ async fn listen(client: Client, service: String, moved: Arc<dyn Fn(Server) + Sen
 /// Asks the Sentinel which primary `service` has now.
 async fn ask(client: &Client, service: &str, moved: &(dyn Fn(Server) + Send + Sync)) {
     let cmd = CustomCommand::new_static("SENTINEL", ClusterHash::Random, false);
-    let reply: Result<Option<(String, u16)>, _> = client
-        .custom(cmd, vec!["GET-MASTER-ADDR-BY-NAME", service])
-        .await;
-    if let Ok(Some((host, port))) = reply {
+    let ask = client.custom(cmd, vec!["GET-MASTER-ADDR-BY-NAME", service]);
+    let reply: Result<Result<Option<(String, u16)>, _>, _> =
+        tokio::time::timeout(ASK_TIMEOUT, ask).await;
+    if let Ok(Ok(Some((host, port)))) = reply {
         moved(Server::new(host, port));
     }
 }
