@@ -99,6 +99,18 @@ impl Inner {
     }
 }
 
+/// Closes `client` (a [`dedicated_client`](RedisHandle::dedicated_client))
+/// from a `Drop`: `QUIT` in a task of its own, which stops fred's
+/// reconnect loop. Does nothing outside a Tokio runtime.
+pub fn quit_in_background(client: &Client) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let client = client.clone();
+        rt.spawn(async move {
+            let _ = client.quit().await;
+        });
+    }
+}
+
 /// Keeps a dedicated client following a Sentinel's switch of primary:
 /// see [`RedisHandle::follow_primary`].
 #[derive(Debug)]

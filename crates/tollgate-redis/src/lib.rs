@@ -48,7 +48,7 @@ pub use breaker::{BreakerState, CircuitBreaker};
 pub use coalesce::{BatchConn, BatchOp, CoalesceConfig, Coalescer, GetOp};
 pub use config::{RedisConfig, Topology};
 pub use error::Error;
-pub use handle::{FollowPrimary, RedisHandle};
+pub use handle::{FollowPrimary, RedisHandle, quit_in_background};
 pub use health::{
     HealthReport, HealthService, HealthStatus, LayerHealth, LayerMode, LocalCacheHealth,
 };

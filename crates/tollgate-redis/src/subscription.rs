@@ -99,12 +99,7 @@ impl std::fmt::Debug for Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.task.abort();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let client = self.client.clone();
-            rt.spawn(async move {
-                let _ = client.quit().await;
-            });
-        }
+        crate::quit_in_background(&self.client);
     }
 }
 

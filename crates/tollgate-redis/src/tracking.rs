@@ -93,12 +93,7 @@ pub(crate) struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let client = self.client.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = client.quit().await;
-            });
-        }
+        crate::quit_in_background(&self.client);
     }
 }
 

@@ -53,12 +53,7 @@ struct Durable {
 
 impl Drop for Durable {
     fn drop(&mut self) {
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let client = self.client.clone();
-            rt.spawn(async move {
-                let _ = client.quit().await;
-            });
-        }
+        tollgate_redis::quit_in_background(&self.client);
     }
 }
 
