@@ -158,9 +158,18 @@ impl UsageConfig {
     }
 
     /// With Redis: a flush counts as written only once this many replicas
-    /// have it, so that a failover to a replica (Sentinel) loses no
-    /// flushed count (default 0: do not wait). See
-    /// [`RedisStore::wait_for_replicas`](crate::RedisStore::wait_for_replicas).
+    /// have it (`WAIT`, for at most half the handle's deadline), so that a
+    /// failover to a replica (Sentinel) loses no flushed count. A flush
+    /// the replicas have not confirmed is retried under its batch id,
+    /// which Redis applies at most once; a batch still unconfirmed after
+    /// the retry window is counted as dropped, although the primary may
+    /// hold it. Flushes then go over a connection of their own. `0` (the
+    /// default) does not wait.
+    ///
+    /// Not on Redis Cluster (each primary would need its own `WAIT`): there
+    /// it logs a warning and does not wait. Hard-quota checks are not
+    /// waited for: a failover may lose the last few of them, and let that
+    /// many more requests through.
     pub fn wait_for_replicas(mut self, replicas: u32) -> Self {
         self.replicas = replicas;
         self
@@ -488,8 +497,7 @@ impl std::fmt::Debug for UsageTracker {
 impl UsageTracker {
     /// A tracker writing to Redis through `handle` (needs a Tokio runtime).
     pub fn redis(handle: tollgate_redis::RedisHandle, config: UsageConfig) -> Self {
-        let store = RedisStore::new(handle).wait_for_replicas(config.replicas);
-        Self::new(Store::Redis(store), config)
+        Self::new(Store::Redis(RedisStore::new(handle)), config)
     }
 
     /// A tracker keeping usage in this process only.
@@ -499,6 +507,12 @@ impl UsageTracker {
 
     /// A tracker on `store`; spawns the flusher (needs a Tokio runtime).
     pub fn new(store: Store, config: UsageConfig) -> Self {
+        let store = match store {
+            Store::Redis(s) if config.replicas > 0 => {
+                Store::Redis(s.wait_for_replicas(config.replicas))
+            }
+            other => other,
+        };
         let current = Self::make_current(&config, config.period.period_at(now_ms()));
         let inner = Arc::new(Inner {
             store,

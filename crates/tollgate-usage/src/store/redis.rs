@@ -84,20 +84,9 @@ impl RedisStore {
         }
     }
 
-    /// Makes a flush count as written only once `replicas` replicas have
-    /// it (`WAIT`, for at most half the handle's deadline), so that a
-    /// failover to a replica loses no flushed count. A flush the replicas
-    /// have not confirmed is retried under its batch id, which Redis
-    /// applies at most once; a batch still unconfirmed after the retry
-    /// window is counted as dropped, although the primary may hold it.
-    /// Flushes then go over a connection of their own. `0` (the default)
-    /// does not wait.
-    ///
-    /// Not on Redis Cluster (each primary would need its own `WAIT`): there
-    /// it logs a warning and does not wait. Hard-quota checks are not
-    /// waited for: a failover may lose the last few of them, and let that
-    /// many more requests through.
-    pub fn wait_for_replicas(mut self, replicas: u32) -> Self {
+    /// See [`UsageConfig::wait_for_replicas`](crate::UsageConfig::wait_for_replicas),
+    /// which the tracker applies to its Redis store.
+    pub(crate) fn wait_for_replicas(mut self, replicas: u32) -> Self {
         self.durable = None;
         if replicas == 0 {
             return self;
