@@ -822,6 +822,127 @@ async fn a_planned_sentinel_switch_moves_the_handle_before_the_old_primary_is_de
     );
 }
 
+/// Redis Cluster with replicas: killing a primary cuts calls off at the
+/// deadline until the cluster promotes its replica; the handle then finds
+/// the new primary, closes the breaker and runs scripts there (reloaded),
+/// on the data replicated before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_moves_the_handle_to_the_promoted_replica() {
+    let mut cluster = RedisCluster::start_with_replicas();
+    let h = connect(cluster.url()).await;
+    let n: i64 = h.eval(&INCR_BY, vec!["k"], vec![41]).await.expect("script");
+    assert_eq!(n, 41);
+    cluster.wait_replicated();
+    let (slowest, stop, tasks) = traffic(&h, 16);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slowest.store(0, Ordering::Relaxed);
+    let opened = h.health().await.breaker_opened;
+
+    let old = cluster.primary_for_key("k");
+    let new = tokio::task::block_in_place(|| cluster.fail_over(old));
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
+    assert!(
+        h.health().await.breaker_opened > opened,
+        "the outage was seen"
+    );
+    let worst = Duration::from_micros(slowest.load(Ordering::Relaxed));
+    assert!(
+        worst <= DEADLINE + SLACK,
+        "a call took {worst:?} during the failover"
+    );
+    stop_traffic(stop, tasks).await;
+
+    let before = h.scripts_reloaded();
+    let n: i64 = h
+        .eval(&INCR_BY, vec!["k"], vec![1])
+        .await
+        .expect("script on the promoted replica");
+    assert_eq!(n, 42, "the replicated value");
+    assert_eq!(h.scripts_reloaded(), before + 1);
+    assert_eq!(
+        cluster.nodes()[new].command(&["GET", "k"]),
+        Ok(Reply::Bulk("42".into())),
+        "written to the new primary"
+    );
+}
+
+/// Redis Cluster with replicas: a planned failover (`CLUSTER FAILOVER`)
+/// drops no connection; the old primary answers the handle's writes with
+/// a redirection to the new one. A call caught in the switch fails as an
+/// outage (fred's attempts ran out while the primaries changed), so the
+/// layers use their fallbacks, never a reply error of Redis's; none waits
+/// past the deadline; no acknowledged write is lost with the demoted
+/// primary; and the handle settles on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_cluster_failover_moves_the_writes_and_loses_none() {
+    let mut cluster = RedisCluster::start_with_replicas();
+    let h = connect(cluster.url()).await;
+    let slowest = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..16)
+        .map(|i| {
+            let (h, slowest, stop) = (h.clone(), slowest.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut acked, mut failed) = (0_i64, 0_i64);
+                while !stop.load(Ordering::Relaxed) {
+                    let k = format!("planned:{i}");
+                    let started = Instant::now();
+                    match h.call(|c| async move { c.incr::<i64, _>(k).await }).await {
+                        Ok(_) => acked += 1,
+                        Err(e) => {
+                            assert!(e.is_outage(), "not an outage: {e:?}");
+                            failed += 1;
+                        }
+                    }
+                    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    slowest.fetch_max(us, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                (acked, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Back and forth: each switch is a race the writes may or may not
+    // lose to.
+    let mut primary = cluster.primary_for_key("planned:0");
+    for _ in 0..3 {
+        primary = tokio::task::block_in_place(|| cluster.switch_over(primary));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut counts = Vec::new();
+    for w in writers {
+        counts.push(w.await.expect("writer"));
+    }
+    let worst = Duration::from_micros(slowest.load(Ordering::Relaxed));
+    assert!(
+        worst <= DEADLINE + SLACK,
+        "a call took {worst:?} during the switch"
+    );
+    // Every acknowledged increment is in its key, at whichever primary
+    // serves it now: none went to the demoted primary and was lost. (A
+    // failed call may still have been applied.)
+    for (i, (acked, failed)) in counts.iter().enumerate() {
+        let k = format!("planned:{i}");
+        let got = match cluster.command_for_key(&k, &["GET", &k]) {
+            Ok(Reply::Bulk(n)) => n.parse::<i64>().expect("a count"),
+            other => panic!("GET {k}: {other:?}"),
+        };
+        assert!(
+            (*acked..=acked + failed).contains(&got),
+            "{k}: {got}, {acked} acknowledged, {failed} failed"
+        );
+    }
+    assert_eq!(cluster.primary_for_key("planned:0"), primary);
+    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
+    let n: i64 = h
+        .call(|c| async move { c.incr("after-switch").await })
+        .await
+        .expect("works after the switch");
+    assert_eq!(n, 1);
+}
+
 /// Writes `k` through `h`; the error, which must say Redis refuses
 /// writes, and the breaker then open.
 async fn refused_write(h: &RedisHandle, k: &str) {

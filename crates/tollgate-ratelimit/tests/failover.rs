@@ -12,7 +12,7 @@ use common::*;
 use tollgate_ratelimit::{
     FailureMode, MissingKey, Policy, PolicyTable, Quota, RateLimiter, Source,
 };
-use tollgate_testkit::{RedisSentinel, RedisServer};
+use tollgate_testkit::{RedisCluster, RedisSentinel, RedisServer};
 
 fn table(mode: FailureMode) -> PolicyTable {
     PolicyTable::builder()
@@ -50,6 +50,22 @@ async fn sentinel_failover_under_traffic() {
             // The node still running is the replica the Sentinel promotes.
             let replica = s.nodes().iter().position(RedisServer::is_running);
             s.wait_for_promotion(replica.expect("a node still runs"));
+        },
+    )
+    .await;
+}
+
+/// Redis Cluster: one primary dies and its replica takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_failover_under_traffic() {
+    let mut cluster = RedisCluster::start_with_replicas();
+    let url = cluster.url();
+    through_an_outage(
+        &url,
+        &mut cluster,
+        |c| c.node_mut(0).kill(),
+        |c| {
+            c.wait_for_promotion(c.partner(0));
         },
     )
     .await;

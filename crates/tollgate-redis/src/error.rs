@@ -129,13 +129,27 @@ pub(crate) fn is_outage_error(e: &fred::error::Error) -> bool {
     match e.kind() {
         K::IO | K::Canceled | K::Timeout | K::Backpressure | K::Routing | K::Tls => true,
         K::Cluster => true,
-        // Redis replies while loading a dataset or during failover.
         _ => {
             let d = e.details();
+            // Redis replies while loading a dataset or during failover.
             d.starts_with("LOADING") || d.starts_with("CLUSTERDOWN") || d.starts_with("TRYAGAIN")
+                // fred gave up on the connection, not Redis on the command:
+                // its attempts went while a cluster changed primaries (a
+                // redirection, then the connection it was on dropped), or
+                // it had no connection to send it on.
+                || ROUTING_FAILURES.contains(&d)
         }
     }
 }
+
+/// The details of fred's own errors of kind `Unknown` that mean it could
+/// not deliver a command (checked by `is_outage_error`).
+const ROUTING_FAILURES: [&str; 4] = [
+    "Too many failed write attempts.",
+    "Failed to route command.",
+    "Missing expected connection.",
+    "Max attempts exceeded",
+];
 
 /// Removes the secrets from a Redis URL so it can be logged: the password
 /// of `user:password@` and the value of any query parameter whose name
@@ -207,6 +221,12 @@ mod tests {
         ] {
             assert!(!reply(d).refuses_writes() && !reply(d).is_outage(), "{d}");
         }
+        // fred's own failures to deliver a command: an outage that refuses
+        // nothing.
+        for d in ROUTING_FAILURES {
+            assert!(reply(d).is_outage() && !reply(d).refuses_writes(), "{d}");
+        }
+        assert!(!reply("ERR Too many failed write attempts. (a script's own)").is_outage());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! no command, a change made through another instance reaches it, a
 //! restarted, frozen or flushed Redis empties it, it works over TLS with an ACL
 //! user and on Redis Cluster (every primary tracked, one restarted or
-//! flushed on its own, a slot moved between primaries), without
+//! flushed on its own, a slot moved between primaries, a shard failed
+//! over to its replica, planned or not), without
 //! `CLIENT TRACKING` (ACL) it stays off while sessions keep working;
 //! behind a Sentinel it follows a switch of primary; the health report
 //! says whether it serves.
@@ -711,4 +712,67 @@ impl Counted for Primary<'_> {
     fn processed(&self) -> u64 {
         self.0.primary().commands_processed()
     }
+}
+
+/// Redis Cluster with replicas: a planned failover (`CLUSTER FAILOVER`)
+/// moves a shard to its replica without dropping a connection, and a
+/// primary that dies is replaced by its replica. Either way the cache's
+/// tracking moves to the new primary: a change saved there reaches the
+/// cache, and loads are served in process again. While the dead primary
+/// is being replaced, the cache serves nothing.
+async fn on_a_cluster_a_failover_keeps_the_cache_exact(planned: bool) {
+    let mut cluster = RedisCluster::start_with_replicas();
+    let a = cached(tollgate_testkit::connect(&cluster.url()).await);
+    // Another instance, without a cache.
+    let b = RedisStore::new(tollgate_testkit::connect(&cluster.url()).await, timeouts());
+    wait_until("the cache to go live", || async { a.local_cache_live() }).await;
+    let h = hash();
+    assert!(a.create(&h, None, &with_entry("n", "1")).await.unwrap());
+    let old = cluster.primary_for_key(&a.record_key(&h));
+    wait_cached(&cluster, &a, &h, Some("1")).await;
+    cluster.wait_replicated();
+
+    let new = tokio::task::block_in_place(|| {
+        if planned {
+            cluster.switch_over(old)
+        } else {
+            cluster.fail_over(old)
+        }
+    });
+    assert_eq!(cluster.primary_for_key(&a.record_key(&h)), new);
+    // Killed, the primary opened each handle's breaker; it closes once
+    // its probe reaches the promoted replica.
+    wait_until("the other instance to find the new primary", || async {
+        b.load(&h).await.is_ok()
+    })
+    .await;
+    let loaded = b.load(&h).await.unwrap().expect("replicated");
+    b.save(&h, None, &set("n", "2"), loaded.generation)
+        .await
+        .unwrap();
+    // Until this instance's own breaker closes, loads fail (and the
+    // session layer uses its fallback); none may serve the old record.
+    wait_until("the change to reach the cache", || async {
+        match a.load(&h).await {
+            Ok(r) => entry(&r, "n").as_deref() == Some("2"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    wait_until("the cache to go live again", || async {
+        a.local_cache_live()
+    })
+    .await;
+    wait_cached(&cluster, &a, &h, Some("2")).await;
+    deletions_elsewhere_reach(&cluster, &a, std::slice::from_ref(&h)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_planned_failover_keeps_the_cache_exact() {
+    on_a_cluster_a_failover_keeps_the_cache_exact(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_dead_primary_replaced_by_its_replica_keeps_the_cache_exact() {
+    on_a_cluster_a_failover_keeps_the_cache_exact(false).await;
 }

@@ -373,28 +373,61 @@ pub const TLS_USER: &str = "tollgate";
 /// The ACL user's password.
 pub const TLS_PASSWORD: &str = "tollgate-test-password";
 
-/// A Redis Cluster of three primaries (no replicas), slots split evenly.
+/// A Redis Cluster of three primaries, slots split evenly; with
+/// [`start_with_replicas`](Self::start_with_replicas), each with a replica
+/// that takes over when its primary fails.
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// Whether node `i + SHARDS` started as the replica of node `i`.
+    replicas: bool,
 }
+
+/// The number of primaries of a [`RedisCluster`].
+const SHARDS: usize = 3;
 
 impl RedisCluster {
     /// Starts three primaries, assigns the 16384 slots and waits until the
     /// cluster reports `cluster_state:ok` on every node.
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        Self::launch(false)
+    }
+
+    /// Starts three primaries and one replica of each (nodes `3..6`, node
+    /// `i + 3` replicating node `i`), and waits until every replica is in
+    /// sync. A primary that stops answering is declared failed after one
+    /// second, and its replica promoted (see [`fail_over`](Self::fail_over)).
+    pub fn start_with_replicas() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(replicas: bool) -> Self {
+        let count = if replicas { 2 * SHARDS } else { SHARDS };
+        let timeout: &[&str] = if replicas {
+            // Failure detection within a second, and any replica may be
+            // promoted however long its link was down.
+            &[
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-replica-validity-factor",
+                "0",
+            ]
+        } else {
+            &[]
+        };
+        let nodes: Vec<RedisServer> = (0..count)
             .map(|_| {
                 RedisServer::spawn(Flavor {
                     cluster: true,
+                    extra: timeout.iter().map(|s| (*s).to_owned()).collect(),
                     ..Flavor::default()
                 })
             })
             .collect();
-        let per = 16_384 / nodes.len();
-        for (i, node) in nodes.iter().enumerate() {
+        let per = 16_384 / SHARDS;
+        for (i, node) in nodes.iter().take(SHARDS).enumerate() {
             let from = i * per;
-            let to = if i + 1 == nodes.len() {
+            let to = if i + 1 == SHARDS {
                 16_383
             } else {
                 from + per - 1
@@ -409,9 +442,156 @@ impl RedisCluster {
             node.command(&["CLUSTER", "MEET", "127.0.0.1", &port])
                 .expect("CLUSTER MEET");
         }
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster { nodes, replicas };
+        if replicas {
+            // A node replicates another only once it knows it.
+            cluster.wait_until("every node knows every other", || {
+                cluster.nodes.iter().all(|n| {
+                    matches!(n.command(&["CLUSTER", "INFO"]), Ok(Reply::Bulk(info))
+                        if info_field(&info, "cluster_known_nodes")
+                            == Some(&*cluster.nodes.len().to_string()))
+                })
+            });
+            for i in 0..SHARDS {
+                let id = match cluster.nodes[i].command(&["CLUSTER", "MYID"]) {
+                    Ok(Reply::Bulk(id)) => id,
+                    other => panic!("CLUSTER MYID: {other:?}"),
+                };
+                cluster.nodes[i + SHARDS]
+                    .command(&["CLUSTER", "REPLICATE", &id])
+                    .expect("CLUSTER REPLICATE");
+            }
+            cluster.wait_until("every replica is in sync", || {
+                cluster.nodes[SHARDS..].iter().all(|n| {
+                    matches!(n.command(&["INFO", "replication"]), Ok(Reply::Bulk(info))
+                        if info_field(&info, "master_link_status") == Some("up"))
+                })
+            });
+        }
         cluster.wait_ok(Duration::from_secs(90));
         cluster
+    }
+
+    fn wait_until(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !done() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "timed out waiting until {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node that started in the other role of node `i`'s shard (its
+    /// replica, or its primary). Panics on a cluster without replicas.
+    pub fn partner(&self, i: usize) -> usize {
+        assert!(self.replicas, "a cluster started without replicas");
+        (i + SHARDS) % (2 * SHARDS)
+    }
+
+    /// The index of the node serving `key`'s slot now (the primary its
+    /// shard has now).
+    pub fn primary_for_key(&self, key: &str) -> usize {
+        let slot = match self.running().command(&["CLUSTER", "KEYSLOT", key]) {
+            Ok(Reply::Int(s)) => s,
+            other => panic!("CLUSTER KEYSLOT: {other:?}"),
+        };
+        let per = i64::try_from(16_384 / SHARDS).expect("small");
+        let shard = usize::try_from((slot / per).min(2)).expect("small");
+        if !self.replicas {
+            return shard;
+        }
+        let partner = self.partner(shard);
+        [shard, partner]
+            .into_iter()
+            .find(|&i| {
+                self.nodes[i].is_running() && role(&self.nodes[i]).as_deref() == Some("master")
+            })
+            .unwrap_or_else(|| panic!("no primary serves the slot of {key:?}"))
+    }
+
+    /// Waits until every write each primary took so far has reached its
+    /// replica (`WAIT 1`), so that a failover loses none of them.
+    pub fn wait_replicated(&self) {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.is_running() && role(n).as_deref() == Some("master") {
+                let acked = n.command(&["WAIT", "1", "5000"]);
+                assert_eq!(
+                    acked.as_ref().ok().and_then(Reply::as_int),
+                    Some(1),
+                    "WAIT 1 on node {i}: {acked:?}"
+                );
+            }
+        }
+    }
+
+    /// Kills primary `i` and waits until its replica is promoted and the
+    /// cluster is whole again (`cluster_state:ok` on every running node).
+    /// Returns the promoted node's index.
+    pub fn fail_over(&mut self, i: usize) -> usize {
+        let new = self.partner(i);
+        self.nodes[i].kill();
+        self.wait_for_promotion(new)
+    }
+
+    /// Waits until node `new` (the replica of a primary killed with
+    /// [`node_mut`](Self::node_mut)) is promoted and the cluster is whole
+    /// again; returns `new`.
+    pub fn wait_for_promotion(&self, new: usize) -> usize {
+        self.wait_until("the replica is promoted", || {
+            role(&self.nodes[new]).as_deref() == Some("master") && self.all_ok()
+        });
+        new
+    }
+
+    /// A planned switch (`CLUSTER FAILOVER` sent to primary `i`'s
+    /// replica): the replica takes over in step with its primary, which
+    /// becomes its replica; no connection is dropped. Waits until both
+    /// have switched and returns the new primary's index.
+    pub fn switch_over(&mut self, i: usize) -> usize {
+        let new = self.partner(i);
+        let switched = || {
+            role(&self.nodes[new]).as_deref() == Some("master")
+                && role(&self.nodes[i]).as_deref() == Some("slave")
+                && self.all_ok()
+        };
+        // A replica whose link is not up yet (a primary just demoted) lets
+        // a manual failover time out: wait for the link, and ask again if
+        // the switch does not happen.
+        self.wait_until("the replica is in sync", || {
+            matches!(self.nodes[new].command(&["INFO", "replication"]), Ok(Reply::Bulk(info))
+                if info_field(&info, "master_link_status") == Some("up"))
+        });
+        self.wait_until("the replica takes over", || {
+            let reply = self.nodes[new].command(&["CLUSTER", "FAILOVER"]);
+            assert_eq!(reply, Ok(Reply::Status("OK".into())), "CLUSTER FAILOVER");
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(10) {
+                if switched() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        });
+        new
+    }
+
+    /// Whether every running node reports `cluster_state:ok`.
+    fn all_ok(&self) -> bool {
+        self.nodes.iter().filter(|n| n.is_running()).all(|n| {
+            matches!(n.command(&["CLUSTER", "INFO"]), Ok(Reply::Bulk(info))
+                if info_field(&info, "cluster_state") == Some("ok"))
+        })
+    }
+
+    /// A running node.
+    fn running(&self) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a running node")
     }
 
     /// Waits until every running node reports `cluster_state:ok` and knows
@@ -450,17 +630,18 @@ impl RedisCluster {
         url
     }
 
-    /// The primaries.
+    /// The nodes: the three primaries, then (started with replicas) their
+    /// replicas.
     pub fn nodes(&self) -> &[RedisServer] {
         &self.nodes
     }
 
-    /// One primary, for fault injection.
+    /// One node, for fault injection.
     pub fn node_mut(&mut self, i: usize) -> &mut RedisServer {
         &mut self.nodes[i]
     }
 
-    /// Sum of `total_commands_processed` over the primaries.
+    /// Sum of `total_commands_processed` over the running nodes.
     pub fn commands_processed(&self) -> u64 {
         self.nodes
             .iter()
@@ -469,7 +650,7 @@ impl RedisCluster {
             .sum()
     }
 
-    /// Restarts one primary on its port. It comes back empty but keeps its
+    /// Restarts one node on its port. It comes back empty but keeps its
     /// `nodes.conf` (node id and slots), so it rejoins the cluster.
     pub fn restart_node(&mut self, i: usize) {
         self.nodes[i].restart();
@@ -479,8 +660,7 @@ impl RedisCluster {
     /// Sends a command to the node serving `key`'s slot (following one
     /// MOVED redirection).
     pub fn command_for_key(&self, key: &str, args: &[&str]) -> Result<Reply, String> {
-        let first = &self.nodes[0];
-        match first.command(args)? {
+        match self.running().command(args)? {
             Reply::Error(e) if e.starts_with("MOVED") => {
                 let addr = e.split_whitespace().nth(2).unwrap_or_default();
                 let port: u16 = addr
@@ -728,6 +908,37 @@ mod tests {
         assert_eq!(c.url().matches("node=").count(), 2);
         let r = c.command_for_key("foo", &["SET", "foo", "1"]);
         assert_eq!(r, Ok(Reply::Status("OK".into())));
+    }
+
+    #[test]
+    fn cluster_replicas_take_over_from_their_primaries() {
+        let mut c = RedisCluster::start_with_replicas();
+        assert_eq!(c.nodes().len(), 6);
+        assert_eq!(c.url().matches("node=").count(), 5);
+        let p = c.primary_for_key("foo");
+        assert!(p < 3);
+        assert_eq!(
+            c.command_for_key("foo", &["SET", "foo", "1"]),
+            Ok(Reply::Status("OK".into()))
+        );
+        c.wait_replicated();
+        let new = c.fail_over(p);
+        assert_eq!(new, p + 3);
+        assert_eq!(c.primary_for_key("foo"), new);
+        assert_eq!(
+            c.command_for_key("foo", &["GET", "foo"]),
+            Ok(Reply::Bulk("1".into())),
+            "replicated before the failover"
+        );
+        // A planned switch in another shard.
+        let other = (p + 1) % 3;
+        let key = (0..)
+            .map(|n| format!("k{n}"))
+            .find(|k| c.primary_for_key(k) == other)
+            .expect("a key of the other shard");
+        assert_eq!(c.switch_over(other), other + 3);
+        assert_eq!(c.primary_for_key(&key), other + 3);
+        assert_eq!(role(&c.nodes()[other]).as_deref(), Some("slave"));
     }
 
     #[test]
