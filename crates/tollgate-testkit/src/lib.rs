@@ -283,6 +283,17 @@ impl RedisServer {
         resp::command(self.port, args)
     }
 
+    /// Like [`command`](Self::command), for reading what a replica holds:
+    /// a cluster replica answers reads only after `READONLY` (sent first
+    /// on the same connection; other servers need nothing).
+    pub fn read_command(&self, args: &[&str]) -> Result<Reply, String> {
+        if self.flavor.cluster {
+            resp::commands(self.port, &[&["READONLY"], args], Duration::from_secs(5))
+        } else {
+            self.command(args)
+        }
+    }
+
     /// `total_commands_processed` from INFO stats, minus the INFO itself.
     pub fn commands_processed(&self) -> u64 {
         let info = match self.command(&["INFO", "stats"]) {

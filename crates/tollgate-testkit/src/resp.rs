@@ -50,20 +50,33 @@ pub(crate) fn command_with_timeout(
     args: &[&str],
     timeout: Duration,
 ) -> Result<Reply, String> {
+    commands(port, &[args], timeout)
+}
+
+/// Sends `cmds` in order on one connection; the reply to the last.
+pub(crate) fn commands(port: u16, cmds: &[&[&str]], timeout: Duration) -> Result<Reply, String> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    let mut buf = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        buf.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        buf.extend_from_slice(a.as_bytes());
-        buf.extend_from_slice(b"\r\n");
+    let mut buf = Vec::new();
+    for args in cmds {
+        buf.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in *args {
+            buf.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            buf.extend_from_slice(a.as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
     }
     (&stream).write_all(&buf).map_err(|e| e.to_string())?;
     let mut r = BufReader::new(&stream);
-    read(&mut r)
+    let mut last = Err("no command".to_owned());
+    for _ in cmds {
+        last = read(&mut r);
+        last.as_ref().map_err(Clone::clone)?;
+    }
+    last
 }
 
 fn read(r: &mut impl BufRead) -> Result<Reply, String> {

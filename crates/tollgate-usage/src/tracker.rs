@@ -159,17 +159,18 @@ impl UsageConfig {
 
     /// With Redis: a flush counts as written only once this many replicas
     /// have it (`WAIT`, for at most half the handle's deadline), so that a
-    /// failover to a replica (Sentinel) loses no flushed count. A flush
-    /// the replicas have not confirmed is retried under its batch id,
-    /// which Redis applies at most once; a batch still unconfirmed after
-    /// the retry window is counted as dropped, although the primary may
-    /// hold it. Flushes then go over a connection of their own. `0` (the
-    /// default) does not wait.
+    /// failover to a replica (Sentinel, or a cluster promoting a replica)
+    /// loses no flushed count. On a cluster each primary a flush wrote to
+    /// is asked, on the connection that wrote there, once the writes are
+    /// answered (a second round trip); the flush is confirmed when every
+    /// one of them reached that many replicas. A flush the replicas have
+    /// not confirmed is retried under its batch id, which Redis applies at
+    /// most once; a batch still unconfirmed after the retry window is
+    /// counted as dropped, although the primary may hold it. Flushes then
+    /// go over a connection of their own. `0` (the default) does not wait.
     ///
-    /// Not on Redis Cluster (each primary would need its own `WAIT`): there
-    /// it logs a warning and does not wait. Hard-quota checks are not
-    /// waited for: a failover may lose the last few of them, and let that
-    /// many more requests through.
+    /// Hard-quota checks are not waited for: a failover may lose the last
+    /// few of them, and let that many more requests through.
     pub fn wait_for_replicas(mut self, replicas: u32) -> Self {
         self.replicas = replicas;
         self

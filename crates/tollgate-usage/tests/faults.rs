@@ -64,7 +64,7 @@ fn manual() -> UsageConfig {
 
 fn hget(server: &RedisServer, key: &str, field: &str) -> Option<i64> {
     server
-        .command(&["HGET", key, field])
+        .read_command(&["HGET", key, field])
         .expect("HGET")
         .as_int()
 }
@@ -916,40 +916,87 @@ async fn lost_checks_are_settled_across_cluster_nodes() {
     assert_eq!((s.pending, s.dropped), (0, 0));
 }
 
+/// A primary with a replica: behind a Sentinel, or a cluster's shard.
+trait Replicated {
+    /// The node that is primary for `key` now.
+    fn primary(&self, key: &str) -> usize;
+    /// Its replica.
+    fn replica(&self, key: &str) -> usize;
+    fn node(&self, i: usize) -> &RedisServer;
+    fn node_mut(&mut self, i: usize) -> &mut RedisServer;
+    /// Kills `key`'s primary; returns the promoted replica once it acts
+    /// as primary.
+    fn fail_over(&mut self, key: &str) -> usize;
+}
+
+impl Replicated for tollgate_testkit::RedisSentinel {
+    fn primary(&self, _: &str) -> usize {
+        self.primary_index()
+    }
+    fn replica(&self, _: &str) -> usize {
+        1 - self.primary_index()
+    }
+    fn node(&self, i: usize) -> &RedisServer {
+        &self.nodes()[i]
+    }
+    fn node_mut(&mut self, i: usize) -> &mut RedisServer {
+        tollgate_testkit::RedisSentinel::node_mut(self, i)
+    }
+    fn fail_over(&mut self, _: &str) -> usize {
+        tollgate_testkit::RedisSentinel::fail_over(self)
+    }
+}
+
+impl Replicated for RedisCluster {
+    fn primary(&self, key: &str) -> usize {
+        self.primary_for_key(key)
+    }
+    fn replica(&self, key: &str) -> usize {
+        self.partner(self.primary_for_key(key))
+    }
+    fn node(&self, i: usize) -> &RedisServer {
+        &self.nodes()[i]
+    }
+    fn node_mut(&mut self, i: usize) -> &mut RedisServer {
+        RedisCluster::node_mut(self, i)
+    }
+    fn fail_over(&mut self, key: &str) -> usize {
+        let primary = self.primary_for_key(key);
+        RedisCluster::fail_over(self, primary)
+    }
+}
+
 /// With `wait_for_replicas(1)` a flush counts as written once the replica
 /// has it: while the replica is frozen a flush is applied on the primary
 /// but not confirmed, and is retried under its id (counted once) once the
 /// replica answers. A primary killed after a confirmed flush loses none of
 /// it: the promoted replica has every count.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flushes_that_wait_for_a_replica_survive_a_failover() {
-    let mut sentinel = tollgate_testkit::RedisSentinel::start();
-    let h =
-        tollgate_testkit::connect_with_deadline(sentinel.url(), Duration::from_millis(400)).await;
+async fn flushes_that_wait_for_a_replica_survive_a_failover(
+    redis: &mut impl Replicated,
+    url: String,
+) {
+    let h = tollgate_testkit::connect_with_deadline(url, Duration::from_millis(400)).await;
     let t = UsageTracker::redis(h.clone(), manual().wait_for_replicas(1));
     let key = acme_key(&h, &t);
     t.record("acme", "api_request", 5);
     t.flush().await.expect("the replica answers");
-    let replica = 1 - sentinel.primary_index();
-    assert_eq!(
-        hget(&sentinel.nodes()[replica], &key, "api_request"),
-        Some(5)
-    );
+    let replica = redis.replica(&key);
+    assert_eq!(hget(redis.node(replica), &key, "api_request"), Some(5));
 
-    sentinel.node_mut(replica).pause();
+    redis.node_mut(replica).pause();
     t.record("acme", "api_request", 10);
     assert!(t.flush().await.is_err(), "not on the replica: unconfirmed");
-    let primary = 1 - replica;
+    let primary = redis.primary(&key);
     assert_eq!(
-        hget(&sentinel.nodes()[primary], &key, "api_request"),
+        hget(redis.node(primary), &key, "api_request"),
         Some(15),
         "on the primary"
     );
     assert_eq!(t.stats().flushed, 5);
-    sentinel.node_mut(replica).resume();
+    redis.node_mut(replica).resume();
     flush_until_ok(&t).await;
     assert_eq!(
-        hget(&sentinel.nodes()[primary], &key, "api_request"),
+        hget(redis.node(primary), &key, "api_request"),
         Some(15),
         "counted once"
     );
@@ -958,6 +1005,67 @@ async fn flushes_that_wait_for_a_replica_survive_a_failover() {
 
     t.record("acme", "api_request", 100);
     t.flush().await.expect("flushed");
-    let new = tokio::task::block_in_place(|| sentinel.fail_over());
-    assert_eq!(hget(&sentinel.nodes()[new], &key, "api_request"), Some(115));
+    let new = tokio::task::block_in_place(|| redis.fail_over(&key));
+    assert_eq!(hget(redis.node(new), &key, "api_request"), Some(115));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_sentinel_flushes_that_wait_for_a_replica_survive_a_failover() {
+    let mut sentinel = tollgate_testkit::RedisSentinel::start();
+    let url = sentinel.url();
+    flushes_that_wait_for_a_replica_survive_a_failover(&mut sentinel, url).await;
+}
+
+/// On a cluster each primary written to is asked for its replicas: a
+/// flush to tenants on every shard is unconfirmed while any one shard's
+/// replica is frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_flushes_that_wait_for_a_replica_survive_a_failover() {
+    let mut cluster = RedisCluster::start_with_replicas();
+    let url = cluster.url();
+    {
+        let h =
+            tollgate_testkit::connect_with_deadline(url.clone(), Duration::from_millis(400)).await;
+        let t = UsageTracker::redis(h.clone(), manual().wait_for_replicas(1));
+        let store = RedisStore::new(h.clone());
+        let period = t.current_period().label;
+        // A tenant on each primary.
+        let mut tenants: Vec<Option<String>> = vec![None; 3];
+        for n in 0.. {
+            let tenant = format!("t{n}");
+            let primary = cluster.primary_for_key(&store.usage_key(&tenant, &period));
+            tenants[primary].get_or_insert(tenant);
+            if tenants.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        let tenants: Vec<String> = tenants.into_iter().flatten().collect();
+        for shard in 0..3 {
+            let replica = cluster.partner(shard);
+            cluster.node_mut(replica).pause();
+            for tenant in &tenants {
+                t.record(tenant, "api_request", 1);
+            }
+            assert!(
+                t.flush().await.is_err(),
+                "unconfirmed while shard {shard}'s replica is frozen"
+            );
+            cluster.node_mut(replica).resume();
+            flush_until_ok(&t).await;
+        }
+        for (shard, tenant) in tenants.iter().enumerate() {
+            let key = store.usage_key(tenant, &period);
+            let replica = cluster.nodes()[cluster.partner(shard)].read_command(&[
+                "HGET",
+                &key,
+                "api_request",
+            ]);
+            assert_eq!(
+                replica.ok().and_then(|r| r.as_int()),
+                Some(3),
+                "{tenant} on its replica"
+            );
+        }
+    }
+    flushes_that_wait_for_a_replica_survive_a_failover(&mut cluster, url).await;
 }

@@ -51,6 +51,49 @@ struct Durable {
     _follow: tollgate_redis::FollowPrimary,
 }
 
+impl Durable {
+    fn wait(&self) -> CustomCommand {
+        CustomCommand::new_static("WAIT", ClusterHash::Random, true)
+    }
+
+    fn wait_args(&self, ms: i64) -> Vec<Value> {
+        vec![self.replicas.into(), ms.into()]
+    }
+
+    /// `WAIT` at each primary serving one of `keys`, at once; the fewest
+    /// replicas any of them reached (every one asked, when no key was
+    /// written).
+    async fn wait_at_primaries(
+        &self,
+        keys: &[String],
+        ms: i64,
+    ) -> Result<Value, tollgate_redis::fred::error::Error> {
+        use tollgate_redis::fred::error::{Error, ErrorKind};
+        use tollgate_redis::fred::interfaces::{ClientLike, ClusterInterface};
+        let state = self
+            .client
+            .cached_cluster_state()
+            .ok_or_else(|| Error::new(ErrorKind::Cluster, "no cluster state yet"))?;
+        let mut servers = Vec::new();
+        for k in keys {
+            let server = state
+                .get_server(tollgate_redis::slot(k))
+                .ok_or_else(|| Error::new(ErrorKind::Cluster, "a slot without a primary"))?;
+            if !servers.contains(server) {
+                servers.push(server.clone());
+            }
+        }
+        let waits = servers.into_iter().map(|s| {
+            let node = self.client.with_cluster_node(s);
+            let args = self.wait_args(ms);
+            async move { node.custom::<i64, _>(self.wait(), args).await }
+        });
+        let acked = futures::future::try_join_all(waits).await?;
+        let fewest = acked.into_iter().min().unwrap_or(i64::from(self.replicas));
+        Ok(Value::Integer(fewest))
+    }
+}
+
 impl Drop for Durable {
     fn drop(&mut self) {
         tollgate_redis::quit_in_background(&self.client);
@@ -89,12 +132,6 @@ impl RedisStore {
     pub(crate) fn wait_for_replicas(mut self, replicas: u32) -> Self {
         self.durable = None;
         if replicas == 0 {
-            return self;
-        }
-        if self.handle.is_cluster() {
-            tracing::warn!(
-                "usage: wait_for_replicas is not supported on Redis Cluster; flushes do not wait for replicas"
-            );
             return self;
         }
         match self.handle.dedicated_client(false) {
@@ -153,9 +190,15 @@ impl RedisStore {
                     Some(d) => d.client.pipeline(),
                     None => self.handle.client().pipeline(),
                 };
+                // On a cluster, the keys whose primaries must be waited on.
+                let mut written = Vec::new();
+                let cluster_wait = self.durable.is_some() && self.handle.is_cluster();
                 for t in batch.tenants.iter().filter(|t| !t.metrics.is_empty()) {
                     let marker = self.keys.tagged(&t.tenant, &["b", &batch.id, &t.period]);
                     let hash = self.usage_key(&t.tenant, &t.period);
+                    if cluster_wait {
+                        written.push(hash.clone());
+                    }
                     let mut args: Vec<Value> = vec![MARKER_TTL_SECS.into(), t.expire_at.into()];
                     for (m, n) in &t.metrics {
                         args.push(m.as_ref().into());
@@ -172,6 +215,9 @@ impl RedisStore {
                 for ((metric, period, expire_at), members) in &tops {
                     let set = self.top_key(metric, period);
                     let marker = format!("{set}:b:{}", batch.id);
+                    if cluster_wait {
+                        written.push(set.clone());
+                    }
                     let mut args: Vec<Value> = vec![MARKER_TTL_SECS.into(), (*expire_at).into()];
                     for (tenant, n) in members {
                         args.push(tenant.as_ref().into());
@@ -180,24 +226,26 @@ impl RedisStore {
                     let (cmd, args) = evalsha(&FLUSH_TOP, [marker, set], args);
                     let _: () = pipeline.custom(cmd, args).await?;
                 }
-                if let Some(d) = &self.durable {
-                    // Half the deadline: the whole pipeline must fit in it.
-                    let ms = (self.handle.deadline() / 2).as_millis().max(1);
-                    let cmd = CustomCommand::new_static("WAIT", ClusterHash::Random, true);
-                    let args: Vec<Value> = vec![
-                        d.replicas.into(),
-                        i64::try_from(ms).unwrap_or(i64::MAX).into(),
-                    ];
-                    let _: () = pipeline.custom(cmd, args).await?;
+                let Some(d) = &self.durable else {
+                    return Ok((pipeline.try_all::<Value>().await, None));
+                };
+                // Half the deadline: the whole flush must fit in it.
+                let ms = (self.handle.deadline() / 2).as_millis().max(1);
+                let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+                if cluster_wait {
+                    // Each primary confirms the writes it took, on the
+                    // connection that sent them, once they are answered.
+                    let results = pipeline.try_all::<Value>().await;
+                    let acked = d.wait_at_primaries(&written, ms).await;
+                    return Ok((results, Some(acked)));
                 }
-                Ok::<_, tollgate_redis::Error>(pipeline.try_all::<Value>().await)
+                let _: () = pipeline.custom(d.wait(), d.wait_args(ms)).await?;
+                let mut results = pipeline.try_all::<Value>().await;
+                let acked = results.pop();
+                Ok::<_, tollgate_redis::Error>((results, acked))
             })
             .await;
-        let mut results = conn_result?;
-        let acked = match &self.durable {
-            Some(_) => results.pop(),
-            None => None,
-        };
+        let (results, acked) = conn_result?;
         // A restarted Redis has no scripts: load them and let the caller
         // retry the same batch (harmless: each part is applied at most once).
         if results
