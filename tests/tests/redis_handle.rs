@@ -747,23 +747,28 @@ async fn a_subscription_hears_its_channel_and_recovers(h: RedisHandle) {
     assert!(closed.await.is_ok(), "the listener stopped");
 }
 
-/// Sentinel: killing the primary cuts calls off at the deadline while the
-/// Sentinel fails over; the handle then finds the promoted replica through
-/// the Sentinel, closes the breaker and runs scripts there (reloaded: each
-/// server has its own script cache), on the data replicated before.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sentinel_failover_moves_the_handle_to_the_promoted_replica() {
-    let mut sentinel = RedisSentinel::start();
-    let h = connect(sentinel.url()).await;
+/// Killing the primary cuts calls off at the deadline while a replica is
+/// promoted (`fail_over` kills it and returns the promoted node once it
+/// acts as primary); the handle then finds the new primary, closes the
+/// breaker and runs scripts there (reloaded: each server has its own
+/// script cache), on the data replicated before.
+async fn a_failover_moves_the_handle_to_the_promoted_replica<T>(
+    redis: &mut T,
+    url: String,
+    replicated: fn(&T),
+    fail_over: fn(&mut T) -> usize,
+    node: fn(&T, usize) -> &RedisServer,
+) {
+    let h = connect(url).await;
     let n: i64 = h.eval(&INCR_BY, vec!["k"], vec![41]).await.expect("script");
     assert_eq!(n, 41);
-    sentinel.wait_replicated();
+    replicated(redis);
     let (slowest, stop, tasks) = traffic(&h, 16);
     tokio::time::sleep(Duration::from_millis(100)).await;
     slowest.store(0, Ordering::Relaxed);
     let opened = h.health().await.breaker_opened;
 
-    let new = tokio::task::block_in_place(|| sentinel.fail_over());
+    let new = tokio::task::block_in_place(|| fail_over(redis));
     wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
     assert!(
         h.health().await.breaker_opened > opened,
@@ -784,10 +789,44 @@ async fn a_sentinel_failover_moves_the_handle_to_the_promoted_replica() {
     assert_eq!(n, 42, "the replicated value");
     assert_eq!(h.scripts_reloaded(), before + 1);
     assert_eq!(
-        sentinel.nodes()[new].command(&["GET", "k"]),
+        node(redis, new).command(&["GET", "k"]),
         Ok(Reply::Bulk("42".into())),
         "written to the new primary"
     );
+}
+
+/// Sentinel: the reconnection asks the Sentinel for the promoted replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_moves_the_handle_to_the_promoted_replica() {
+    let mut sentinel = RedisSentinel::start();
+    let url = sentinel.url();
+    a_failover_moves_the_handle_to_the_promoted_replica(
+        &mut sentinel,
+        url,
+        RedisSentinel::wait_replicated,
+        RedisSentinel::fail_over,
+        |s, i| &s.nodes()[i],
+    )
+    .await;
+}
+
+/// Redis Cluster with replicas: the cluster promotes the replica of the
+/// primary holding the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_moves_the_handle_to_the_promoted_replica() {
+    let mut cluster = RedisCluster::start_with_replicas();
+    let url = cluster.url();
+    a_failover_moves_the_handle_to_the_promoted_replica(
+        &mut cluster,
+        url,
+        RedisCluster::wait_replicated,
+        |c| {
+            let old = c.primary_for_key("k");
+            c.fail_over(old)
+        },
+        |c, i| &c.nodes()[i],
+    )
+    .await;
 }
 
 /// Sentinel: a planned switch (`SENTINEL FAILOVER`) drops no connection,
@@ -819,50 +858,6 @@ async fn a_planned_sentinel_switch_moves_the_handle_before_the_old_primary_is_de
         tollgate_testkit::role(&sentinel.nodes()[old]).as_deref(),
         Some("master"),
         "the handle moved before the Sentinel demoted the old primary"
-    );
-}
-
-/// Redis Cluster with replicas: killing a primary cuts calls off at the
-/// deadline until the cluster promotes its replica; the handle then finds
-/// the new primary, closes the breaker and runs scripts there (reloaded),
-/// on the data replicated before.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_failover_moves_the_handle_to_the_promoted_replica() {
-    let mut cluster = RedisCluster::start_with_replicas();
-    let h = connect(cluster.url()).await;
-    let n: i64 = h.eval(&INCR_BY, vec!["k"], vec![41]).await.expect("script");
-    assert_eq!(n, 41);
-    cluster.wait_replicated();
-    let (slowest, stop, tasks) = traffic(&h, 16);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    slowest.store(0, Ordering::Relaxed);
-    let opened = h.health().await.breaker_opened;
-
-    let old = cluster.primary_for_key("k");
-    let new = tokio::task::block_in_place(|| cluster.fail_over(old));
-    wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
-    assert!(
-        h.health().await.breaker_opened > opened,
-        "the outage was seen"
-    );
-    let worst = Duration::from_micros(slowest.load(Ordering::Relaxed));
-    assert!(
-        worst <= DEADLINE + SLACK,
-        "a call took {worst:?} during the failover"
-    );
-    stop_traffic(stop, tasks).await;
-
-    let before = h.scripts_reloaded();
-    let n: i64 = h
-        .eval(&INCR_BY, vec!["k"], vec![1])
-        .await
-        .expect("script on the promoted replica");
-    assert_eq!(n, 42, "the replicated value");
-    assert_eq!(h.scripts_reloaded(), before + 1);
-    assert_eq!(
-        cluster.nodes()[new].command(&["GET", "k"]),
-        Ok(Reply::Bulk("42".into())),
-        "written to the new primary"
     );
 }
 
