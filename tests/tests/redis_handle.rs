@@ -747,6 +747,48 @@ async fn a_subscription_hears_its_channel_and_recovers(h: RedisHandle) {
     assert!(closed.await.is_ok(), "the listener stopped");
 }
 
+/// Redis Cluster with replicas: the primary holding a subscription dies
+/// and its replica is promoted. The subscription says messages may have
+/// been missed, subscribes again at a node that runs, and hears its
+/// channel there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_outlives_the_failover_of_its_primary() {
+    let mut cluster = RedisCluster::start_with_replicas();
+    let h = connect(cluster.url()).await;
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let channel = h.keys("test").key(&["events"]);
+    let sub = Subscription::start(&h, channel.clone(), move |n| {
+        let _ = tx.send(match n {
+            Notice::Message(m) => Some(m.to_vec()),
+            Notice::Missed => None,
+        });
+    })
+    .expect("subscription");
+    publish_until_heard(&sub, &mut seen, "before").await;
+    while seen.try_recv().is_ok() {}
+    // The node whose connection holds the subscription.
+    let holder = cluster
+        .nodes()
+        .iter()
+        .position(|n| {
+            matches!(n.command(&["PUBSUB", "NUMSUB", &channel]),
+                Ok(Reply::Array(a)) if a.get(1).and_then(Reply::as_int) == Some(1))
+        })
+        .expect("a node holds the subscription");
+    tokio::task::block_in_place(|| {
+        if holder < 3 {
+            cluster.fail_over(holder);
+        } else {
+            cluster.node_mut(holder).kill();
+        }
+    });
+    let started = Instant::now();
+    while seen.recv().await.expect("listener running").is_some() {
+        assert!(started.elapsed() < Duration::from_secs(10), "Missed");
+    }
+    publish_until_heard(&sub, &mut seen, "after").await;
+}
+
 /// Killing the primary cuts calls off at the deadline while a replica is
 /// promoted (`fail_over` kills it and returns the promoted node once it
 /// acts as primary); the handle then finds the new primary, closes the
