@@ -611,6 +611,29 @@ async fn tls_with_an_acl_user_connects() {
     assert!(matches!(err, Error::Tls { .. }), "{err:?}");
 }
 
+/// A cluster reached over TLS as an ACL user (`rediss-cluster://`): the
+/// nodes found through the first one are reached over TLS too, commands
+/// and scripts run at every primary, and the health probe's write gets
+/// through at each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_with_an_acl_user_works() {
+    let cluster = RedisCluster::start_tls();
+    let ca = cluster.ca_pem().expect("CA");
+    let h = RedisHandle::connect(
+        RedisConfig::from_url(cluster.url())
+            .tls_root_ca_pem(ca)
+            .deadline(Duration::from_secs(2)),
+    )
+    .await
+    .expect("TLS + ACL cluster connect");
+    assert_eq!(*h.topology(), Topology::Cluster);
+    round_trips_and_scripts(h.clone()).await;
+    keys_of_one_identity_share_a_slot(h.clone()).await;
+    let report = h.health().await;
+    assert!(report.connected, "{report:?}");
+    assert_eq!(report.http_status(), 200, "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_is_a_clear_error() {
     let server = RedisServer::start_with_args(&["--requirepass", "right"]);

@@ -420,10 +420,22 @@ async fn without_client_tracking_the_cache_stays_off_and_sessions_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_with_an_acl_user_the_cache_works() {
     let server = RedisServer::start_tls();
-    let ca = server.ca_pem().expect("CA");
+    over_tls_the_cache_works(server.url(), server.ca_pem().expect("CA")).await;
+}
+
+/// On a cluster, the tracked connection reaches every primary over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_tls_cluster_with_an_acl_user_the_cache_works() {
+    let cluster = RedisCluster::start_tls();
+    over_tls_the_cache_works(cluster.url(), cluster.ca_pem().expect("CA")).await;
+}
+
+/// A cached store and another instance on `url`, over TLS as an ACL
+/// user: a deletion through the other reaches the cache.
+async fn over_tls_the_cache_works(url: String, ca: String) {
     let connect = || async {
         RedisHandle::connect(
-            tollgate_redis::RedisConfig::from_url(server.url())
+            tollgate_redis::RedisConfig::from_url(url.clone())
                 .tls_root_ca_pem(ca.clone())
                 .deadline(Duration::from_secs(2)),
         )

@@ -2,9 +2,11 @@
 //!
 //! Each server runs on a free loopback port in its own temporary directory
 //! and is killed when dropped. Topologies: [`RedisServer`] (standalone),
-//! [`RedisCluster`] (three primaries), [`RedisSentinel`] (a primary and a
-//! replica watched by a Sentinel), [`RedisServer::start_tls`] (TLS with
-//! a generated CA, plus an ACL user). Faults: [`pause`](RedisServer::pause)
+//! [`RedisCluster`] (three primaries, with a replica each from
+//! [`RedisCluster::start_with_replicas`]), [`RedisSentinel`] (a primary and
+//! a replica watched by a Sentinel), [`RedisServer::start_tls`] and
+//! [`RedisCluster::start_tls`] (TLS with a generated CA, plus an ACL
+//! user). Faults: [`pause`](RedisServer::pause)
 //! (SIGSTOP: the socket stays open and nothing answers),
 //! [`resume`](RedisServer::resume), [`kill`](RedisServer::kill),
 //! [`restart`](RedisServer::restart) on the same port, and added latency
@@ -93,6 +95,8 @@ struct Flavor {
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
+    /// A TLS cluster node's TLS port (its plaintext port is `port`).
+    tls_port: Option<u16>,
     dir: tempfile::TempDir,
     child: Option<Child>,
     flavor: Flavor,
@@ -132,6 +136,7 @@ impl RedisServer {
             let port = free_port();
             let mut s = RedisServer {
                 port,
+                tls_port: (flavor.cluster && flavor.tls.is_some()).then(free_port),
                 dir: tempfile::Builder::new()
                     .prefix("tollgate-redis-")
                     .tempdir()
@@ -163,12 +168,16 @@ impl RedisServer {
             "--protected-mode".into(),
             "no".into(),
         ];
-        match &self.flavor.tls {
-            Some(tls) => {
+        match (&self.flavor.tls, self.tls_port) {
+            (Some(tls), Some(tls_port)) => {
+                tls.write(self.dir.path());
+                a.extend(tls.cluster_args(self.dir.path(), self.port, tls_port));
+            }
+            (Some(tls), None) => {
                 tls.write(self.dir.path());
                 a.extend(tls.server_args(self.dir.path(), self.port));
             }
-            None => a.extend(["--port".into(), self.port.to_string()]),
+            (None, _) => a.extend(["--port".into(), self.port.to_string()]),
         }
         if self.flavor.cluster {
             a.extend([
@@ -230,7 +239,7 @@ impl RedisServer {
     }
 
     fn ready(&self) -> bool {
-        if self.flavor.tls.is_some() {
+        if self.flavor.tls.is_some() && self.tls_port.is_none() {
             // The TCP accept is enough: the TLS port only opens once loaded.
             return true;
         }
@@ -267,9 +276,17 @@ impl RedisServer {
     /// `rediss://USER:PASSWORD@localhost:PORT`.
     pub fn url(&self) -> String {
         match &self.flavor.tls {
-            Some(_) => format!("rediss://{TLS_USER}:{TLS_PASSWORD}@localhost:{}", self.port),
+            Some(_) => format!(
+                "rediss://{TLS_USER}:{TLS_PASSWORD}@localhost:{}",
+                self.client_port()
+            ),
             None => format!("redis://127.0.0.1:{}", self.port),
         }
+    }
+
+    /// The port clients connect to: the TLS port of a TLS cluster node.
+    fn client_port(&self) -> u16 {
+        self.tls_port.unwrap_or(self.port)
     }
 
     /// The CA certificate (PEM) that signed a TLS server's certificate.
@@ -278,7 +295,8 @@ impl RedisServer {
     }
 
     /// Sends one command over a fresh plaintext connection and returns the
-    /// reply (not for TLS servers). For assertions and setup in tests.
+    /// reply (not for TLS servers, but for the nodes of a TLS cluster). For
+    /// assertions and setup in tests.
     pub fn command(&self, args: &[&str]) -> Result<Reply, String> {
         resp::command(self.port, args)
     }
@@ -401,7 +419,16 @@ impl RedisCluster {
     /// Starts three primaries, assigns the 16384 slots and waits until the
     /// cluster reports `cluster_state:ok` on every node.
     pub fn start() -> Self {
-        Self::launch(false)
+        Self::launch(false, None)
+    }
+
+    /// Three primaries that clients reach over TLS only, as an ACL user
+    /// (connect with [`url`](Self::url), trusting
+    /// [`ca_pem`](Self::ca_pem)); the cluster bus runs over TLS too. Each
+    /// node also listens in plaintext, for the test kit's own setup and
+    /// checks ([`RedisServer::command`]).
+    pub fn start_tls() -> Self {
+        Self::launch(false, Some(TlsMaterial::generate()))
     }
 
     /// Starts three primaries and one replica of each (nodes `3..6`, node
@@ -409,10 +436,10 @@ impl RedisCluster {
     /// sync. A primary that stops answering is declared failed after one
     /// second, and its replica promoted (see [`fail_over`](Self::fail_over)).
     pub fn start_with_replicas() -> Self {
-        Self::launch(true)
+        Self::launch(true, None)
     }
 
-    fn launch(replicas: bool) -> Self {
+    fn launch(replicas: bool, tls: Option<TlsMaterial>) -> Self {
         let count = if replicas { 2 * SHARDS } else { SHARDS };
         let timeout: &[&str] = if replicas {
             // Failure detection within a second, and any replica may be
@@ -430,6 +457,7 @@ impl RedisCluster {
             .map(|_| {
                 RedisServer::spawn(Flavor {
                     cluster: true,
+                    tls: tls.clone(),
                     extra: timeout.iter().map(|s| (*s).to_owned()).collect(),
                     ..Flavor::default()
                 })
@@ -449,7 +477,9 @@ impl RedisCluster {
             node.command(&args).expect("CLUSTER ADDSLOTS");
         }
         for node in &nodes[1..] {
-            let port = nodes[0].port.to_string();
+            // The bus port is the client port + 10000: the TLS port's on a
+            // TLS cluster.
+            let port = nodes[0].client_port().to_string();
             node.command(&["CLUSTER", "MEET", "127.0.0.1", &port])
                 .expect("CLUSTER MEET");
         }
@@ -631,14 +661,29 @@ impl RedisCluster {
         }
     }
 
-    /// `redis-cluster://127.0.0.1:P1?node=127.0.0.1:P2&node=127.0.0.1:P3`.
+    /// `redis-cluster://127.0.0.1:P1?node=127.0.0.1:P2&node=127.0.0.1:P3`,
+    /// or for a TLS cluster
+    /// `rediss-cluster://USER:PASSWORD@localhost:P1?node=localhost:P2&…`.
     pub fn url(&self) -> String {
-        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port);
+        let (scheme, host) = match self.nodes[0].flavor.tls {
+            Some(_) => ("rediss-cluster", "localhost"),
+            None => ("redis-cluster", "127.0.0.1"),
+        };
+        let auth = match self.nodes[0].flavor.tls {
+            Some(_) => format!("{TLS_USER}:{TLS_PASSWORD}@"),
+            None => String::new(),
+        };
+        let mut url = format!("{scheme}://{auth}{host}:{}", self.nodes[0].client_port());
         for (i, n) in self.nodes[1..].iter().enumerate() {
             url.push(if i == 0 { '?' } else { '&' });
-            url.push_str(&format!("node=127.0.0.1:{}", n.port));
+            url.push_str(&format!("node={host}:{}", n.client_port()));
         }
         url
+    }
+
+    /// The CA certificate (PEM) of a TLS cluster's nodes.
+    pub fn ca_pem(&self) -> Option<String> {
+        self.nodes[0].ca_pem()
     }
 
     /// The nodes: the three primaries, then (started with replicas) their

@@ -52,13 +52,30 @@ impl TlsMaterial {
         }
     }
 
+    /// A TLS-only server on `port`, with the default user off and one ACL
+    /// user.
     pub(crate) fn server_args(&self, dir: &Path, port: u16) -> Vec<String> {
+        let mut a = self.tls_args(dir, 0, port);
+        a.extend(["--user".into(), "default".into(), "off".into()]);
+        a
+    }
+
+    /// A cluster node: clients over TLS on `tls_port` as the ACL user, the
+    /// cluster bus over TLS, and a plaintext `port` (default user) for the
+    /// test kit.
+    pub(crate) fn cluster_args(&self, dir: &Path, port: u16, tls_port: u16) -> Vec<String> {
+        let mut a = self.tls_args(dir, port, tls_port);
+        a.extend(["--tls-cluster".into(), "yes".into()]);
+        a
+    }
+
+    fn tls_args(&self, dir: &Path, port: u16, tls_port: u16) -> Vec<String> {
         let p = |n: &str| dir.join(n).display().to_string();
         vec![
             "--port".into(),
-            "0".into(),
-            "--tls-port".into(),
             port.to_string(),
+            "--tls-port".into(),
+            tls_port.to_string(),
             "--tls-cert-file".into(),
             p("server.crt"),
             "--tls-key-file".into(),
@@ -67,9 +84,6 @@ impl TlsMaterial {
             p("ca.crt"),
             "--tls-auth-clients".into(),
             "no".into(),
-            "--user".into(),
-            "default".into(),
-            "off".into(),
             "--user".into(),
             super::TLS_USER.into(),
             "on".into(),
