@@ -80,8 +80,9 @@ pub struct HealthReport {
     pub maxmemory_policy: Option<String>,
     /// `aof_enabled` from INFO.
     pub appendonly: Option<bool>,
-    /// Settings of this Redis that can lose what the registered layers
-    /// keep (sessions, usage counts), in words; empty when none.
+    /// In words: settings of this Redis that can lose what the registered
+    /// layers keep (sessions, usage counts), and a version older than a
+    /// registered layer needs; empty when none.
     pub warnings: Vec<String>,
     /// Standalone, cluster or sentinel.
     pub topology: Option<Topology>,
@@ -160,6 +161,27 @@ impl HealthReport {
     }
 }
 
+/// The oldest Redis version each layer's commands run on, and what fails
+/// on an older one. (The rate limiter's scripts use nothing newer than
+/// Redis 6.0, which client tracking and ACLs also need.)
+pub(crate) const OLDEST_REDIS: [(&str, (u32, u32), &str); 3] = [
+    ("cache", (7, 0), "PEXPIREAT with NX and GT (tag indexes)"),
+    (
+        "session",
+        (6, 2),
+        "SET with GET and GETDEL (saves with the session cache, rotations)",
+    ),
+    ("usage", (6, 2), "ZRANGE with REV (top consumers)"),
+];
+
+/// `7.0.15` → `(7, 0)`.
+fn major_minor(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// What an INFO reply says about memory and persistence.
 #[derive(Debug, Default)]
 pub(crate) struct ServerSettings {
@@ -194,17 +216,32 @@ impl ServerSettings {
     /// The settings that can lose what `layers` keep in Redis: sessions
     /// and usage counts must outlive memory pressure and restarts (cached
     /// responses and rate-limit state may not).
+    /// Also a server older than a layer in use needs
+    /// ([`OLDEST_REDIS`]): some of that layer's commands fail there.
     pub(crate) fn warnings(&self, layers: &[&str]) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some((v, found)) = self
+            .version
+            .as_deref()
+            .and_then(|v| Some((v, major_minor(v)?)))
+        {
+            for (layer, (major, minor), needs) in OLDEST_REDIS {
+                if layers.contains(&layer) && found < (major, minor) {
+                    w.push(format!(
+                        "Redis {v} is older than {major}.{minor}, the oldest the {layer} layer runs on: {needs} fail on it; upgrade Redis"
+                    ));
+                }
+            }
+        }
         let kept: Vec<&str> = layers
             .iter()
             .copied()
             .filter(|l| matches!(*l, "session" | "usage"))
             .collect();
         if kept.is_empty() {
-            return Vec::new();
+            return w;
         }
         let what = kept.join(" and ");
-        let mut w = Vec::new();
         if let (Some(policy), Some(max)) = (&self.policy, self.maxmemory)
             && max > 0
             && policy != "noeviction"
@@ -316,5 +353,31 @@ mod tests {
             "maxmemory:100\nmaxmemory_policy:noeviction\naof_enabled:1\n",
         );
         assert!(safe.warnings(&["usage"]).is_empty());
+    }
+
+    #[test]
+    fn a_redis_older_than_a_layer_needs_is_reported() {
+        let on = |v: &str, layers: &[&str]| {
+            ServerSettings::from_info(&format!("redis_version:{v}\nmaxmemory:0\naof_enabled:1\n"))
+                .warnings(layers)
+        };
+        let w = on("6.2.14", &["ratelimit", "cache", "session", "usage"]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "Redis 6.2.14 is older than 7.0, the oldest the cache layer runs on: PEXPIREAT"
+            ),
+            "{w:?}"
+        );
+        let w = on("6.0.16", &["session", "usage"]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("6.2, the oldest the session layer"), "{w:?}");
+        assert!(w[1].contains("6.2, the oldest the usage layer"), "{w:?}");
+        assert!(on("6.0.16", &["ratelimit"]).is_empty());
+        for v in ["7.0.0", "7.0.15", "7.2.4", "8.0.1", "10.1.0"] {
+            assert!(on(v, &["cache", "session", "usage"]).is_empty(), "{v}");
+        }
+        // A version it cannot read is not guessed at.
+        assert!(on("unknown", &["cache"]).is_empty());
     }
 }
