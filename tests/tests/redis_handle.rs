@@ -1003,6 +1003,44 @@ async fn a_planned_cluster_failover_moves_the_writes_and_loses_none() {
     assert_eq!(n, 1);
 }
 
+/// Sentinel: a switch announced while the handle's watcher was cut off
+/// from its Sentinel is not heard; the watcher asks the Sentinel for the
+/// primary when it reconnects, and the handle moves then, long before the
+/// Sentinel demotes the old primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_missed_while_cut_off_from_the_sentinel_is_found_on_reconnection() {
+    let mut sentinel = RedisSentinel::start();
+    // The handle reaches the Sentinel through a proxy that can be cut.
+    let proxy = LatencyProxy::start(sentinel.sentinel().port(), Duration::ZERO).await;
+    let url = sentinel.url().replace(
+        &sentinel.sentinel().port().to_string(),
+        &proxy.port().to_string(),
+    );
+    let h = connect(url).await;
+    let subscribed = || {
+        matches!(sentinel.sentinel().command(&["CLIENT", "LIST"]),
+            Ok(Reply::Bulk(list)) if list.lines().any(|l| l.contains(" sub=1 ")))
+    };
+    let started = Instant::now();
+    while !subscribed() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the watcher subscribes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    proxy.cut();
+    let new = tokio::task::block_in_place(|| sentinel.switch_over());
+    proxy.restore();
+    sentinel.wait_for_handle(&h).await;
+    assert_eq!(
+        tollgate_testkit::role(&sentinel.nodes()[1 - new]).as_deref(),
+        Some("master"),
+        "the handle moved before the Sentinel demoted the old primary"
+    );
+}
+
 /// Writes `k` through `h`; the error, which must say Redis refuses
 /// writes, and the breaker then open.
 async fn refused_write(h: &RedisHandle, k: &str) {

@@ -1,7 +1,8 @@
-//! A TCP proxy that adds latency to every reply, for "slow Redis" tests.
+//! A TCP proxy that adds latency to every reply, for "slow Redis" tests,
+//! and can cut the way to the server (a network partition).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,6 +16,9 @@ use tokio::task::JoinHandle;
 pub struct LatencyProxy {
     port: u16,
     delay_us: Arc<AtomicU64>,
+    /// Whether connections are let through ([`cut`](Self::cut)).
+    open: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     task: JoinHandle<()>,
 }
 
@@ -27,26 +31,50 @@ impl LatencyProxy {
             .expect("bind the proxy");
         let port = listener.local_addr().expect("proxy addr").port();
         let delay_us = Arc::new(AtomicU64::new(micros(delay)));
-        let d = delay_us.clone();
+        let open = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (d, o, c) = (delay_us.clone(), open.clone(), conns.clone());
         let task = tokio::spawn(async move {
-            let mut conns = Vec::new();
             while let Ok((client, _)) = listener.accept().await {
+                if !o.load(Ordering::Acquire) {
+                    // Cut: the connection is closed at once.
+                    continue;
+                }
                 let d = d.clone();
-                conns.retain(|c: &JoinHandle<()>| !c.is_finished());
+                let mut conns = c.lock().expect("proxy connections");
+                conns.retain(|c| !c.is_finished());
                 conns.push(tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)).await {
                         pipe(client, server, d).await;
                     }
                 }));
             }
-            for c in conns {
-                c.abort();
-            }
         });
         LatencyProxy {
             port,
             delay_us,
+            open,
+            conns,
             task,
+        }
+    }
+
+    /// Cuts the way to the server: every proxied connection is closed, and
+    /// new ones are closed as soon as they are accepted, until
+    /// [`restore`](Self::restore).
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::Release);
+        self.close_all();
+    }
+
+    /// Lets new connections through again.
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::Release);
+    }
+
+    fn close_all(&self) {
+        for c in self.conns.lock().expect("proxy connections").drain(..) {
+            c.abort();
         }
     }
 
@@ -69,6 +97,7 @@ impl LatencyProxy {
 impl Drop for LatencyProxy {
     fn drop(&mut self) {
         self.task.abort();
+        self.close_all();
     }
 }
 
@@ -79,26 +108,32 @@ fn micros(d: Duration) -> u64 {
 async fn pipe(client: TcpStream, server: TcpStream, delay_us: Arc<AtomicU64>) {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
-    let up = tokio::spawn(async move {
+    // One task for both directions: aborting it closes both connections.
+    let up = async {
         let mut buf = vec![0u8; 16 * 1024];
         while let Ok(n) = cr.read(&mut buf).await {
             if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
                 break;
             }
         }
-    });
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n) = sr.read(&mut buf).await {
-        if n == 0 {
-            break;
+    };
+    let down = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = sr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let d = delay_us.load(Ordering::Relaxed);
+            if d > 0 {
+                tokio::time::sleep(Duration::from_micros(d)).await;
+            }
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
         }
-        let d = delay_us.load(Ordering::Relaxed);
-        if d > 0 {
-            tokio::time::sleep(Duration::from_micros(d)).await;
-        }
-        if cw.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
     }
-    up.abort();
 }
