@@ -370,6 +370,15 @@ async fn reports_health(h: RedisHandle) {
     assert!(report.warnings[0].starts_with("appendonly is off"));
 }
 
+/// A write through `h` goes through: `key`, new, is incremented to 1.
+async fn increments_a_new_key(h: &RedisHandle, key: &'static str) {
+    let n: i64 = h
+        .call(|c| async move { c.incr(key).await })
+        .await
+        .unwrap_or_else(|e| panic!("INCR {key}: {e:?}"));
+    assert_eq!(n, 1, "{key} was new");
+}
+
 /// Traffic from `n` tasks; returns the slowest call seen and a stop flag.
 fn traffic(
     h: &RedisHandle,
@@ -488,11 +497,7 @@ async fn pause_opens_the_breaker_within_a_deadline_and_resume_closes_it() {
     server.resume();
     wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
     stop_traffic(stop, tasks).await;
-    let n: i64 = h
-        .call(|c| async move { c.incr("after-resume").await })
-        .await
-        .expect("works again");
-    assert_eq!(n, 1);
+    increments_a_new_key(&h, "after-resume").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,11 +577,7 @@ async fn starting_while_redis_is_down_is_degraded_then_recovers() {
     ));
     server.restart();
     wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
-    let n: i64 = h
-        .call(|c| async move { c.incr("x").await })
-        .await
-        .expect("recovered");
-    assert_eq!(n, 1);
+    increments_a_new_key(&h, "x").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -679,6 +680,20 @@ async fn a_bad_url_is_a_clear_error() {
 /// [`Notice::Missed`].
 type Seen = tokio::sync::mpsc::UnboundedReceiver<Option<Vec<u8>>>;
 
+/// A subscription to `channel` whose notices arrive in the returned
+/// receiver (`None`: messages may have been missed).
+fn subscribe(h: &RedisHandle, channel: &str) -> (Subscription, Seen) {
+    let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    let sub = Subscription::start(h, channel.to_owned(), move |n| {
+        let _ = tx.send(match n {
+            Notice::Message(m) => Some(m.to_vec()),
+            Notice::Missed => None,
+        });
+    })
+    .expect("subscription");
+    (sub, seen)
+}
+
 /// Publishes `message` every 100 ms until the subscription hands it over
 /// (the subscription may not be up again yet, and a publish may miss the
 /// 50 ms deadline on a busy machine); `Missed` notices on the way are
@@ -711,15 +726,8 @@ async fn publish_until_heard(sub: &Subscription, seen: &mut Seen, message: &str)
 /// nothing else; when its connection is cut it subscribes again and says
 /// that messages may have been missed; dropping it stops the listener.
 async fn a_subscription_hears_its_channel_and_recovers(h: RedisHandle) {
-    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     let channel = h.keys("test").key(&["events"]);
-    let sub = Subscription::start(&h, channel.clone(), move |n| {
-        let _ = tx.send(match n {
-            Notice::Message(m) => Some(m.to_vec()),
-            Notice::Missed => None,
-        });
-    })
-    .expect("subscription");
+    let (sub, mut seen) = subscribe(&h, &channel);
     assert_eq!(sub.channel(), channel);
     let started = Instant::now();
     while !sub.is_listening() {
@@ -778,15 +786,8 @@ async fn a_subscription_hears_its_channel_and_recovers(h: RedisHandle) {
 async fn a_subscription_outlives_the_failover_of_its_primary() {
     let mut cluster = RedisCluster::start_with_replicas();
     let h = connect(cluster.url()).await;
-    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     let channel = h.keys("test").key(&["events"]);
-    let sub = Subscription::start(&h, channel.clone(), move |n| {
-        let _ = tx.send(match n {
-            Notice::Message(m) => Some(m.to_vec()),
-            Notice::Missed => None,
-        });
-    })
-    .expect("subscription");
+    let (sub, mut seen) = subscribe(&h, &channel);
     publish_until_heard(&sub, &mut seen, "before").await;
     while seen.try_recv().is_ok() {}
     // The node whose connection holds the subscription.
@@ -902,14 +903,7 @@ async fn a_cluster_failover_moves_the_handle_to_the_promoted_replica() {
 async fn a_planned_sentinel_switch_moves_the_handle_before_the_old_primary_is_demoted() {
     let mut sentinel = RedisSentinel::start();
     let h = connect(sentinel.url()).await;
-    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
-    let sub = Subscription::start(&h, h.keys("test").key(&["events"]), move |n| {
-        let _ = tx.send(match n {
-            Notice::Message(m) => Some(m.to_vec()),
-            Notice::Missed => None,
-        });
-    })
-    .expect("subscription");
+    let (sub, mut seen) = subscribe(&h, &h.keys("test").key(&["events"]));
     publish_until_heard(&sub, &mut seen, "before").await;
 
     let new = tokio::task::block_in_place(|| sentinel.switch_over());
@@ -996,11 +990,7 @@ async fn a_planned_cluster_failover_moves_the_writes_and_loses_none() {
     }
     assert_eq!(cluster.primary_for_key("planned:0"), primary);
     wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
-    let n: i64 = h
-        .call(|c| async move { c.incr("after-switch").await })
-        .await
-        .expect("works after the switch");
-    assert_eq!(n, 1);
+    increments_a_new_key(&h, "after-switch").await;
 }
 
 /// Sentinel: a switch announced while the handle's watcher was cut off
