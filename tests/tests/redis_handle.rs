@@ -344,6 +344,12 @@ async fn reports_health(h: RedisHandle) {
             .as_deref()
             .is_some_and(|v| !v.is_empty())
     );
+    // What the check at connect reads (fred's, without a command): the
+    // same version.
+    assert_eq!(
+        h.client().server_version().map(|v| v.to_string()),
+        report.server_version
+    );
     assert!(report.used_memory_bytes.unwrap_or(0) > 0);
     let res = HealthService::new(h.clone())
         .oneshot(http::Request::new(()))

@@ -243,12 +243,27 @@ impl RedisHandle {
         };
         handle.watch_connections();
         handle.watch_sentinels()?;
+        if degraded.is_none() {
+            handle.warn_if_old();
+        }
         if let Some(reason) = degraded {
             tracing::warn!(namespace = %handle.inner.namespace, reason, "starting degraded: Redis is unreachable, layers use their in-process fallbacks until it answers");
             handle.inner.breaker.trip(reason);
             handle.start_prober();
         }
         Ok(handle)
+    }
+
+    /// Logs, at connect, what fails on a Redis older than a layer needs
+    /// (the layers are not known yet: every one is named). fred read the
+    /// version when it connected: no command is sent.
+    fn warn_if_old(&self) {
+        let Some(version) = self.client().server_version() else {
+            return;
+        };
+        for warning in crate::health::too_old(&version.to_string(), |_| true) {
+            tracing::warn!(namespace = %self.inner.namespace, "{warning}");
+        }
     }
 
     /// The fred pool, for commands tollgate has no helper for. Commands sent

@@ -174,6 +174,23 @@ pub(crate) const OLDEST_REDIS: [(&str, (u32, u32), &str); 3] = [
     ("usage", (6, 2), "ZRANGE with REV (top consumers)"),
 ];
 
+/// A warning for each layer (of those `used` says are in use) whose
+/// commands Redis `version` lacks; none when the version cannot be read.
+pub(crate) fn too_old(version: &str, used: impl Fn(&str) -> bool) -> Vec<String> {
+    let Some(found) = major_minor(version) else {
+        return Vec::new();
+    };
+    OLDEST_REDIS
+        .iter()
+        .filter(|(layer, oldest, _)| used(layer) && found < *oldest)
+        .map(|(layer, (major, minor), needs)| {
+            format!(
+                "Redis {version} is older than {major}.{minor}, the oldest the {layer} layer runs on: {needs} fail on it; upgrade Redis"
+            )
+        })
+        .collect()
+}
+
 /// `7.0.15` → `(7, 0)`.
 fn major_minor(version: &str) -> Option<(u32, u32)> {
     let mut parts = version.split('.');
@@ -219,20 +236,10 @@ impl ServerSettings {
     /// Also a server older than a layer in use needs
     /// ([`OLDEST_REDIS`]): some of that layer's commands fail there.
     pub(crate) fn warnings(&self, layers: &[&str]) -> Vec<String> {
-        let mut w = Vec::new();
-        if let Some((v, found)) = self
-            .version
-            .as_deref()
-            .and_then(|v| Some((v, major_minor(v)?)))
-        {
-            for (layer, (major, minor), needs) in OLDEST_REDIS {
-                if layers.contains(&layer) && found < (major, minor) {
-                    w.push(format!(
-                        "Redis {v} is older than {major}.{minor}, the oldest the {layer} layer runs on: {needs} fail on it; upgrade Redis"
-                    ));
-                }
-            }
-        }
+        let mut w = match self.version.as_deref() {
+            Some(v) => too_old(v, |layer| layers.contains(&layer)),
+            None => Vec::new(),
+        };
         let kept: Vec<&str> = layers
             .iter()
             .copied()
