@@ -137,3 +137,54 @@ async fn pipe(client: TcpStream, server: TcpStream, delay_us: Arc<AtomicU64>) {
         () = down => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RedisServer, Reply, resp};
+
+    fn ping(port: u16) -> Result<Reply, String> {
+        resp::command_with_timeout(port, &["PING"], Duration::from_millis(500))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cut_closes_connections_until_restored() {
+        let server = RedisServer::start();
+        let proxy = LatencyProxy::start(server.port(), Duration::ZERO).await;
+        let port = proxy.port();
+        let pong = Ok(Reply::Status("PONG".into()));
+        assert_eq!(
+            tokio::task::spawn_blocking(move || ping(port))
+                .await
+                .unwrap(),
+            pong
+        );
+        // A connection held open across the cut is closed by it.
+        let held = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect through the proxy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        proxy.cut();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut held = held;
+            held.read(&mut buf).await
+        })
+        .await
+        .expect("closed, not left hanging");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert!(
+            tokio::task::spawn_blocking(move || ping(port))
+                .await
+                .unwrap()
+                .is_err()
+        );
+        proxy.restore();
+        assert_eq!(
+            tokio::task::spawn_blocking(move || ping(port))
+                .await
+                .unwrap(),
+            pong
+        );
+    }
+}
