@@ -233,6 +233,7 @@ impl ServerSettings {
     /// The settings that can lose what `layers` keep in Redis: sessions
     /// and usage counts must outlive memory pressure and restarts (cached
     /// responses and rate-limit state may not).
+    ///
     /// Also a server older than a layer in use needs
     /// ([`OLDEST_REDIS`]): some of that layer's commands fail there.
     pub(crate) fn warnings(&self, layers: &[&str]) -> Vec<String> {

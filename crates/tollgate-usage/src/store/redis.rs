@@ -61,8 +61,8 @@ impl Durable {
     }
 
     /// `WAIT` at each primary serving one of `keys`, at once; the fewest
-    /// replicas any of them reached (every one asked, when no key was
-    /// written).
+    /// replicas any of them reached (the number asked for, when no key
+    /// was written).
     async fn wait_at_primaries(
         &self,
         keys: &[String],
