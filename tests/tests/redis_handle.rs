@@ -13,7 +13,7 @@ use tollgate_redis::{
     BatchConn, BatchOp, BreakerState, CoalesceConfig, Coalescer, Error, HealthService, Notice,
     RedisConfig, RedisHandle, Script, Subscription, Topology,
 };
-use tollgate_testkit::{LatencyProxy, RedisCluster, RedisSentinel, RedisServer, Reply};
+use tollgate_testkit::{LatencyProxy, RedisCluster, RedisSentinel, RedisServer, Replicated, Reply};
 use tower::ServiceExt;
 
 const DEADLINE: Duration = Duration::from_millis(50);
@@ -819,28 +819,21 @@ async fn a_subscription_outlives_the_failover_of_its_primary() {
     publish_until_heard(&sub, &mut seen, "after").await;
 }
 
-/// Killing the primary cuts calls off at the deadline while a replica is
-/// promoted (`fail_over` kills it and returns the promoted node once it
-/// acts as primary); the handle then finds the new primary, closes the
+/// Killing the primary of `k` cuts calls off at the deadline while its
+/// replica is promoted; the handle then finds the new primary, closes the
 /// breaker and runs scripts there (reloaded: each server has its own
 /// script cache), on the data replicated before.
-async fn a_failover_moves_the_handle_to_the_promoted_replica<T>(
-    redis: &mut T,
-    url: String,
-    replicated: fn(&T),
-    fail_over: fn(&mut T) -> usize,
-    node: fn(&T, usize) -> &RedisServer,
-) {
-    let h = connect(url).await;
+async fn a_failover_moves_the_handle_to_the_promoted_replica(redis: &mut impl Replicated) {
+    let h = connect(redis.url()).await;
     let n: i64 = h.eval(&INCR_BY, vec!["k"], vec![41]).await.expect("script");
     assert_eq!(n, 41);
-    replicated(redis);
+    redis.wait_replicated();
     let (slowest, stop, tasks) = traffic(&h, 16);
     tokio::time::sleep(Duration::from_millis(100)).await;
     slowest.store(0, Ordering::Relaxed);
     let opened = h.health().await.breaker_opened;
 
-    let new = tokio::task::block_in_place(|| fail_over(redis));
+    let new = tokio::task::block_in_place(|| redis.fail_over_primary_of("k"));
     wait_for_state(&h, BreakerState::Closed, Duration::from_secs(10)).await;
     assert!(
         h.health().await.breaker_opened > opened,
@@ -861,7 +854,7 @@ async fn a_failover_moves_the_handle_to_the_promoted_replica<T>(
     assert_eq!(n, 42, "the replicated value");
     assert_eq!(h.scripts_reloaded(), before + 1);
     assert_eq!(
-        node(redis, new).command(&["GET", "k"]),
+        redis.node(new).command(&["GET", "k"]),
         Ok(Reply::Bulk("42".into())),
         "written to the new primary"
     );
@@ -870,60 +863,15 @@ async fn a_failover_moves_the_handle_to_the_promoted_replica<T>(
 /// Sentinel: the reconnection asks the Sentinel for the promoted replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_moves_the_handle_to_the_promoted_replica() {
-    let mut sentinel = RedisSentinel::start();
-    let url = sentinel.url();
-    a_failover_moves_the_handle_to_the_promoted_replica(
-        &mut sentinel,
-        url,
-        RedisSentinel::wait_replicated,
-        RedisSentinel::fail_over,
-        |s, i| &s.nodes()[i],
-    )
-    .await;
+    a_failover_moves_the_handle_to_the_promoted_replica(&mut RedisSentinel::start()).await;
 }
 
 /// Redis Cluster with replicas: the cluster promotes the replica of the
 /// primary holding the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_failover_moves_the_handle_to_the_promoted_replica() {
-    let mut cluster = RedisCluster::start_with_replicas();
-    let url = cluster.url();
-    a_failover_moves_the_handle_to_the_promoted_replica(
-        &mut cluster,
-        url,
-        RedisCluster::wait_replicated,
-        |c| {
-            let old = c.primary_for_key("k");
-            c.fail_over(old)
-        },
-        |c, i| &c.nodes()[i],
-    )
-    .await;
-}
-
-/// Sentinel: a planned switch (`SENTINEL FAILOVER`) drops no connection,
-/// and the old primary goes on taking writes until a Sentinel demotes it
-/// (seconds later), when it throws them away. The handle moves its writes,
-/// and its subscriptions, to the new primary before that.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_planned_sentinel_switch_moves_the_handle_before_the_old_primary_is_demoted() {
-    let mut sentinel = RedisSentinel::start();
-    let h = connect(sentinel.url()).await;
-    let (sub, mut seen) = subscribe(&h, &h.keys("test").key(&["events"]));
-    publish_until_heard(&sub, &mut seen, "before").await;
-
-    let new = tokio::task::block_in_place(|| sentinel.switch_over());
-    let old = 1 - new;
-    sentinel.wait_for_handle(&h).await;
-    // Heard only if the subscription moved too: a publish reaches the
-    // subscribers of the server it is sent to, and the pool sends it to
-    // the new primary.
-    publish_until_heard(&sub, &mut seen, "after").await;
-    assert_eq!(
-        tollgate_testkit::role(&sentinel.nodes()[old]).as_deref(),
-        Some("master"),
-        "the handle moved before the Sentinel demoted the old primary"
-    );
+    a_failover_moves_the_handle_to_the_promoted_replica(&mut RedisCluster::start_with_replicas())
+        .await;
 }
 
 /// Redis Cluster with replicas: a planned failover (`CLUSTER FAILOVER`)

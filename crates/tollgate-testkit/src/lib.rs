@@ -731,6 +731,77 @@ impl RedisCluster {
     }
 }
 
+/// A primary with a replica that takes over when it dies: behind a
+/// Sentinel ([`RedisSentinel`]) or a shard of a cluster
+/// ([`RedisCluster::start_with_replicas`]), for tests that run on both.
+/// Nodes are named by their index (see [`node`](Self::node)).
+pub trait Replicated {
+    /// The URL to connect with.
+    fn url(&self) -> String;
+    /// One node.
+    fn node(&self, i: usize) -> &RedisServer;
+    /// One node, for fault injection.
+    fn node_mut(&mut self, i: usize) -> &mut RedisServer;
+    /// The node that is primary for `key` now.
+    fn primary_of(&self, key: &str) -> usize;
+    /// Its replica.
+    fn replica_of(&self, key: &str) -> usize;
+    /// Waits until every primary's writes so far reached its replica.
+    fn wait_replicated(&self);
+    /// Kills `key`'s primary and waits until its replica is promoted and
+    /// acts as primary; returns the replica.
+    fn fail_over_primary_of(&mut self, key: &str) -> usize;
+}
+
+impl Replicated for RedisSentinel {
+    fn url(&self) -> String {
+        RedisSentinel::url(self)
+    }
+    fn node(&self, i: usize) -> &RedisServer {
+        &self.nodes[i]
+    }
+    fn node_mut(&mut self, i: usize) -> &mut RedisServer {
+        &mut self.nodes[i]
+    }
+    fn primary_of(&self, _: &str) -> usize {
+        self.primary_index()
+    }
+    fn replica_of(&self, _: &str) -> usize {
+        1 - self.primary_index()
+    }
+    fn wait_replicated(&self) {
+        RedisSentinel::wait_replicated(self);
+    }
+    fn fail_over_primary_of(&mut self, _: &str) -> usize {
+        self.fail_over()
+    }
+}
+
+impl Replicated for RedisCluster {
+    fn url(&self) -> String {
+        RedisCluster::url(self)
+    }
+    fn node(&self, i: usize) -> &RedisServer {
+        &self.nodes[i]
+    }
+    fn node_mut(&mut self, i: usize) -> &mut RedisServer {
+        &mut self.nodes[i]
+    }
+    fn primary_of(&self, key: &str) -> usize {
+        self.primary_for_key(key)
+    }
+    fn replica_of(&self, key: &str) -> usize {
+        self.partner(self.primary_for_key(key))
+    }
+    fn wait_replicated(&self) {
+        RedisCluster::wait_replicated(self);
+    }
+    fn fail_over_primary_of(&mut self, key: &str) -> usize {
+        let primary = self.primary_for_key(key);
+        self.fail_over(primary)
+    }
+}
+
 /// The first field of `ROLE` (`master`, `slave`), if the server answers.
 pub fn role(server: &RedisServer) -> Option<String> {
     match server.command(&["ROLE"]) {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tollgate_redis::{RedisConfig, RedisHandle};
-use tollgate_testkit::{LatencyProxy, RedisCluster, RedisServer};
+use tollgate_testkit::{LatencyProxy, RedisCluster, RedisServer, Replicated};
 use tollgate_usage::{
     Batch, Enforcement, MemoryStore, PeriodKind, Plan, Plans, QuotaOutcome, RedisStore, Store,
     TenantIncrements, TenantSource, UsageConfig, UsageLayer, UsageTracker, WriteMode, now_ms,
@@ -916,77 +916,24 @@ async fn lost_checks_are_settled_across_cluster_nodes() {
     assert_eq!((s.pending, s.dropped), (0, 0));
 }
 
-/// A primary with a replica: behind a Sentinel, or a cluster's shard.
-trait Replicated {
-    /// The node that is primary for `key` now.
-    fn primary(&self, key: &str) -> usize;
-    /// Its replica.
-    fn replica(&self, key: &str) -> usize;
-    fn node(&self, i: usize) -> &RedisServer;
-    fn node_mut(&mut self, i: usize) -> &mut RedisServer;
-    /// Kills `key`'s primary; returns the promoted replica once it acts
-    /// as primary.
-    fn fail_over(&mut self, key: &str) -> usize;
-}
-
-impl Replicated for tollgate_testkit::RedisSentinel {
-    fn primary(&self, _: &str) -> usize {
-        self.primary_index()
-    }
-    fn replica(&self, _: &str) -> usize {
-        1 - self.primary_index()
-    }
-    fn node(&self, i: usize) -> &RedisServer {
-        &self.nodes()[i]
-    }
-    fn node_mut(&mut self, i: usize) -> &mut RedisServer {
-        tollgate_testkit::RedisSentinel::node_mut(self, i)
-    }
-    fn fail_over(&mut self, _: &str) -> usize {
-        tollgate_testkit::RedisSentinel::fail_over(self)
-    }
-}
-
-impl Replicated for RedisCluster {
-    fn primary(&self, key: &str) -> usize {
-        self.primary_for_key(key)
-    }
-    fn replica(&self, key: &str) -> usize {
-        self.partner(self.primary_for_key(key))
-    }
-    fn node(&self, i: usize) -> &RedisServer {
-        &self.nodes()[i]
-    }
-    fn node_mut(&mut self, i: usize) -> &mut RedisServer {
-        RedisCluster::node_mut(self, i)
-    }
-    fn fail_over(&mut self, key: &str) -> usize {
-        let primary = self.primary_for_key(key);
-        RedisCluster::fail_over(self, primary)
-    }
-}
-
 /// With `wait_for_replicas(1)` a flush counts as written once the replica
 /// has it: while the replica is frozen a flush is applied on the primary
 /// but not confirmed, and is retried under its id (counted once) once the
 /// replica answers. A primary killed after a confirmed flush loses none of
 /// it: the promoted replica has every count.
-async fn flushes_that_wait_for_a_replica_survive_a_failover(
-    redis: &mut impl Replicated,
-    url: String,
-) {
-    let h = tollgate_testkit::connect_with_deadline(url, Duration::from_millis(400)).await;
+async fn flushes_that_wait_for_a_replica_survive_a_failover(redis: &mut impl Replicated) {
+    let h = tollgate_testkit::connect_with_deadline(redis.url(), Duration::from_millis(400)).await;
     let t = UsageTracker::redis(h.clone(), manual().wait_for_replicas(1));
     let key = acme_key(&h, &t);
     t.record("acme", "api_request", 5);
     t.flush().await.expect("the replica answers");
-    let replica = redis.replica(&key);
+    let replica = redis.replica_of(&key);
     assert_eq!(hget(redis.node(replica), &key, "api_request"), Some(5));
 
     redis.node_mut(replica).pause();
     t.record("acme", "api_request", 10);
     assert!(t.flush().await.is_err(), "not on the replica: unconfirmed");
-    let primary = redis.primary(&key);
+    let primary = redis.primary_of(&key);
     assert_eq!(
         hget(redis.node(primary), &key, "api_request"),
         Some(15),
@@ -1005,15 +952,14 @@ async fn flushes_that_wait_for_a_replica_survive_a_failover(
 
     t.record("acme", "api_request", 100);
     t.flush().await.expect("flushed");
-    let new = tokio::task::block_in_place(|| redis.fail_over(&key));
+    let new = tokio::task::block_in_place(|| redis.fail_over_primary_of(&key));
     assert_eq!(hget(redis.node(new), &key, "api_request"), Some(115));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_sentinel_flushes_that_wait_for_a_replica_survive_a_failover() {
     let mut sentinel = tollgate_testkit::RedisSentinel::start();
-    let url = sentinel.url();
-    flushes_that_wait_for_a_replica_survive_a_failover(&mut sentinel, url).await;
+    flushes_that_wait_for_a_replica_survive_a_failover(&mut sentinel).await;
 }
 
 /// On a cluster each primary written to is asked for its replicas: a
@@ -1067,5 +1013,5 @@ async fn on_a_cluster_flushes_that_wait_for_a_replica_survive_a_failover() {
             );
         }
     }
-    flushes_that_wait_for_a_replica_survive_a_failover(&mut cluster, url).await;
+    flushes_that_wait_for_a_replica_survive_a_failover(&mut cluster).await;
 }
