@@ -312,6 +312,20 @@ impl RedisServer {
         }
     }
 
+    /// Whether this replica's link to its primary is up (it is in sync).
+    fn replica_link_up(&self) -> bool {
+        matches!(self.command(&["INFO", "replication"]), Ok(Reply::Bulk(info))
+            if info_field(&info, "master_link_status") == Some("up"))
+    }
+
+    /// `CLUSTER INFO`'s `field`, if the node answers.
+    fn cluster_info(&self, field: &str) -> Option<String> {
+        match self.command(&["CLUSTER", "INFO"]) {
+            Ok(Reply::Bulk(info)) => info_field(&info, field).map(str::to_owned),
+            _ => None,
+        }
+    }
+
     /// `total_commands_processed` from INFO stats, minus the INFO itself.
     pub fn commands_processed(&self) -> u64 {
         let info = match self.command(&["INFO", "stats"]) {
@@ -387,6 +401,28 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits i32"));
     let _ = nix::sys::signal::kill(pid, sig);
 }
+
+/// Polls `done` every 50 ms until it holds; panics after `timeout`,
+/// saying what it waited for and what `context` adds (a log tail, say).
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < timeout,
+            "timed out waiting until {what}{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The timeout of the test kit's waits on topologies.
+const TOPOLOGY_WAIT: Duration = Duration::from_secs(60);
 
 /// A field of an INFO reply.
 pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
@@ -487,11 +523,7 @@ impl RedisCluster {
         if replicas {
             // A node replicates another only once it knows it.
             cluster.wait_until("every node knows every other", || {
-                cluster.nodes.iter().all(|n| {
-                    matches!(n.command(&["CLUSTER", "INFO"]), Ok(Reply::Bulk(info))
-                        if info_field(&info, "cluster_known_nodes")
-                            == Some(&*cluster.nodes.len().to_string()))
-                })
+                cluster.nodes.iter().all(|n| cluster.knows_all(n))
             });
             for i in 0..SHARDS {
                 let id = match cluster.nodes[i].command(&["CLUSTER", "MYID"]) {
@@ -503,25 +535,24 @@ impl RedisCluster {
                     .expect("CLUSTER REPLICATE");
             }
             cluster.wait_until("every replica is in sync", || {
-                cluster.nodes[SHARDS..].iter().all(|n| {
-                    matches!(n.command(&["INFO", "replication"]), Ok(Reply::Bulk(info))
-                        if info_field(&info, "master_link_status") == Some("up"))
-                })
+                cluster.nodes[SHARDS..]
+                    .iter()
+                    .all(RedisServer::replica_link_up)
             });
         }
         cluster.wait_ok(Duration::from_secs(90));
         cluster
     }
 
-    fn wait_until(&self, what: &str, mut done: impl FnMut() -> bool) {
-        let started = Instant::now();
-        while !done() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "timed out waiting until {what}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn wait_until(&self, what: &str, done: impl FnMut() -> bool) {
+        wait_until(what, TOPOLOGY_WAIT, done, String::new);
+    }
+
+    /// Whether node `n` knows every node of the cluster.
+    fn knows_all(&self, n: &RedisServer) -> bool {
+        n.cluster_info("cluster_known_nodes")
+            .and_then(|v| v.parse::<usize>().ok())
+            == Some(self.nodes.len())
     }
 
     /// The node that started in the other role of node `i`'s shard (its
@@ -601,8 +632,7 @@ impl RedisCluster {
         // a manual failover time out: wait for the link, and ask again if
         // the switch does not happen.
         self.wait_until("the replica is in sync", || {
-            matches!(self.nodes[new].command(&["INFO", "replication"]), Ok(Reply::Bulk(info))
-                if info_field(&info, "master_link_status") == Some("up"))
+            self.nodes[new].replica_link_up()
         });
         self.wait_until("the replica takes over", || {
             let reply = self.nodes[new].command(&["CLUSTER", "FAILOVER"]);
@@ -621,10 +651,10 @@ impl RedisCluster {
 
     /// Whether every running node reports `cluster_state:ok`.
     fn all_ok(&self) -> bool {
-        self.nodes.iter().filter(|n| n.is_running()).all(|n| {
-            matches!(n.command(&["CLUSTER", "INFO"]), Ok(Reply::Bulk(info))
-                if info_field(&info, "cluster_state") == Some("ok"))
-        })
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .all(|n| n.cluster_info("cluster_state").as_deref() == Some("ok"))
     }
 
     /// A running node.
@@ -638,27 +668,15 @@ impl RedisCluster {
     /// Waits until every running node reports `cluster_state:ok` and knows
     /// every other node.
     pub fn wait_ok(&self, timeout: Duration) {
-        let started = Instant::now();
-        loop {
-            let ok = self.nodes.iter().filter(|n| n.is_running()).all(|n| {
-                let info = match n.command(&["CLUSTER", "INFO"]) {
-                    Ok(Reply::Bulk(s)) => s,
-                    _ => return false,
-                };
-                info_field(&info, "cluster_state") == Some("ok")
-                    && info_field(&info, "cluster_known_nodes")
-                        .and_then(|v| v.parse::<usize>().ok())
-                        == Some(self.nodes.len())
-            });
-            if ok {
-                return;
-            }
-            assert!(
-                started.elapsed() < timeout,
-                "the Redis Cluster did not become ready within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let ready = || {
+            self.all_ok()
+                && self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.is_running())
+                    .all(|n| self.knows_all(n))
+        };
+        wait_until("the Redis Cluster is ready", timeout, ready, String::new);
     }
 
     /// `redis-cluster://127.0.0.1:P1?node=127.0.0.1:P2&node=127.0.0.1:P3`,
@@ -842,8 +860,7 @@ impl RedisSentinel {
             sentinel,
         };
         s.wait_until("the replica is in sync and known to the Sentinel", || {
-            let synced = matches!(s.nodes[1].command(&["INFO", "replication"]),
-                Ok(Reply::Bulk(info)) if info_field(&info, "master_link_status") == Some("up"));
+            let synced = s.nodes[1].replica_link_up();
             let known = matches!(
                 s.sentinel.command(&["SENTINEL", "REPLICAS", SENTINEL_SERVICE]),
                 Ok(Reply::Array(r)) if !r.is_empty()
@@ -985,16 +1002,10 @@ impl RedisSentinel {
         new
     }
 
-    fn wait_until(&self, what: &str, mut done: impl FnMut() -> bool) {
-        let started = Instant::now();
-        while !done() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "timed out waiting until {what}; Sentinel log: {}",
-                self.sentinel.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn wait_until(&self, what: &str, done: impl FnMut() -> bool) {
+        wait_until(what, TOPOLOGY_WAIT, done, || {
+            format!("; Sentinel log: {}", self.sentinel.log_tail())
+        });
     }
 }
 
