@@ -874,6 +874,31 @@ async fn a_cluster_failover_moves_the_handle_to_the_promoted_replica() {
         .await;
 }
 
+/// Sentinel: a planned switch (`SENTINEL FAILOVER`) drops no connection,
+/// and the old primary goes on taking writes until a Sentinel demotes it
+/// (seconds later), when it throws them away. The handle moves its writes,
+/// and its subscriptions, to the new primary before that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_sentinel_switch_moves_the_handle_before_the_old_primary_is_demoted() {
+    let mut sentinel = RedisSentinel::start();
+    let h = connect(sentinel.url()).await;
+    let (sub, mut seen) = subscribe(&h, &h.keys("test").key(&["events"]));
+    publish_until_heard(&sub, &mut seen, "before").await;
+
+    let new = tokio::task::block_in_place(|| sentinel.switch_over());
+    let old = 1 - new;
+    sentinel.wait_for_handle(&h).await;
+    // Heard only if the subscription moved too: a publish reaches the
+    // subscribers of the server it is sent to, and the pool sends it to
+    // the new primary.
+    publish_until_heard(&sub, &mut seen, "after").await;
+    assert_eq!(
+        tollgate_testkit::role(&sentinel.nodes()[old]).as_deref(),
+        Some("master"),
+        "the handle moved before the Sentinel demoted the old primary"
+    );
+}
+
 /// Redis Cluster with replicas: a planned failover (`CLUSTER FAILOVER`)
 /// drops no connection; the old primary answers the handle's writes with
 /// a redirection to the new one. A call caught in the switch fails as an
